@@ -1,0 +1,297 @@
+"""Typed configuration: nested dataclasses loaded from YAML, with dotted command-line overrides.
+
+    cfg = load_config("configs/demo.yaml", ["rollout.entropy_weight=0.4", "seed=3"])
+
+Every section is a dataclass whose fields carry a docstring (the string literal under the
+field), shown by `arpo-ref config --explain`. Loading fails early, naming the key and the fix,
+on: unknown keys (with a "did you mean"), wrong types, out-of-range values (each section's
+`validate()`), and impossible combinations across sections (`Config.validate()`).
+
+Symbols follow ARPO.md: M = rollout_budget, N = num_global, k = entropy_window,
+α = branch_base, β = entropy_weight, τ = branch_threshold, Z = branches_per_decision.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped, out of range or inconsistent."""
+
+
+# ---------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Hugging Face hub name (e.g. Qwen/Qwen2.5-7B-Instruct) or a local folder with config.json."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype; auto = bfloat16 on a GPU that supports it, float32 on CPU."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (only for architectures transformers lacks)."""
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    """Sampling temperature T (official training: 1.0); 0 = greedy."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 = off."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold; 1.0 = off."""
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]; use 1.0 to turn nucleus sampling off")
+
+
+@dataclass
+class RolloutConfig:
+    mode: Literal["paper", "official", "grpo"] = "paper"
+    """paper = ARPO.md §2.1, official = the released code (§2.2), grpo = M global samples."""
+    rollout_budget: int = 16
+    """M: leaves (trajectories) per prompt; all M form one advantage group."""
+    num_global: int = 8
+    """N: trajectories sampled from scratch per prompt; M − N are left for branches."""
+    entropy_window: int = 20
+    """k: tokens whose entropy is measured at the start and after each tool result."""
+    branch_base: float = 0.5
+    """α: base branch probability in P_t = α + β·ΔH_t (paper mode)."""
+    entropy_weight: float = 0.2
+    """β: weight of the entropy change ΔH_t in the branch probability."""
+    branch_threshold: float = 0.5
+    """τ: branch when P_t > τ (paper) / when clip(u − β·ΔH) ≤ τ (official)."""
+    branches_per_decision: int = 1
+    """Z: partial trajectories forked at one branch decision (paper mode)."""
+    beam_size: int = 2
+    """Official mode: a trajectory spawns up to beam_size − 1 branches per turn."""
+    entropy_normaliser: float = 0.0
+    """Divides the summed entropy change ΔH; 0 = ln|V| (the official code's choice)."""
+    official_topk: int = 10
+    """Official mode: top-k log-probs per position used by the truncated entropy."""
+    official_stale_baseline: bool = False
+    """Reproduce the official bug: H_initial is never reset across steps (see ARPO.md §2.2)."""
+    max_tool_calls: int = 3
+    """Tool calls per trajectory; the call over the limit ends it (official: 3 / deep search 6)."""
+    max_response_tokens: int = 4096
+    """Length budget of a trajectory's response (model and tool tokens) after the prompt."""
+
+    def validate(self) -> None:
+        if self.rollout_budget < 1:
+            raise ValueError("rollout_budget (M) must be >= 1")
+        if not 1 <= self.num_global <= self.rollout_budget:
+            raise ValueError(
+                f"num_global (N={self.num_global}) must be between 1 and rollout_budget "
+                f"(M={self.rollout_budget}); lower rollout.num_global or raise rollout.rollout_budget"
+            )
+        for name in ("entropy_window", "branches_per_decision", "beam_size", "official_topk",
+                     "max_response_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_tool_calls < 0:
+            raise ValueError("max_tool_calls must be >= 0")
+        if not 0.0 <= self.branch_threshold <= 1.0:
+            raise ValueError("branch_threshold (τ) is a probability threshold; use a value in [0, 1]")
+        if self.entropy_normaliser < 0:
+            raise ValueError("entropy_normaliser must be > 0, or 0 for ln|V|")
+
+
+@dataclass
+class Config:
+    """The whole run. Later sections (tools, reward, train, data) are added the same way."""
+
+    seed: int = 0
+    """Seed for sampling, data order and initialisation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How rollouts sample tokens."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """ARPO's entropy-based adaptive rollout (ARPO.md §2)."""
+
+    def validate(self) -> None:
+        if self.rollout.mode == "grpo" and self.rollout.num_global != self.rollout.rollout_budget:
+            raise ConfigError(
+                f"rollout.mode=grpo samples every leaf from scratch, so rollout.num_global "
+                f"({self.rollout.num_global}) must equal rollout.rollout_budget "
+                f"({self.rollout.rollout_budget}); set rollout.num_global={self.rollout.rollout_budget}"
+            )
+
+
+# ---------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                cls: type = Config):
+    """Build a validated config from a YAML file (optional) and `key.sub=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    for override in overrides:
+        apply_override(data, override)
+    config = from_dict(cls, data)
+    validate_all(config)
+    return config
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (0.4, true, [1, 2])."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def from_dict(cls: type, data: Any, prefix: str = ""):
+    """Recursively build dataclass `cls` from a dict, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {where!r}{hint} (valid keys: {', '.join(names)})")
+        kwargs[key] = _coerce(hints[key], value, where, cls)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str, owner: type):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, prefix=f"{where}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, where, owner)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]", owner) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    return _coerce_scalar(tp, value, where, owner)
+
+
+def _coerce_scalar(tp: type, value: Any, where: str, owner: type):
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is None:
+        raise ConfigError(f"{where}: unsupported field type {tp!r} in {owner.__name__}")
+    if not ok:
+        doc = field_docs(owner).get(where.rsplit(".", 1)[-1], "")
+        hint = f" ({doc})" if doc else ""
+        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r} of type {type(value).__name__}{hint}")
+    return float(value) if tp is float else value
+
+
+def validate_all(config: Any, prefix: str = "") -> None:
+    """Run `validate()` on every section, deepest first, prefixing errors with the section."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            validate_all(value, prefix=f"{prefix}{f.name}.")
+    validate = getattr(config, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+# ---------------------------------------------------------------------------- describing
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (the CleanRL convention)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (YAML-ready) of a config."""
+    return dataclasses.asdict(config)
+
+
+def explain(config: Any, prefix: str = "") -> str:
+    """One line per field: dotted key, current value, and its docstring."""
+    lines = []
+    docs = field_docs(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{prefix}{f.name}:  # {docs.get(f.name, '')}")
+            lines.append(explain(value, prefix=f"{prefix}{f.name}."))
+        else:
+            lines.append(f"  {prefix}{f.name} = {value!r}  # {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (part of every run folder)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,220 @@
+"""Reference tests of the generator against `model.generate` and a teacher-forced forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import load_model, load_tokenizer
+
+from arpo_ref.generation import Generator, SamplingParams, filter_top_k_top_p
+from arpo_ref.scripted import ScriptedLM, script_policy
+
+ARCHS = ["qwen2", "llama"]
+PROMPTS = [
+    "The capital of",
+    "<think> I should search. </think> <search> Zorvia",
+    "def",
+    "Entropy rises after tool calls; branch where",
+    "<python> print(",
+]
+
+
+def encode(tokenizer, texts):
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+def hf_generate_batched(model, tokenizer, prompts, max_new_tokens):
+    """model.generate, left-padded batch, greedy, padded-vocabulary ids suppressed."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(
+        input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0,
+        suppress_tokens=list(range(len(tokenizer), model.config.vocab_size)),
+    )
+    return out[:, width:].tolist()
+
+
+def teacher_forced(model, tokenizer, history):
+    """Float64 log-softmax of a full forward pass over `history`: row t scores token t+1."""
+    with torch.no_grad():
+        logits = model(torch.tensor([history])).logits[0].double()
+    logits[:, len(tokenizer):] = float("-inf")
+    return logits
+
+
+def entropy64(logits, temperature):
+    logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
+    return -(logp.exp() * torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))).sum(-1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_model_generate(arch):
+    tokenizer, model = load_tokenizer(), load_model(arch)
+    prompts = encode(tokenizer, PROMPTS)
+    assert len({len(p) for p in prompts}) > 1
+    generator = Generator(model, tokenizer, eos_token_ids=[])
+    outs = generator.generate(prompts, SamplingParams(temperature=0, max_new_tokens=48))
+    reference = hf_generate_batched(model, tokenizer, prompts, 48)
+    for out, ref in zip(outs, reference):
+        assert out.token_ids == ref
+        assert out.finish_reason == "length"
+    # One prompt alone (no padding at all) gives the same tokens as in the batch.
+    alone = generator.generate(prompts[2:3], SamplingParams(temperature=0, max_new_tokens=48))
+    assert alone[0].token_ids == outs[2].token_ids
+
+
+class Recorder:
+    """Tracks, per live row, (position, token, logprob, entropy, temperature) of sampled tokens."""
+
+    def __init__(self, rows):
+        self.records = {r: [] for r in rows.row_ids}
+
+    def add(self, rows, outputs, temperature):
+        for row_id, out in outputs.items():
+            start = len(rows.histories[rows.index(row_id)]) - len(out.token_ids)
+            for i, (tok, lp, ent) in enumerate(zip(out.token_ids, out.logprobs, out.entropies)):
+                self.records[row_id].append((start + i, tok, lp, ent, temperature))
+
+    def fork(self, parent, children):
+        for child in children:
+            self.records[child] = list(self.records[parent])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logprobs_and_entropies_match_teacher_forcing_with_forced_tokens_and_forks(arch):
+    tokenizer, model = load_tokenizer(), load_model(arch)
+    generator = Generator(model, tokenizer, eos_token_ids=[])
+    rows = generator.prefill(encode(tokenizer, PROMPTS[:4]))
+    rec = Recorder(rows)
+    rng = torch.Generator().manual_seed(0)
+    hot = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=10)
+    rec.add(rows, generator.decode(rows, hot, rng=rng), 0.8)
+    # Tool results of different lengths (one row gets none) land in one forward chunk.
+    forced = encode(tokenizer, [" <result> 337491 </result>", "", " <result>\nPage 1: Quellmar has 48213 people.\n</result>", "x"])
+    generator.append(rows, {r: f for r, f in zip(rows.row_ids, forced) if f})
+    children = generator.fork(rows, rows.row_ids[0], copies=2) + generator.fork(rows, rows.row_ids[2])
+    rec.fork(rows.row_ids[0], children[:2])
+    rec.fork(rows.row_ids[2], children[2:])
+    subset = [r for r in rows.row_ids if r != rows.row_ids[1]]  # row 1 waits: its cache gets holes
+    rec.add(rows, generator.decode(rows, SamplingParams(temperature=1.0, max_new_tokens=12), row_ids=subset, rng=rng), 1.0)
+    generator.release(rows, [rows.row_ids[3]])
+    rec.add(rows, generator.decode(rows, SamplingParams(temperature=0, max_new_tokens=6), rng=rng), 0)
+    assert len(rows) == 6
+    checked = 0
+    for row_id, history in zip(rows.row_ids, rows.histories):
+        logits = teacher_forced(model, tokenizer, history)
+        for position, token, logprob, entropy, temperature in rec.records[row_id]:
+            assert history[position] == token
+            expected_lp = torch.log_softmax(logits[position - 1], -1)[token]
+            assert abs(expected_lp.item() - logprob) <= 1e-4
+            assert abs(entropy64(logits[position - 1], temperature).item() - entropy) <= 1e-4
+            checked += 1
+    assert checked > 100
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forked_row_continues_like_a_fresh_generation(arch):
+    tokenizer, model = load_tokenizer(), load_model(arch)
+    generator = Generator(model, tokenizer, eos_token_ids=[])
+    rows = generator.prefill(encode(tokenizer, PROMPTS[:3]))
+    generator.decode(rows, SamplingParams(temperature=1.0, max_new_tokens=7, seed=1))
+    generator.append(rows, {rows.row_ids[1]: encode(tokenizer, [" <result> 42 </result>"])[0]})
+    (child,) = generator.fork(rows, rows.row_ids[1])
+    history = list(rows.histories[rows.index(child)])
+    greedy = SamplingParams(temperature=0, max_new_tokens=20)
+    forked = generator.decode(rows, greedy, row_ids=[child])[child]
+    fresh = generator.generate([history], greedy)[0]
+    assert forked.token_ids == fresh.token_ids
+    assert torch.allclose(torch.tensor(forked.logprobs), torch.tensor(fresh.logprobs), atol=1e-4)
+    assert hf_generate_batched(model, tokenizer, [history], 20)[0] == fresh.token_ids
+
+
+def test_fork_does_not_reprefill_history():
+    tokenizer, model = load_tokenizer(), load_model("qwen2")
+    generator = Generator(model, tokenizer, eos_token_ids=[])
+    rows = generator.prefill([list(range(5, 105))])
+    before = rows.forward_tokens
+    generator.fork(rows, rows.row_ids[0], copies=7)
+    generator.decode(rows, SamplingParams(temperature=1.0, max_new_tokens=4, seed=0))
+    assert rows.forward_tokens - before == 8 * 4  # only the new tokens, nothing re-read
+
+
+def test_stops_eos_stop_strings_and_length_with_reasons():
+    tokenizer = load_tokenizer(tags_as_tokens=False)  # "</python>" spans several tokens here
+    eos = tokenizer.eos_token_id
+    def ids(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids("</python>")) > 1
+    prompts = [ids("a"), ids("b c"), ids("d e f"), ids("g")]
+    scripts = {
+        tuple(prompts[0]): ids("<python> print(1) </python> never reached"),
+        tuple(prompts[1]): ids("hello") + [eos],
+        tuple(prompts[2]): ids("one two three four five six seven eight nine ten " * 5),
+        tuple(prompts[3]): ids("<search> Zorvia </search> tail"),
+    }
+    model = ScriptedLM(script_policy(scripts, eos), vocab_size=len(tokenizer), confidence=0.99)
+    generator = Generator(model, tokenizer)
+    outs = generator.generate(prompts, SamplingParams(temperature=0, max_new_tokens=30),
+                              stop_strings=("</python>", "</search>"))
+    assert tokenizer.decode(outs[0].token_ids).endswith("</python>")
+    assert outs[0].finish_reason == "stop"
+    assert outs[1].token_ids == ids("hello") + [eos] and outs[1].finish_reason == "eos"
+    assert len(outs[2].token_ids) == 30 and outs[2].finish_reason == "length"
+    assert tokenizer.decode(outs[3].token_ids).endswith("</search>")
+    assert outs[3].finish_reason == "stop"
+
+
+def test_stop_string_in_prompt_or_forced_tokens_does_not_stop():
+    tokenizer = load_tokenizer(tags_as_tokens=False)
+    eos = tokenizer.eos_token_id
+    prompt = tokenizer.encode("x </python>", add_special_tokens=False)
+    script = tokenizer.encode(" more words here", add_special_tokens=False)
+    model = ScriptedLM(script_policy({tuple(prompt): script}, eos), vocab_size=len(tokenizer))
+    out = Generator(model, tokenizer).generate([prompt], SamplingParams(temperature=0, max_new_tokens=len(script)), stop_strings=("</python>",))[0]
+    assert out.token_ids == script and out.finish_reason == "length"
+
+
+def test_padded_vocabulary_ids_are_never_sampled():
+    tokenizer, model = load_tokenizer(), load_model("qwen2")
+    assert model.config.vocab_size > len(tokenizer)
+    with torch.no_grad():  # make the padding ids the most likely ones by far
+        model.lm_head.weight[len(tokenizer):] = model.lm_head.weight[:1] * 1000
+    out = Generator(model, tokenizer, eos_token_ids=[]).generate(
+        encode(tokenizer, PROMPTS), SamplingParams(temperature=1.5, max_new_tokens=30, seed=0))
+    assert all(t < len(tokenizer) for o in out for t in o.token_ids)
+
+
+def test_same_seed_same_samples_and_top_k_one_is_greedy():
+    tokenizer, model = load_tokenizer(), load_model("llama")
+    generator = Generator(model, tokenizer, eos_token_ids=[])
+    prompts = encode(tokenizer, PROMPTS)
+    def run(**kw):
+        return [o.token_ids for o in generator.generate(prompts, SamplingParams(max_new_tokens=20, **kw))]
+    assert run(temperature=1.0, seed=3) == run(temperature=1.0, seed=3)
+    assert run(temperature=1.0, seed=3) != run(temperature=1.0, seed=4)
+    assert run(temperature=1.0, top_k=1, seed=5) == run(temperature=0)
+
+
+def test_top_k_top_p_filter():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
+    # p = 0.8: 0.5 + 0.3 reaches it, so the third token is dropped.
+    assert torch.isinf(filter_top_k_top_p(logits, 0, 0.8)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_top_k_top_p(logits, 0, 0.81)).tolist() == [[False, False, False, True]]
+    assert not torch.isinf(filter_top_k_top_p(logits, 0, 1.0)).any()
+
+
+def test_bad_sampling_params_and_rows_fail_clearly():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    tokenizer, model = load_tokenizer(), load_model("qwen2")
+    generator = Generator(model, tokenizer)
+    with pytest.raises(ValueError, match="at least one token"):
+        generator.prefill([[]])
+    rows = generator.prefill([[5, 6]])
+    with pytest.raises(KeyError, match="not live"):
+        generator.fork(rows, 99)
