@@ -177,7 +177,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 def from_dict(cls: type, data: Any, prefix: str = ""):
     """Recursively build dataclass `cls` from a dict, checking keys and types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -185,7 +185,7 @@ def from_dict(cls: type, data: Any, prefix: str = ""):
         where = f"{prefix}{key}"
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key {where!r}{hint} (valid keys: {', '.join(names)})")
         kwargs[key] = _coerce(hints[key], value, where, cls)
     return cls(**kwargs)
