@@ -57,7 +57,7 @@ def test_greedy_equals_model_generate(arch):
     generator = Generator(model, tokenizer, eos_token_ids=[])
     outs = generator.generate(prompts, SamplingParams(temperature=0, max_new_tokens=48))
     reference = hf_generate_batched(model, tokenizer, prompts, 48)
-    for out, ref in zip(outs, reference):
+    for out, ref in zip(outs, reference, strict=False):
         assert out.token_ids == ref
         assert out.finish_reason == "length"
     # One prompt alone (no padding at all) gives the same tokens as in the batch.
@@ -74,7 +74,7 @@ class Recorder:
     def add(self, rows, outputs, temperature):
         for row_id, out in outputs.items():
             start = len(rows.histories[rows.index(row_id)]) - len(out.token_ids)
-            for i, (tok, lp, ent) in enumerate(zip(out.token_ids, out.logprobs, out.entropies)):
+            for i, (tok, lp, ent) in enumerate(zip(out.token_ids, out.logprobs, out.entropies, strict=False)):
                 self.records[row_id].append((start + i, tok, lp, ent, temperature))
 
     def fork(self, parent, children):
@@ -93,7 +93,7 @@ def test_logprobs_and_entropies_match_teacher_forcing_with_forced_tokens_and_for
     rec.add(rows, generator.decode(rows, hot, rng=rng), 0.8)
     # Tool results of different lengths (one row gets none) land in one forward chunk.
     forced = encode(tokenizer, [" <result> 337491 </result>", "", " <result>\nPage 1: Quellmar has 48213 people.\n</result>", "x"])
-    generator.append(rows, {r: f for r, f in zip(rows.row_ids, forced) if f})
+    generator.append(rows, {r: f for r, f in zip(rows.row_ids, forced, strict=False) if f})
     children = generator.fork(rows, rows.row_ids[0], copies=2) + generator.fork(rows, rows.row_ids[2])
     rec.fork(rows.row_ids[0], children[:2])
     rec.fork(rows.row_ids[2], children[2:])
@@ -103,7 +103,7 @@ def test_logprobs_and_entropies_match_teacher_forcing_with_forced_tokens_and_for
     rec.add(rows, generator.decode(rows, SamplingParams(temperature=0, max_new_tokens=6), rng=rng), 0)
     assert len(rows) == 6
     checked = 0
-    for row_id, history in zip(rows.row_ids, rows.histories):
+    for row_id, history in zip(rows.row_ids, rows.histories, strict=False):
         logits = teacher_forced(model, tokenizer, history)
         for position, token, logprob, entropy, temperature in rec.records[row_id]:
             assert history[position] == token

@@ -41,7 +41,7 @@ CHAT_TEMPLATE = (
 _ROOT = Path(tempfile.mkdtemp(prefix="arpo_ref_tiny_"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer_dir(tags_as_tokens: bool = True) -> str:
     """Train a byte-level BPE tokenizer (~400 ids) and save it as an HF folder."""
     tok = Tokenizer(models.BPE())
@@ -66,7 +66,7 @@ def load_tokenizer(tags_as_tokens: bool = True):
     return AutoTokenizer.from_pretrained(tokenizer_dir(tags_as_tokens))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_dir(arch: str = "qwen2", seed: int = 0, tags_as_tokens: bool = True) -> str:
     """Create a tiny random model of `arch` with a padded vocabulary, save it, return the folder."""
     vocab = len(load_tokenizer(tags_as_tokens))

@@ -256,14 +256,17 @@ class Generator:
             tokens, logprobs, entropies, top = sample_next(logits, sampling, rng, self.vocab_size)
             rows.generated_tokens += len(active)
             still_active = []
+            # One device->host copy per step, not one per row.
+            tokens, logprobs, entropies = tokens.tolist(), logprobs.tolist(), entropies.tolist()
+            top = top.tolist() if top is not None else None
             for j, b in enumerate(active):
                 out = outputs[rows.row_ids[b]]
-                token = int(tokens[j])
+                token = tokens[j]
                 out.token_ids.append(token)
-                out.logprobs.append(float(logprobs[j]))
-                out.entropies.append(float(entropies[j]))
+                out.logprobs.append(logprobs[j])
+                out.entropies.append(entropies[j])
                 if top is not None:
-                    out.topk_logprobs.append(top[j].tolist())
+                    out.topk_logprobs.append(top[j])
                 rows.histories[b].append(token)
                 reason = self._finish_reason(out.token_ids, stop_strings, stop_chars, step + 1, limit)
                 if reason is None:
@@ -287,10 +290,12 @@ class Generator:
 
     def _step_logits(self, rows: RowBatch, active: list[int]) -> torch.Tensor:
         """Feed the pending tokens of the `active` rows; return their next-token logits (A, V)."""
-        chunks = [[] for _ in rows.row_ids]
-        for b in active:
-            chunks[b] = [rows.histories[b][-1]]
-        logits = self._forward_chunk(rows, chunks)  # (B, V)
+        B = len(rows)
+        pending = torch.tensor([h[-1] for h in rows.histories], dtype=torch.long)
+        fed = torch.zeros(B, dtype=torch.bool)
+        fed[active] = True
+        input_ids = torch.where(fed, pending, torch.full_like(pending, self.pad_token_id))
+        logits = self._forward(rows, input_ids[:, None], fed.long()[:, None])  # (B, V)
         return logits[torch.tensor(active, device=logits.device)].float()
 
     def _forward_chunk(self, rows: RowBatch, chunks: list[list[int]]) -> torch.Tensor | None:
@@ -302,13 +307,17 @@ class Generator:
         width = max((len(c) for c in chunks), default=0)
         if width == 0:
             return None
-        B, device = len(chunks), self.device
-        input_ids = torch.full((B, width), self.pad_token_id, dtype=torch.long)
-        new_mask = torch.zeros(B, width, dtype=torch.long)
+        input_ids = torch.full((len(chunks), width), self.pad_token_id, dtype=torch.long)
+        new_mask = torch.zeros(len(chunks), width, dtype=torch.long)
         for b, chunk in enumerate(chunks):
             input_ids[b, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
             new_mask[b, : len(chunk)] = 1
-        input_ids, new_mask = input_ids.to(device), new_mask.to(device)
+        return self._forward(rows, input_ids, new_mask)
+
+    def _forward(self, rows: RowBatch, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor | None:
+        """One forward pass appending W columns to every row's cache. (B, W) ids and mask."""
+        input_ids, new_mask = input_ids.to(self.device), new_mask.to(self.device)
+        width = input_ids.shape[1]
         # Holes repeat the last real position: they are masked out, the value only must be valid.
         offsets = torch.cumsum(new_mask, dim=1) - new_mask  # (B, W) real tokens before column
         position_ids = rows.num_cached[:, None] + offsets
@@ -423,7 +432,11 @@ def sample_next(
         logits = logits.clone()
         logits[:, vocab_size:] = float("-inf")
     policy_logprobs = torch.log_softmax(logits, dim=-1)  # (A, V), temperature 1
-    entropies = token_entropy(logits, sampling.temperature)
+    if sampling.temperature in (0, 1):  # the sampling distribution is the policy's: reuse it
+        probs = policy_logprobs.exp()
+        entropies = -torch.where(probs > 0, probs * policy_logprobs, torch.zeros_like(probs)).sum(-1)
+    else:
+        entropies = token_entropy(logits, sampling.temperature)
     if sampling.temperature == 0:
         tokens = logits.argmax(dim=-1)
         scaled = logits

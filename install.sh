@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install arpo_ref into ./.venv (or into the virtualenv that is already active).
+#
+#   ./install.sh        the package
+#   ./install.sh dev    the package plus the test tools (pytest, ruff)
+#
+# PyTorch is installed first, on purpose: a bare "torch" requirement on a machine without torch
+# pulls the multi-GB CUDA build. So:
+#   - torch already importable            -> kept as it is (GPU users install their own first);
+#   - an NVIDIA GPU is visible            -> the regular torch release (CUDA build);
+#   - otherwise (CPU only)                -> $ARPO_TORCH_SPEC (default torch==2.13.0), from
+#                                            $ARPO_TORCH_INDEX when set (e.g. PyTorch's CPU
+#                                            wheel index, to get the small CPU build elsewhere).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+  python=python
+else
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  python=.venv/bin/python
+fi
+pip() { "$python" -m pip --disable-pip-version-check "$@"; }
+
+if ! "$python" -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    pip install "torch>=2.4,<3"
+  else
+    pip install "${ARPO_TORCH_SPEC:-torch==2.13.0}" ${ARPO_TORCH_INDEX:+--index-url "$ARPO_TORCH_INDEX"}
+  fi
+fi
+
+extras=""
+[ "${1:-}" = "dev" ] && extras="[dev]"
+pip install -e ".${extras}"
+"$python" -c "import torch, arpo_ref; print(f'arpo_ref {arpo_ref.__version__} installed (torch {torch.__version__})')"
