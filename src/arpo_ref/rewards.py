@@ -1,0 +1,431 @@
+"""Hierarchical outcome reward of ARPO (paper eq. 8, §3.4; ARPO.md §6), in two modes.
+
+    R = Acc + r_M   format valid, answer right (r_M = 0.1 if both search and python were used)
+    R = 0           format valid, answer wrong
+    R = −1          format invalid
+
+Acc is token-level F1 against the gold answers (SQuAD normalisation, max over golds).
+`paper` follows eq. 8 with the minimal format rule below; `official` reproduces the released
+`deep_research.py` reward. `math_equal` (re-exported from `math_equivalence`) is for evaluation.
+
+The `response` is the trajectory text after the prompt, decoded without special tokens, with
+tool results inline as the environment inserted them (" <result>\\n…\\n</result>").
+
+Paper-mode decisions (the paper leaves them open):
+- Format valid: exactly one `<answer>…</answer>`, last (only whitespace or special-token text
+  such as `<|im_end|>` after it); `<think>` tags and tool tags open and close in turn, never
+  nested; every closed call has an inserted result; the model never writes `<result>` tags
+  itself (a forged tool result). `<think>` and `\\boxed{}` are not required.
+- Right: F1 > 0 and F1 ≥ `correct_threshold` (default 0.5); the reward is then the F1 (+ r_M).
+  The paper's "correct" is undefined for a graded Acc; 0 < F1 < 0.5 (more wrong words than right
+  ones) counts as wrong. `correct_threshold=0` gives the official rule (any overlap).
+
+Where this deviates from the official code, and why:
+1. Both modes first blank the text of inserted tool results (the tags stay). The official code
+   counts tags anywhere, so a search snippet containing "<answer>" gets −1 and one containing
+   "</python>" earns the multi-tool bonus; the environment wrote those, not the policy.
+   An inserted result is a `<result>` right after a closing tool tag, up to the next `</result>`.
+2. The answer is the last balanced `\\boxed{…}` (or `\\boxed x`). The official code prefers any
+   `\\boxed x` (with a space) over a later `\\boxed{…}`.
+3. Ground truths that are JSON lists of strings are decoded into several golds. The official
+   reward never decodes; its parquet files (train_10k, valid, hard_search_1k) hold plain strings.
+   Strings there that start with "[" are intervals or number lists ("[1, 2]", "[4,\\infty)") and
+   stay ONE gold here, because only lists of strings are decoded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+
+from arpo_ref.math_equivalence import math_equal  # noqa: F401  (evaluation imports it from here)
+
+GroundTruth = str | Iterable[str]
+RewardFunction = Callable[[str, GroundTruth], float]
+
+# ---------------------------------------------------------------------------- tool results
+_INSERTED_RESULT = re.compile(r"</(?:search|python)>\s*<result>")
+
+
+def blank_tool_results(response: str) -> tuple[str, int]:
+    """The response with the text of every inserted tool result removed, and how many there were.
+
+    ARPO.md §5: results are inserted by the environment right after a call's closing tag, so
+    any tag inside them is not the policy's. Tags stay: "</search> <result>…</result>" becomes
+    "</search> <result></result>". A result cut off by the length limit keeps only "<result>".
+    """
+    pieces, position, count = [], 0, 0
+    while (match := _INSERTED_RESULT.search(response, position)) is not None:
+        pieces.append(response[position : match.end()])
+        count += 1
+        end = response.find("</result>", match.end())
+        if end == -1:
+            return "".join(pieces), count
+        position = end
+    pieces.append(response[position:])
+    return "".join(pieces), count
+
+
+# ---------------------------------------------------------------------------- answer extraction
+def last_boxed_content(text: str) -> str | None:
+    """Content of the last `\\boxed{…}` (nested braces allowed) or `\\boxed x` (ARPO.md §5).
+
+    None when there is no `\\boxed` or its braces never close.
+    """
+    start = text.rfind("\\boxed")
+    if start == -1:
+        return None
+    position = start + len("\\boxed")
+    rest = text[position:]
+    if rest[:1].isspace() and not rest.lstrip().startswith("{"):  # `\boxed 5`: to `$` or newline
+        return re.split(r"[$\n]", rest.lstrip(), maxsplit=1)[0].strip() or None
+    position += len(rest) - len(rest.lstrip())
+    if not text.startswith("{", position):
+        return None
+    depth = 0
+    for index in range(position, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[position + 1 : index]
+    return None
+
+
+def _answer_block(text: str) -> str | None:
+    blocks = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)
+    return blocks[-1] if blocks else None
+
+
+def extract_answer(response: str) -> str | None:
+    """The final answer of a trajectory (ARPO.md §5 `<answer>… \\boxed{…} </answer>`).
+
+    Inserted tool results are ignored. Returns the last balanced `\\boxed` content of the last
+    `<answer>` block, else that block's stripped text; with no block, the last `\\boxed` of
+    the whole response; None when there is neither.
+    """
+    text, _ = blank_tool_results(response)
+    block = _answer_block(text)
+    boxed = last_boxed_content(block if block is not None else text)
+    if boxed is not None:
+        return boxed.strip()
+    return block.strip() if block is not None else None
+
+
+# ---------------------------------------------------------------------------- F1 and exact match
+_PUNCTUATION = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_YES_NO = frozenset({"yes", "no", "noanswer"})
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation used by Acc (eq. 8): lower-case, drop ASCII punctuation and a/an/the,
+    collapse whitespace. Returns the normalised string (words separated by one space)."""
+    text = "".join(character for character in text.lower() if character not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def parse_golds(ground_truth: GroundTruth) -> list[str]:
+    """Gold answers of eq. 8's Acc as a list: a str is one gold unless it is a JSON list of strings.
+
+    Lists, tuples and arrays (parquet list columns) give one gold per element. Raises
+    ValueError on an empty list, which would make every answer silently wrong.
+    """
+    if isinstance(ground_truth, str):
+        golds = [ground_truth]
+        if ground_truth.lstrip().startswith("["):
+            try:
+                decoded = json.loads(ground_truth)
+            except json.JSONDecodeError:
+                decoded = None
+            if isinstance(decoded, list) and decoded:
+                golds = decoded if all(isinstance(item, str) for item in decoded) else golds
+    elif isinstance(ground_truth, (int, float)):
+        golds = [str(ground_truth)]
+    else:
+        golds = [str(item) for item in ground_truth]
+    if not golds:
+        raise ValueError("ground_truth: empty list of gold answers; give at least one answer")
+    return golds
+
+
+def _token_f1(prediction: str, gold: str) -> float:
+    if (prediction in _YES_NO or gold in _YES_NO) and prediction != gold:
+        return 0.0  # HotpotQA rule: "no" must not earn partial credit against "no way"
+    prediction_tokens, gold_tokens = prediction.split(), gold.split()
+    overlap = sum((Counter(prediction_tokens) & Counter(gold_tokens)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(prediction_tokens), overlap / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str, golds: GroundTruth) -> float:
+    """Token-level F1 (Acc of eq. 8 during training), max over gold answers; in [0, 1].
+
+    Tokens are the whitespace words of `normalize_answer`; shared tokens counted with
+    multiplicity. An empty prediction scores 0. As in HotpotQA and the official reward,
+    a yes/no/noanswer prediction or gold scores 0 unless both are the same word.
+    """
+    normalized = normalize_answer(prediction)
+    return max(_token_f1(normalized, normalize_answer(gold)) for gold in parse_golds(golds))
+
+
+def exact_match(prediction: str, golds: GroundTruth) -> float:
+    """SQuAD exact match (paper §4 QA metric): 1.0 if the normalised prediction equals a
+    normalised gold answer, else 0.0; max over golds."""
+    normalized = normalize_answer(prediction)
+    golds_normalized = {normalize_answer(gold) for gold in parse_golds(golds)}
+    return float(bool(normalized) and normalized in golds_normalized)
+
+
+# ---------------------------------------------------------------------------- format rules
+_TRAILING_AFTER_ANSWER = re.compile(r"(?:\s|<\|[^|<>]*\|>|</s>)*")
+
+
+def _tags_alternate(text: str, names: str) -> bool:
+    """True when the tags named by the regex alternative `names` open and close in turn."""
+    open_name = None
+    for closing, name in re.findall(rf"<(/?)({names})>", text):
+        if open_name is None and not closing:
+            open_name = name
+        elif closing and name == open_name:
+            open_name = None
+        else:
+            return False
+    return open_name is None
+
+
+def _paper_format_error(text: str, num_results: int) -> str | None:
+    if text.count("<answer>") != 1 or text.count("</answer>") != 1:
+        return "need exactly one <answer> and one </answer>"
+    answer_end = text.find("</answer>")
+    if text.find("<answer>") > answer_end:
+        return "</answer> comes before <answer>"
+    if not _TRAILING_AFTER_ANSWER.fullmatch(text, answer_end + len("</answer>")):
+        return "text after </answer>"
+    if not _tags_alternate(text, "think"):
+        return "<think> tags unbalanced or nested"
+    if not _tags_alternate(text, "search|python"):
+        return "tool tags unbalanced or nested"
+    num_calls = text.count("</search>") + text.count("</python>")
+    if num_calls != num_results:
+        return "a tool call has no inserted result"
+    if text.count("<result>") != num_results or text.count("</result>") != num_results:
+        return "<result> tags written by the model"
+    return None
+
+
+def _official_calls_answered(text: str, tool: str) -> bool:
+    """Released rule: each <tool> is followed by </tool>, then <result>, then </result>."""
+    position = 0
+    while (start := text.find(f"<{tool}>", position)) != -1:
+        close = text.find(f"</{tool}>", start)
+        result = text.find("<result>", start)
+        result_end = text.find("</result>", result) if result != -1 else -1
+        if -1 in (close, result, result_end) or close > result:
+            return False
+        position = result_end
+    return True
+
+
+def _official_format_error(text: str) -> str | None:
+    if text.count("<think>") != text.count("</think>"):
+        return "<think> </think> not paired"
+    if text.count("<think>") == 0:
+        return "no <think> block"
+    if text.count("<answer>") != 1 or text.count("</answer>") != 1:
+        return "need exactly one <answer> and one </answer>"
+    for tool in ("search", "python"):
+        if not _official_calls_answered(text, tool):
+            return f"<{tool}> not followed in order by </{tool}> and <result>…</result>"
+    answer_start, answer_end = text.find("<answer>"), text.find("</answer>")
+    if answer_start > answer_end:
+        return "</answer> comes before <answer>"
+    if "\\boxed{" not in text[answer_start:answer_end] or "}" not in text[answer_start:answer_end]:
+        return "no \\boxed{} in the answer"
+    if last_boxed_content(text[answer_start + len("<answer>") : answer_end]) is None:
+        return "last \\boxed in the answer is unbalanced"
+    return None
+
+
+def format_error(response: str, mode: str = "paper") -> str | None:
+    """Why the response breaks the format rule of `mode` (eq. 8's "format"); None when valid."""
+    text, num_results = blank_tool_results(response)
+    if mode == "paper":
+        return _paper_format_error(text, num_results)
+    if mode == "official":
+        return _official_format_error(text)
+    raise ValueError(f"mode: unknown format rule {mode!r}; choose 'paper' or 'official'")
+
+
+# ---------------------------------------------------------------------------- reward
+@dataclass
+class RewardOutcome:
+    """The reward of one trajectory and how it was reached (for metrics and debugging)."""
+
+    reward: float
+    """R of eq. 8: format_penalty, 0, or Acc (+ r_M)."""
+    format_error: str | None
+    """Why the format is invalid; None when valid."""
+    answer: str | None
+    """The extracted answer scored against the golds; None when the format is invalid."""
+    f1: float
+    """Acc: token F1 of the answer, max over golds; 0 when the format is invalid."""
+    used_search: bool
+    """The policy closed at least one <search> call (tags inside tool results ignored)."""
+    used_python: bool
+    """The policy closed at least one <python> call."""
+
+
+def score_response(
+    response: str,
+    ground_truth: GroundTruth,
+    mode: str = "paper",
+    *,
+    multi_tool_bonus: float = 0.1,
+    format_penalty: float = -1.0,
+    correct_threshold: float = 0.5,
+) -> RewardOutcome:
+    """Eq. 8 reward of `response` with its parts; `mode` is "paper" or "official".
+
+    multi_tool_bonus = r_M; format_penalty = the −1 of eq. 8; correct_threshold = the F1 an
+    answer needs to count as right (paper mode only: official rewards any F1 > 0).
+    """
+    error = format_error(response, mode)
+    text, _ = blank_tool_results(response)
+    used_search, used_python = "</search>" in text, "</python>" in text
+    if error is not None:
+        return RewardOutcome(format_penalty, error, None, 0.0, used_search, used_python)
+    if mode == "official":
+        answer_block = text[text.find("<answer>") + len("<answer>") : text.find("</answer>")]
+        answer = last_boxed_content(answer_block)
+        threshold = 0.0
+    else:
+        answer, threshold = extract_answer(response), correct_threshold
+    f1 = f1_score(answer, ground_truth)
+    right = f1 > 0 and f1 >= threshold
+    bonus = multi_tool_bonus if used_search and used_python else 0.0
+    reward = f1 + bonus if right else 0.0
+    return RewardOutcome(reward, None, answer, f1, used_search, used_python)
+
+
+def arpo_reward(
+    response: str,
+    ground_truth: GroundTruth,
+    mode: str = "paper",
+    *,
+    multi_tool_bonus: float = 0.1,
+    format_penalty: float = -1.0,
+    correct_threshold: float = 0.5,
+) -> float:
+    """Hierarchical reward R of ARPO eq. 8: format_penalty (−1), 0, or Acc (+ r_M).
+
+    `mode` is "paper", "official" (see the module docstring and `score_response`) or a dotted
+    path to a user function, which is called as fn(response, ground_truth) without the options.
+    """
+    if mode not in ("paper", "official"):
+        return float(get_reward_fn(mode)(response, ground_truth))
+    outcome = score_response(
+        response,
+        ground_truth,
+        mode,
+        multi_tool_bonus=multi_tool_bonus,
+        format_penalty=format_penalty,
+        correct_threshold=correct_threshold,
+    )
+    return outcome.reward
+
+
+REWARD_FUNCTIONS: dict[str, Callable[..., float]] = {
+    "paper": partial(arpo_reward, mode="paper"),
+    "official": partial(arpo_reward, mode="official"),
+}
+"""Built-in rewards by name: fn(response, ground_truth, **options) -> float, options as in
+`arpo_reward` (official ignores correct_threshold: it rewards any F1 > 0)."""
+
+
+def get_reward_fn(name_or_path: str) -> Callable[..., float]:
+    """The eq. 8 reward function named "paper" / "official", or a user function by dotted path.
+
+    A path is "package.module:function" or "package.module.function"; the function must take
+    (response, ground_truth) and return a float. Raises ValueError listing the valid names for
+    an unknown name, and saying what could not be imported for a bad path.
+    """
+    if name_or_path in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[name_or_path]
+    if ":" in name_or_path:
+        module_name, _, attribute = name_or_path.partition(":")
+    else:
+        module_name, _, attribute = name_or_path.rpartition(".")
+    if not module_name or not attribute:
+        raise ValueError(
+            f"unknown reward function {name_or_path!r}; valid names: "
+            f"{', '.join(REWARD_FUNCTIONS)}, or a dotted path 'package.module:function'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"cannot import module {module_name!r} for reward function {name_or_path!r} ({error}); "
+            "check the path and that the module is on PYTHONPATH"
+        ) from error
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(
+            f"module {module_name!r} has no callable {attribute!r} (from reward function "
+            f"{name_or_path!r}); name a function fn(response, ground_truth) -> float"
+        )
+    return function
+
+
+# ---------------------------------------------------------------------------- config
+@dataclass
+class RewardConfig:
+    """The `reward:` section of the configuration (ARPO eq. 8; ARPO.md §6)."""
+
+    mode: str = "paper"
+    """paper = eq. 8 with the minimal format rule; official = the released reward; or a dotted
+    path 'package.module:function' to fn(response, ground_truth) -> float (imported by validate)."""
+    multi_tool_bonus: float = 0.1
+    """r_M: added to a right answer's F1 when the policy used both search and python; 0 = off."""
+    format_penalty: float = -1.0
+    """Reward of a response that breaks the format rule (eq. 8: −1)."""
+    correct_threshold: float = 0.5
+    """Paper mode: the F1 an answer needs to count as right; 0 = any overlap (official rule)."""
+
+    def validate(self) -> None:
+        """Raise ValueError("field: what is wrong; how to fix") on a bad value."""
+        try:
+            get_reward_fn(self.mode)
+        except ValueError as error:
+            raise ValueError(f"mode: {error}") from error
+        for name in ("multi_tool_bonus", "format_penalty", "correct_threshold"):
+            value = getattr(self, name)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or not math.isfinite(value):
+                raise ValueError(f"{name}: must be a finite number, got {value!r}")
+        if self.multi_tool_bonus < 0:
+            bonus = self.multi_tool_bonus
+            raise ValueError(f"multi_tool_bonus: use r_M >= 0 (0 = off), not {bonus}")
+        if self.format_penalty > 0:
+            raise ValueError(f"format_penalty: must be <= 0 (paper: -1), got {self.format_penalty}")
+        if not 0.0 <= self.correct_threshold <= 1.0:
+            threshold = self.correct_threshold
+            raise ValueError(f"correct_threshold: use an F1 in [0, 1], not {threshold}")
+
+    def build_reward_fn(self) -> RewardFunction:
+        """fn(response, ground_truth) -> float, this section's numbers bound for built-in modes."""
+        if self.mode not in REWARD_FUNCTIONS:
+            return get_reward_fn(self.mode)
+        return partial(
+            REWARD_FUNCTIONS[self.mode],
+            multi_tool_bonus=self.multi_tool_bonus,
+            format_penalty=self.format_penalty,
+            correct_threshold=self.correct_threshold,
+        )
