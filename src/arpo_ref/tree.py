@@ -1,13 +1,22 @@
-"""Rollout trees (ARPO §2) and their flattening into a padded training batch.
+"""Rollout trees (ARPO §3.2) and their flattening into a padded training batch.
 
-This module currently defines `RolloutBatch`, the record every advantage estimator and the
-policy loss consume. The tree itself (`Node`, `RolloutTree`, `to_batch`) is added by the
-rollout-tree work (issue 4).
+One `RolloutTree` per prompt. A `Node` is a segment of tokens of one kind — the prompt, a model
+segment (what the policy generated in one turn) or a tool result (forced tokens) — with its
+parent. A shared prefix is stored once: branches forked after a tool result are children of that
+result's node. A `Leaf` is a complete trajectory: the path from the root to its last node.
+
+`to_batch(trees)` flattens every leaf into one row of a right-padded `RolloutBatch`; the node id
+of every token (unique across the batch) tells tree-aware estimators which leaves share it.
+Branch decisions (H_initial, H_t, ΔH, P_t, decision) are recorded on the node they were taken
+after, so a tree can be printed (`render`) and exported to / imported from JSON.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -59,3 +68,233 @@ class RolloutBatch:
     @property
     def num_leaves(self) -> int:
         return int(self.rewards.shape[0])
+
+
+# ---------------------------------------------------------------------------- the tree
+NODE_KINDS = ("prompt", "model", "tool")
+LEAF_ORIGINS = ("global", "branch", "fill_up", "duplicate")
+
+
+@dataclass
+class BranchDecision:
+    """One entropy-based branching decision (ARPO §3.2 eq. 4–5), taken after a tool result."""
+
+    mode: str
+    """'paper' or 'official': which rule produced it."""
+    initial_entropy: list[float]
+    """H_initial: entropies of the trajectory's first k tokens (paper) / its first segment's
+    truncated entropy as a one-element list (official)."""
+    step_entropy: list[float]
+    """H_t: entropies of the k look-ahead tokens after the result (paper) / the truncated
+    entropy of the segment that ended with the call (official)."""
+    delta_entropy: float
+    """ΔH_t = normalised Σ (H_t − H_initial)."""
+    probability: float
+    """P_t = α + β·ΔH_t (paper) / clip(τ + β·ΔH_t, 0, 1), the branch probability (official)."""
+    branched: bool
+    """Whether branches were forked here."""
+    num_branches: int = 0
+    """How many partial trajectories were forked (limited by the remaining budget M − N)."""
+    draws: list[float] = field(default_factory=list)
+    """Official mode: the uniform draws u, one per branch attempt (up to beam_size − 1)."""
+
+
+@dataclass
+class ToolCall:
+    """A tool call a trajectory made: executed once, shared by every leaf below it."""
+
+    tag: str
+    content: str
+    result: str
+    ok: bool = True
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Node:
+    id: int
+    parent: int | None
+    kind: str
+    """'prompt', 'model' (policy tokens, trained on) or 'tool' (forced result tokens, masked)."""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    """Model nodes: log pi_old of each token at temperature 1; empty otherwise."""
+    entropies: list[float] = field(default_factory=list)
+    """Model nodes: entropy of the sampling distribution at each token; empty otherwise."""
+    tool_call: ToolCall | None = None
+    """Tool nodes: the call whose result this is."""
+    decision: BranchDecision | None = None
+    """The branch decision taken right after this node, if any."""
+    finish_reason: str | None = None
+    """Model nodes: why generation of the segment stopped ('stop', 'eos', 'length')."""
+
+
+@dataclass
+class Leaf:
+    node_id: int
+    """The last node of the trajectory."""
+    origin: str
+    """'global' (sampled from scratch), 'branch' (forked at a decision), 'fill_up' (a global
+    sample added because branches could not be placed) or 'duplicate' (official padding)."""
+    finish_reason: str = ""
+    """'eos', 'length', 'tool_limit' or 'stop' (ended on a tool tag with no room left)."""
+    reward: float | None = None
+    """r_i, filled in after the rollout."""
+    tool_calls: int = 0
+    """Tool calls contained in the trajectory (executed once even when shared)."""
+
+
+@dataclass
+class RolloutTree:
+    """All trajectories of one prompt: M leaves sharing prefixes."""
+
+    prompt_index: int
+    nodes: list[Node] = field(default_factory=list)
+    leaves: list[Leaf] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    """Free-form record of the prompt (question, gold answer, ...), kept in the JSON export."""
+
+    def add_node(self, parent: int | None, kind: str, token_ids: list[int], **fields) -> Node:
+        if kind not in NODE_KINDS:
+            raise ValueError(f"node kind must be one of {NODE_KINDS}, got {kind!r}")
+        node = Node(id=len(self.nodes), parent=parent, kind=kind, token_ids=list(token_ids), **fields)
+        self.nodes.append(node)
+        return node
+
+    def add_leaf(self, node_id: int, origin: str, **fields) -> Leaf:
+        if origin not in LEAF_ORIGINS:
+            raise ValueError(f"leaf origin must be one of {LEAF_ORIGINS}, got {origin!r}")
+        leaf = Leaf(node_id=node_id, origin=origin, **fields)
+        self.leaves.append(leaf)
+        return leaf
+
+    def path(self, node_id: int) -> list[Node]:
+        """Nodes from the root to `node_id`."""
+        nodes = []
+        current: int | None = node_id
+        while current is not None:
+            nodes.append(self.nodes[current])
+            current = self.nodes[current].parent
+        return nodes[::-1]
+
+    def leaf_tokens(self, leaf: Leaf) -> list[int]:
+        return [t for node in self.path(leaf.node_id) for t in node.token_ids]
+
+    def response_segments(self, leaf: Leaf) -> list[Node]:
+        """The leaf's nodes after the prompt."""
+        return [n for n in self.path(leaf.node_id) if n.kind != "prompt"]
+
+    def decisions(self) -> list[BranchDecision]:
+        return [n.decision for n in self.nodes if n.decision is not None]
+
+    # ---------------------------------------------------------------- export
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> RolloutTree:
+        nodes = []
+        for n in data["nodes"]:
+            n = dict(n)
+            n["tool_call"] = ToolCall(**n["tool_call"]) if n.get("tool_call") else None
+            n["decision"] = BranchDecision(**n["decision"]) if n.get("decision") else None
+            nodes.append(Node(**n))
+        leaves = [Leaf(**leaf) for leaf in data["leaves"]]
+        return cls(prompt_index=data["prompt_index"], nodes=nodes, leaves=leaves,
+                   metadata=dict(data.get("metadata", {})))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RolloutTree:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------------------- flattening
+def to_batch(trees: list[RolloutTree], pad_token_id: int = 0) -> RolloutBatch:
+    """Flatten every leaf of every tree into one right-padded row (leaves in tree order).
+
+    Node ids are made unique across the batch by offsetting each tree's ids by the number of
+    nodes before it. Leaves without a reward get NaN (fill rewards before estimating).
+    Returns a `RolloutBatch` with input_ids, attention_mask, loss_mask (1 = model node token),
+    node_ids, old_logprobs and entropies (0 outside model tokens), rewards and group_ids.
+    """
+    rows, offset = [], 0
+    for group, tree in enumerate(trees):
+        for leaf in tree.leaves:
+            tokens, mask, nodes, logprobs, entropies = [], [], [], [], []
+            for node in tree.path(leaf.node_id):
+                n = len(node.token_ids)
+                tokens += node.token_ids
+                nodes += [offset + node.id] * n
+                is_model = node.kind == "model"
+                mask += [1.0 if is_model else 0.0] * n
+                logprobs += node.logprobs if is_model else [0.0] * n
+                entropies += node.entropies if is_model else [0.0] * n
+            reward = float("nan") if leaf.reward is None else float(leaf.reward)
+            rows.append((tokens, mask, nodes, logprobs, entropies, reward, group))
+        offset += len(tree.nodes)
+    if not rows:
+        raise ValueError("to_batch needs at least one leaf")
+    L, T = len(rows), max(len(r[0]) for r in rows)
+    input_ids = torch.full((L, T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(L, T, dtype=torch.long)
+    loss_mask = torch.zeros(L, T)
+    node_ids = torch.full((L, T), -1, dtype=torch.long)
+    old_logprobs, entropies = torch.zeros(L, T), torch.zeros(L, T)
+    for i, (tokens, mask, nodes, logprobs, ents, _, _) in enumerate(rows):
+        n = len(tokens)
+        input_ids[i, :n] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        loss_mask[i, :n] = torch.tensor(mask)
+        node_ids[i, :n] = torch.tensor(nodes, dtype=torch.long)
+        old_logprobs[i, :n] = torch.tensor(logprobs)
+        entropies[i, :n] = torch.tensor(ents)
+    return RolloutBatch(
+        rewards=torch.tensor([r[5] for r in rows]),
+        group_ids=torch.tensor([r[6] for r in rows], dtype=torch.long),
+        loss_mask=loss_mask, node_ids=node_ids, input_ids=input_ids,
+        attention_mask=attention_mask, old_logprobs=old_logprobs, entropies=entropies,
+    )
+
+
+# ---------------------------------------------------------------------------- rendering
+def render(tree: RolloutTree, decode=None, width: int = 60) -> str:
+    """A readable text drawing of a tree: segments abridged, decisions and leaf rewards shown.
+
+    `decode` turns token ids into text (e.g. `tokenizer.decode`); without it ids are counted.
+    """
+    children: dict[int | None, list[int]] = {}
+    for node in tree.nodes:
+        children.setdefault(node.parent, []).append(node.id)
+    leaves_at: dict[int, list[int]] = {}
+    for i, leaf in enumerate(tree.leaves):
+        leaves_at.setdefault(leaf.node_id, []).append(i)
+    lines = [f"prompt {tree.prompt_index}: {len(tree.leaves)} leaves, {len(tree.nodes)} nodes"]
+
+    def text_of(node: Node) -> str:
+        if decode is None:
+            return f"<{len(node.token_ids)} tokens>"
+        text = " ".join(decode(node.token_ids).split())
+        return text if len(text) <= width else text[: width // 2 - 2] + " … " + text[-width // 2 + 1:]
+
+    def walk(node_id: int, indent: str) -> None:
+        node = tree.nodes[node_id]
+        lines.append(f"{indent}[{node.kind} #{node.id}, {len(node.token_ids)} tok] {text_of(node)}")
+        d = node.decision
+        if d is not None:
+            verdict = f"BRANCH x{d.num_branches}" if d.branched else "no branch"
+            lines.append(f"{indent}  ↳ {d.mode}: ΔH={d.delta_entropy:+.4f}  P={d.probability:.3f}  → {verdict}")
+        for i in leaves_at.get(node_id, []):
+            leaf = tree.leaves[i]
+            reward = "?" if leaf.reward is None else f"{leaf.reward:+.3f}"
+            lines.append(f"{indent}  ● leaf {i} ({leaf.origin}, {leaf.finish_reason}, "
+                         f"{leaf.tool_calls} calls) reward {reward}")
+        for child in children.get(node_id, []):
+            walk(child, indent + "  ")
+
+    for root in children.get(None, []):
+        walk(root, "")
+    return "\n".join(lines)

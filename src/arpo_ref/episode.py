@@ -1,0 +1,109 @@
+"""The agent's side of a trajectory: prompts, tool calls, and tool results as forced tokens (ARPO §3.2, ARPO.md §5).
+
+How a trajectory is tokenised — the ONE rule shared by the rollout, cold-start SFT and the tests,
+so training never sees token ids the policy would not produce at inference:
+
+    ids = render_prompt(tokenizer, question, system_prompt)          # chat template + generation prompt
+        + model segment 1 (the policy's own sampled ids)               # loss mask 1, ends with "</python>"
+        + encode_result(tokenizer, result 1)                           # " <result>\\n…\\n</result>", mask 0
+        + model segment 2 …                                             # …, the final one ends with EOS
+
+Each segment is encoded on its own (`encode_segment`): ids are never re-tokenised across a
+segment boundary. For demonstrations (SFT), model segments are the encoding of their text.
+
+Deviations from the official code:
+* Over the tool-call limit the official code appends an EOS (loss mask 1) that the policy never
+  sampled; we end the trajectory without it ('tool_limit'), so every trained token is on-policy.
+* A malformed call (empty, no opening tag) gets an error result the model can read, instead of
+  silently ending the trajectory (see `arpo_ref.tools.tags`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+from .tools.base import ToolResult
+from .tools.registry import ToolRegistry
+from .tools.tags import ToolCall, format_result, parse_tool_call
+
+SYSTEM_PROMPTS = ("reasoning", "search")
+
+
+def system_prompt(name: str) -> str:
+    """A packaged system prompt describing the tools and the tag format: 'reasoning' or 'search'."""
+    if name not in SYSTEM_PROMPTS:
+        raise ValueError(f"unknown system prompt {name!r}; valid: {list(SYSTEM_PROMPTS)} "
+                         f"(or give the prompt text itself)")
+    return resources.files("arpo_ref").joinpath(f"prompts/{name}.txt").read_text().strip()
+
+
+def render_prompt(tokenizer, question: str, system: str | None = None) -> list[int]:
+    """Token ids of the prompt: chat template over [system, user], with the generation prompt.
+
+    Without a chat template the text is `system + "\\n\\n" + question + "\\n"` encoded plainly.
+    """
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in transformers 5
+            ids = ids["input_ids"]
+        return list(ids)
+    text = (system + "\n\n" if system else "") + question + "\n"
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def encode_segment(tokenizer, text: str) -> list[int]:
+    """Ids of one segment of a trajectory, encoded on its own without special tokens."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def encode_result(tokenizer, result_text: str) -> list[int]:
+    """Ids of an inserted tool result: the official " <result>\\n{text}\\n</result>" string."""
+    return encode_segment(tokenizer, format_result(result_text))
+
+
+def encode_demonstration(tokenizer, prompt_ids: list[int], segments: list[dict]) -> tuple[list[int], list[int]]:
+    """Tokenise a demonstration exactly as the rollout would: (ids, loss mask 1 = model token).
+
+    `segments` is a list of {"kind": "model"|"tool", "text": ...}; tool texts are the full inserted
+    result strings. An EOS id is appended after the last model segment (mask 1), as the policy
+    would emit it.
+    """
+    ids, mask = list(prompt_ids), [0] * len(prompt_ids)
+    for segment in segments:
+        if segment["kind"] not in ("model", "tool"):
+            raise ValueError(f"segment kind must be 'model' or 'tool', got {segment['kind']!r}")
+        piece = encode_segment(tokenizer, segment["text"])
+        ids += piece
+        mask += [1 if segment["kind"] == "model" else 0] * len(piece)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; set one so trajectories can end")
+    ids.append(tokenizer.eos_token_id)
+    mask.append(1)
+    return ids, mask
+
+
+@dataclass
+class ToolStep:
+    """The outcome of one call: the parsed call, the tool's result and the ids to insert."""
+
+    call: ToolCall
+    result: ToolResult
+    result_ids: list[int]
+
+
+def run_tool_calls(registry: ToolRegistry, tokenizer, segment_texts: list[str]) -> list[ToolStep | None]:
+    """Parse the call that ends each segment and run all calls in parallel (ARPO.md §5).
+
+    Returns, per segment, a `ToolStep`, or None when the segment does not end with a call.
+    Failures are results (error text for the model), never exceptions.
+    """
+    calls = [parse_tool_call(text) for text in segment_texts]
+    todo = [i for i, call in enumerate(calls) if call is not None]
+    results = registry.run_batch([calls[i] for i in todo])
+    steps: list[ToolStep | None] = [None] * len(calls)
+    for i, result in zip(todo, results):
+        steps[i] = ToolStep(calls[i], result, encode_result(tokenizer, result.text))
+    return steps

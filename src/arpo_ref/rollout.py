@@ -1,0 +1,348 @@
+"""Entropy-based adaptive rollout (ARPO §3.2, ARPO.md §2): modes `paper`, `official` and `grpo`.
+
+Every prompt gets a `RolloutTree` with exactly M leaves. All live trajectories of the batch
+advance together, one turn at a time: generate until a closing tool tag, EOS or the length budget;
+run the tools of every row in parallel; insert the results as forced tokens (loss mask 0); then
+decide where to branch. Branches fork the generator's cache rows (the shared prefix is not read
+again) and reuse the prefix's tool results (no re-execution).
+
+paper (ARPO.md §2.1): N global samples; H_initial = entropies of a trajectory's first k tokens.
+    After each tool result the trajectory generates k look-ahead tokens, H_t = their entropies,
+    ΔH_t = Σ_j (H_t[j] − H_initial[j]) / normaliser, P_t = α + β·ΔH_t; if P_t > τ, Z branches
+    fork at the point right after the result. Once M − N branches exist no more decisions are
+    made; prompts whose paths all ended with leaves missing get the rest as fill-up samples.
+official (ARPO.md §2.2): the released code, point by point — see `_official_decisions`.
+grpo: M global samples, no branching (the baseline every comparison needs).
+
+Gaps the paper leaves open and how they are filled here:
+* k (entropy_window) = 20 and Z (branches_per_decision) = 1 by default, as in the official code.
+* Normaliser of ΔH: `rollout.entropy_normaliser`, default ln|V| with |V| = len(tokenizer).
+* Look-ahead: before the k look-ahead tokens are sampled, the row is copied (a cache-row fork)
+  so branches start exactly at the branch point; the look-ahead tokens stay with the original
+  only, which simply continues its segment afterwards. The copy is dropped if no branch is made.
+* Shorter windows: when the look-ahead or the first segment has fewer than k tokens (EOS or a
+  tool tag came first), ΔH sums over the positions both have.
+* Fill-up samples (paper) are added all at once when a prompt has no live path, and do not
+  branch themselves, so the budget is exactly spent.
+* Over the tool-call limit a trajectory ends ('tool_limit') without the official code's
+  appended EOS (see `arpo_ref.episode`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import RolloutConfig, SamplingConfig
+from .entropy import truncated_segment_entropy
+from .episode import run_tool_calls
+from .generation import GeneratedSequence, Generator, RowBatch, SamplingParams
+from .tools.registry import summarize_results
+from .tree import BranchDecision, RolloutTree, ToolCall
+
+
+@dataclass
+class Trajectory:
+    """A path being rolled out: its generator row, its tip in the tree, and its counters."""
+
+    tree: RolloutTree
+    row_id: int
+    node_id: int
+    origin: str
+    index: int
+    """Creation order across the batch: the official code's entropy-baseline key."""
+    tool_calls: int = 0
+    response_tokens: int = 0
+    initial_entropy: list[float] | None = None
+    segment: GeneratedSequence | None = None
+    """The segment being generated (paper mode: after the look-ahead, it is resumed)."""
+    snapshot_row: int | None = None
+    """Paper mode: a copy of the row at the branch point, awaiting the decision."""
+    last_segment_entropy: float = 0.0
+    """Official mode: truncated entropy of the trajectory's latest segment."""
+    done: bool = False
+
+
+@dataclass
+class RolloutResult:
+    trees: list[RolloutTree]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class AdaptiveRollout:
+    """Roll out M leaves per prompt with the configured mode. One instance per training run.
+
+    Args:
+        generator: the policy's `Generator`.
+        registry: the tools (a `ToolRegistry`); None for tool-free generation.
+        config: `RolloutConfig` (mode, M, N, k, α, β, τ, Z, beam size, limits).
+        sampling: `SamplingConfig` (temperature, top-k, top-p).
+        seed: seeds token sampling and the official mode's uniform draws.
+    """
+
+    def __init__(self, generator: Generator, registry, config: RolloutConfig,
+                 sampling: SamplingConfig | None = None, seed: int = 0) -> None:
+        self.generator, self.registry, self.config = generator, registry, config
+        sampling = sampling or SamplingConfig()
+        self.sampling = SamplingParams(
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+            max_new_tokens=config.max_response_tokens,
+            topk_logprobs=config.official_topk if config.mode == "official" else 0)
+        self.token_rng = torch.Generator(device=generator.device).manual_seed(seed)
+        self.draw_rng = random.Random(seed)
+        self.stale_baselines: dict[int, float] = {}
+        vocab = generator.vocab_size
+        self.normaliser = config.entropy_normaliser or math.log(vocab)
+        self.stop_strings = registry.stop_strings() if registry is not None else []
+
+    # ------------------------------------------------------------------ the loop
+    def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
+        cfg, gen = self.config, self.generator
+        self.stats: dict[str, float] = {"rollout/prefill_tokens_saved": 0.0, "time/generation": 0.0,
+                                        "time/tools": 0.0}
+        self.tool_results = []
+        self.baselines = self.stale_baselines if cfg.official_stale_baseline else {}
+        trees = [RolloutTree(i, metadata=dict(metadata[i]) if metadata else {}) for i in range(len(prompts))]
+        for tree, prompt in zip(trees, prompts):
+            tree.add_node(None, "prompt", prompt)
+        self.prompts, self.trajectories = prompts, []
+        rows = gen.prefill(prompts)
+        first = cfg.rollout_budget if cfg.mode == "grpo" else cfg.num_global
+        for tree, row_id in zip(trees, list(rows.row_ids)):
+            self._spawn(rows, tree, row_id, first, "global")
+        turns, max_turns = 0, cfg.rollout_budget * (cfg.max_tool_calls + 2) + 1
+        while any(not t.done for t in self.trajectories) and turns < max_turns:
+            turns += 1
+            if cfg.mode == "paper":  # 1. look ahead k tokens after results, decide, fork
+                self._paper_decisions(rows)
+            self._generate(rows)  # 2. every live row to the end of its segment
+            calling = self._close_segments(rows)  # 3. nodes, leaves, tool calls and results
+            if cfg.mode == "official":  # 4. decide after the results
+                self._official_decisions(rows, calling)
+            elif cfg.mode == "paper":
+                self._take_snapshots(rows, calling)
+            self._fill_up(rows, trees)  # 5. prompts with leaves missing and no live path
+        for t in self.trajectories:  # only reached when max_turns ran out
+            if not t.done:
+                self._finish(rows, t, "length")
+        self._pad_with_duplicates(trees)
+        gen.release(rows, list(rows.row_ids))
+        return RolloutResult(trees, self._metrics(trees, rows))
+
+    # ------------------------------------------------------------------ phases
+    def _generate(self, rows: RowBatch) -> None:
+        todo = [t for t in self.trajectories
+                if not t.done and (t.segment is None or t.segment.finish_reason is None)]
+        if not todo:
+            return
+        limits = {t.row_id: self.config.max_response_tokens - t.response_tokens
+                  - (len(t.segment.token_ids) if t.segment else 0) for t in todo}
+        start = time.perf_counter()
+        outputs = self.generator.decode(
+            rows, self.sampling, self.stop_strings, row_ids=list(limits), rng=self.token_rng,
+            max_new_tokens=limits, resume={t.row_id: t.segment for t in todo if t.segment})
+        self.stats["time/generation"] += time.perf_counter() - start
+        for t in todo:
+            t.segment = outputs[t.row_id]
+
+    def _close_segments(self, rows: RowBatch) -> list[Trajectory]:
+        """Turn finished segments into model nodes; end trajectories or run their tool calls."""
+        cfg, calling = self.config, []
+        for t in self.trajectories:
+            if t.done or t.segment is None or t.segment.finish_reason is None:
+                continue
+            seg, t.segment = t.segment, None
+            node = t.tree.add_node(t.node_id, "model", seg.token_ids, logprobs=seg.logprobs,
+                                   entropies=seg.entropies, finish_reason=seg.finish_reason)
+            t.node_id, t.response_tokens = node.id, t.response_tokens + len(seg.token_ids)
+            if t.initial_entropy is None:
+                t.initial_entropy = seg.entropies[: cfg.entropy_window]
+            if cfg.mode == "official":
+                node_entropy = self._segment_entropy(seg)
+                self.baselines.setdefault(t.index, node_entropy)
+                t.last_segment_entropy = node_entropy
+            if seg.finish_reason != "stop":
+                self._finish(rows, t, seg.finish_reason)
+            elif t.tool_calls >= cfg.max_tool_calls:
+                self._finish(rows, t, "tool_limit")
+            elif t.response_tokens >= cfg.max_response_tokens:
+                self._finish(rows, t, "length")
+            else:
+                calling.append(t)
+        return self._run_tools(rows, calling)
+
+    def _run_tools(self, rows: RowBatch, calling: list[Trajectory]) -> list[Trajectory]:
+        if not calling:
+            return []
+        texts = [self.generator.tokenizer.decode(t.tree.nodes[t.node_id].token_ids) for t in calling]
+        start = time.perf_counter()
+        steps = run_tool_calls(self.registry, self.generator.tokenizer, texts)
+        self.stats["time/tools"] += time.perf_counter() - start
+        forced, called = {}, []
+        for t, step in zip(calling, steps):
+            if step is None:  # stopped on a tag that is not a complete call
+                self._finish(rows, t, "stop")
+                continue
+            room = self.config.max_response_tokens - t.response_tokens
+            ids = step.result_ids[:room]
+            self.tool_results.append(step.result)
+            call = ToolCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
+                            step.result.error_kind, step.result.seconds)
+            node = t.tree.add_node(t.node_id, "tool", ids, tool_call=call)
+            t.node_id, t.response_tokens, t.tool_calls = node.id, t.response_tokens + len(ids), t.tool_calls + 1
+            forced[t.row_id] = ids
+            if len(ids) < len(step.result_ids) or t.response_tokens >= self.config.max_response_tokens:
+                self._finish(rows, t, "length")
+            else:
+                called.append(t)
+        self.generator.append(rows, {r: ids for r, ids in forced.items() if r in rows.row_ids and ids})
+        return called
+
+    # ------------------------------------------------------------------ paper mode
+    def _take_snapshots(self, rows: RowBatch, calling: list[Trajectory]) -> None:
+        """Copy each row at its branch point while the prompt still has budget for branches."""
+        for t in calling:
+            if self._budget_left(t.tree) > 0:
+                (t.snapshot_row,) = self.generator.fork(rows, t.row_id, 1)
+                self.stats["rollout/prefill_tokens_saved"] += len(rows.histories[rows.index(t.row_id)])
+
+    def _paper_decisions(self, rows: RowBatch) -> None:
+        """ARPO.md §2.1 steps 2–3: k look-ahead tokens, ΔH_t, P_t = α + β·ΔH_t > τ → fork Z."""
+        cfg = self.config
+        waiting = [t for t in self.trajectories if not t.done and t.snapshot_row is not None]
+        if not waiting:
+            return
+        limits = {t.row_id: min(cfg.entropy_window, cfg.max_response_tokens - t.response_tokens) for t in waiting}
+        start = time.perf_counter()
+        outputs = self.generator.decode(rows, self.sampling, self.stop_strings, row_ids=list(limits),
+                                        rng=self.token_rng, max_new_tokens=limits)
+        self.stats["time/generation"] += time.perf_counter() - start
+        for t in waiting:  # index order: earlier trajectories use the budget first
+            t.segment = outputs[t.row_id]
+            look_ahead = t.segment.entropies[: cfg.entropy_window]
+            if t.segment.finish_reason == "length" and t.response_tokens + len(t.segment.token_ids) < cfg.max_response_tokens:
+                t.segment.finish_reason = None  # stopped for the window only: resume it later
+            snapshot, t.snapshot_row = t.snapshot_row, None
+            budget = self._budget_left(t.tree)
+            if budget == 0:
+                self.generator.release(rows, [snapshot])
+                continue
+            n = min(len(look_ahead), len(t.initial_entropy))
+            delta = sum(h - h0 for h, h0 in zip(look_ahead[:n], t.initial_entropy[:n])) / self.normaliser
+            probability = cfg.branch_base + cfg.entropy_weight * delta
+            branches = min(cfg.branches_per_decision, budget) if probability > cfg.branch_threshold else 0
+            t.tree.nodes[t.node_id].decision = BranchDecision(
+                "paper", list(t.initial_entropy), look_ahead, delta, probability, branches > 0, branches)
+            if branches == 0:
+                self.generator.release(rows, [snapshot])
+                continue
+            copies = [snapshot] + (self.generator.fork(rows, snapshot, branches - 1) if branches > 1 else [])
+            self.stats["rollout/prefill_tokens_saved"] += (branches - 1) * len(rows.histories[rows.index(snapshot)])
+            for row_id in copies:
+                self._add_trajectory(t.tree, row_id, "branch", parent=t)
+
+    # ------------------------------------------------------------------ official mode
+    def _official_decisions(self, rows: RowBatch, calling: list[Trajectory]) -> None:
+        """ARPO.md §2.2: after the results of this turn, in creation order, each trajectory that
+        called a tool draws u ~ U(0,1) up to beam_size − 1 times and branches iff
+        clip(u − β·ΔH, 0, 1) ≤ τ, where ΔH = (truncated entropy of the segment that ENDED with
+        the call − the first segment entropy seen for its index), all divided by ln|V|."""
+        cfg = self.config
+        for t in sorted(calling, key=lambda t: t.index):
+            budget = self._budget_left(t.tree)
+            if budget == 0:
+                continue
+            delta = t.last_segment_entropy - self.baselines[t.index]
+            draws, made = [], 0
+            for _ in range(min(cfg.beam_size - 1, budget)):
+                u = self.draw_rng.random()
+                draws.append(u)
+                if min(max(u - cfg.entropy_weight * delta, 0.0), 1.0) <= cfg.branch_threshold:
+                    (row_id,) = self.generator.fork(rows, t.row_id, 1)
+                    self.stats["rollout/prefill_tokens_saved"] += len(rows.histories[rows.index(row_id)])
+                    self._add_trajectory(t.tree, row_id, "branch", parent=t)
+                    made += 1
+            probability = min(max(cfg.branch_threshold + cfg.entropy_weight * delta, 0.0), 1.0)
+            t.tree.nodes[t.node_id].decision = BranchDecision(
+                "official", [self.baselines[t.index]], [t.last_segment_entropy], delta, probability,
+                made > 0, made, draws)
+
+    def _segment_entropy(self, segment: GeneratedSequence) -> float:
+        """The official truncated segment entropy, divided by the configured normaliser."""
+        vocab = self.generator.vocab_size
+        top = torch.tensor(segment.topk_logprobs) if segment.topk_logprobs else torch.zeros(0, 1)
+        per_ln_vocab = truncated_segment_entropy(top, vocab, max_positions=self.config.entropy_window)
+        return per_ln_vocab * math.log(vocab) / self.normaliser
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _budget_left(self, tree: RolloutTree) -> int:
+        return self.config.rollout_budget - sum(t.tree is tree for t in self.trajectories)
+
+    def _spawn(self, rows: RowBatch, tree: RolloutTree, row_id: int, count: int, origin: str) -> None:
+        """`count` new trajectories from a freshly prefilled prompt row (the copies are forks)."""
+        copies = self.generator.fork(rows, row_id, count - 1) if count > 1 else []
+        self.stats["rollout/prefill_tokens_saved"] += (count - 1) * len(tree.nodes[0].token_ids)
+        for r in [row_id] + copies:
+            self._add_trajectory(tree, r, origin)
+
+    def _add_trajectory(self, tree: RolloutTree, row_id: int, origin: str,
+                        parent: Trajectory | None = None) -> Trajectory:
+        t = Trajectory(tree, row_id, node_id=0, origin=origin, index=len(self.trajectories))
+        if parent is not None:  # a branch: same prefix, same counters
+            t.node_id, t.tool_calls = parent.node_id, parent.tool_calls
+            t.response_tokens, t.initial_entropy = parent.response_tokens, parent.initial_entropy
+        self.trajectories.append(t)
+        return t
+
+    def _finish(self, rows: RowBatch, t: Trajectory, reason: str) -> None:
+        t.tree.add_leaf(t.node_id, t.origin, finish_reason=reason, tool_calls=t.tool_calls)
+        t.done = True
+        drop = [r for r in (t.row_id, t.snapshot_row) if r is not None and r in rows.row_ids]
+        t.snapshot_row = None
+        self.generator.release(rows, drop)
+
+    def _fill_up(self, rows: RowBatch, trees: list[RolloutTree]) -> None:
+        for tree in trees:
+            missing = self._budget_left(tree)
+            if missing == 0 or any(t.tree is tree and not t.done for t in self.trajectories):
+                continue
+            count = 1 if self.config.mode == "official" else missing
+            before = set(rows.row_ids)
+            self.generator.prefill([self.prompts[tree.prompt_index]], rows)
+            (row_id,) = [r for r in rows.row_ids if r not in before]
+            self._spawn(rows, tree, row_id, count, "fill_up")
+
+    def _pad_with_duplicates(self, trees: list[RolloutTree]) -> None:
+        """Official fallback: a prompt still short of M leaves repeats its last leaf."""
+        for tree in trees:
+            while 0 < len(tree.leaves) < self.config.rollout_budget:
+                last = tree.leaves[-1]
+                tree.add_leaf(last.node_id, "duplicate", finish_reason=last.finish_reason,
+                              tool_calls=last.tool_calls)
+
+    def _metrics(self, trees: list[RolloutTree], rows: RowBatch) -> dict[str, float]:
+        """Namespaced metrics of one rollout (means are per prompt)."""
+        prompts = max(len(trees), 1)
+        leaves = [leaf for tree in trees for leaf in tree.leaves]
+        decisions = [d for tree in trees for d in tree.decisions()]
+        metrics = dict(self.stats)
+        for origin in ("global", "branch", "fill_up", "duplicate"):
+            metrics[f"rollout/leaves_{origin}"] = sum(leaf.origin == origin for leaf in leaves) / prompts
+        metrics["rollout/branch_decisions"] = float(len(decisions))
+        metrics["rollout/branches"] = float(sum(d.num_branches for d in decisions))
+        metrics["rollout/branch_declined"] = float(sum(not d.branched for d in decisions))
+        metrics["entropy/delta"] = (sum(d.delta_entropy for d in decisions) / len(decisions)) if decisions else 0.0
+        metrics["rollout/tool_calls_executed"] = len(self.tool_results) / prompts
+        metrics["rollout/tool_calls_in_leaves"] = sum(leaf.tool_calls for leaf in leaves) / prompts
+        metrics["rollout/generated_tokens"] = float(rows.generated_tokens)
+        metrics["rollout/response_tokens_mean"] = sum(
+            sum(len(n.token_ids) for n in tree.response_segments(leaf)) for tree in trees for leaf in tree.leaves
+        ) / max(len(leaves), 1)
+        for reason in ("eos", "length", "tool_limit", "stop"):
+            metrics[f"rollout/finish_{reason}"] = sum(leaf.finish_reason == reason for leaf in leaves) / max(len(leaves), 1)
+        metrics.update(summarize_results(self.tool_results))
+        return metrics
