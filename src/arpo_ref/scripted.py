@@ -65,8 +65,9 @@ class ScriptedLM(nn.Module):
         keys, _ = cache.update(ids, ids, 0)
         all_ids = keys[:, 0, :, 0].long()  # (B, S)
         logits = torch.zeros(B, W, self.vocab_size)
+        first = W - logits_to_keep if logits_to_keep else 0  # columns whose logits are wanted
         for b in range(B):
-            for j in range(W):
+            for j in range(first, W):
                 col = all_ids.shape[1] - W + j
                 if attention_mask[b, col] == 0:
                     continue

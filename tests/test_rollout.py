@@ -1,0 +1,270 @@
+"""Adaptive rollout tests with a scripted policy whose entropy after a tool result is controlled."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from tiny import load_model, load_tokenizer
+
+from arpo_ref.config import RolloutConfig, SamplingConfig
+from arpo_ref.generation import Generator
+from arpo_ref.rollout import AdaptiveRollout
+from arpo_ref.scripted import ScriptedLM
+from arpo_ref.tools.base import ToolResult
+from arpo_ref.tools.registry import ToolRegistry
+from arpo_ref.tree import RolloutTree, render, to_batch
+
+TOK = load_tokenizer()
+EOS = TOK.eos_token_id
+
+
+def ids(text):
+    return TOK.encode(text, add_special_tokens=False)
+
+
+CALL = ids("<search> Zorvia capital </search>")
+ANSWER = ids("<answer> \\boxed{Quellmar} </answer>")
+RESULT_END = ids("</result>")[-1]
+
+
+class EchoSearch:
+    name = "search"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, content):
+        self.calls += 1
+        return ToolResult(text=f"found {content}")
+
+
+class ToolAgent:
+    """Scripted agent: `calls` searches then an answer. The first `window` tokens after a tool
+    result are emitted with confidence `after[prompt]` (low confidence = high entropy); all other
+    tokens with confidence 0.99."""
+
+    def __init__(self, prompts, after, calls=2, window=20, first=0.99):
+        self.prompt_lengths = {tuple(p): len(p) for p in prompts}
+        self.after, self.calls, self.window, self.first = after, calls, window, first
+        self.model = ScriptedLM(self.policy, vocab_size=len(TOK))
+
+    def policy(self, history):
+        prompt = next((p for p in self.prompt_lengths if tuple(history[: len(p)]) == p), None)
+        if prompt is None:  # inside a prompt: nothing is sampled here
+            return EOS
+        response = history[len(prompt):]
+        if RESULT_END not in response:
+            script, position, confidence = CALL + [EOS], len(response), self.first
+        else:
+            last = len(response) - 1 - response[::-1].index(RESULT_END)
+            position = len(response) - 1 - last
+            script = (CALL if response.count(RESULT_END) < self.calls else ANSWER) + [EOS]
+            confidence = self.after[prompt] if position < self.window else 0.99
+        return self.model.peaked_logits(script[min(position, len(script) - 1)], confidence)
+
+
+def rollout(mode, prompts, after, seed=0, calls=2, **overrides):
+    agent = ToolAgent(prompts, after, calls=calls)
+    tool = EchoSearch()
+    settings = dict(mode=mode, rollout_budget=6, num_global=2, max_response_tokens=300, entropy_window=20)
+    settings.update(overrides)
+    if mode == "grpo":
+        settings["num_global"] = settings["rollout_budget"]
+    engine = AdaptiveRollout(Generator(agent.model, TOK), ToolRegistry([tool]), RolloutConfig(**settings),
+                             SamplingConfig(temperature=0), seed=seed)
+    return engine, engine(prompts), tool
+
+
+PROMPTS = [ids("q one"), ids("q two two"), ids("q three three three")]
+# Prompt 0 becomes uncertain after results (ΔH > 0), prompt 1 more certain (ΔH < 0),
+# prompt 2 keeps its initial confidence (ΔH = 0 exactly: the tie must NOT branch).
+AFTER = {tuple(PROMPTS[0]): 0.5, tuple(PROMPTS[1]): 0.999, tuple(PROMPTS[2]): 0.99}
+
+
+def test_paper_mode_branches_exactly_where_the_formula_says():
+    engine, result, _ = rollout("paper", PROMPTS, AFTER)
+    cfg = engine.config
+    for tree in result.trees:
+        assert len(tree.leaves) == cfg.rollout_budget
+        for decision in tree.decisions():
+            n = min(len(decision.step_entropy), len(decision.initial_entropy))
+            delta = sum(h - h0 for h, h0 in zip(decision.step_entropy[:n], decision.initial_entropy[:n])) / math.log(len(TOK))
+            assert decision.delta_entropy == pytest.approx(delta)
+            assert decision.probability == pytest.approx(0.5 + 0.2 * delta)
+            assert decision.branched == (delta > 1e-9)  # α = τ = 0.5: branch iff ΔH > 0
+    deltas = [[d.delta_entropy for d in tree.decisions()] for tree in result.trees]
+    assert all(d > 0 for d in deltas[0]) and all(d < 0 for d in deltas[1])
+    assert all(abs(d) < 1e-6 for d in deltas[2])
+    origins = [sorted(leaf.origin for leaf in tree.leaves) for tree in result.trees]
+    assert origins[0].count("branch") == 4 and origins[0].count("fill_up") == 0
+    # No branch could be placed: the budget M − N is spent on fill-up samples.
+    assert origins[1].count("branch") == 0 and origins[1].count("fill_up") == 4
+    assert origins[2].count("fill_up") == 4
+
+
+@pytest.mark.parametrize("mode", ["paper", "official", "grpo"])
+@pytest.mark.parametrize("budget, num_global", [(6, 2), (4, 3), (3, 1)])
+def test_every_prompt_ends_with_exactly_m_leaves_and_budget_holds(mode, budget, num_global):
+    engine, result, _ = rollout(mode, PROMPTS, AFTER, rollout_budget=budget, num_global=num_global, beam_size=3,
+                                branches_per_decision=2)
+    for tree in result.trees:
+        assert len(tree.leaves) == budget
+        origins = [leaf.origin for leaf in tree.leaves]
+        assert origins.count("branch") <= budget - (budget if mode == "grpo" else num_global)
+        if mode == "grpo":
+            assert origins == ["global"] * budget and tree.decisions() == []
+        assert "duplicate" not in origins
+    batch = to_batch(result.trees)
+    assert batch.num_leaves == budget * len(PROMPTS)
+
+
+def test_official_decisions_match_a_seeded_recomputation():
+    seed = 7
+    _, result, _ = rollout("official", PROMPTS, AFTER, seed=seed, calls=3, rollout_budget=8, num_global=2,
+                           max_tool_calls=3, beam_size=3)
+    decisions = [d for tree in result.trees for d in tree.decisions()]
+    draws = [u for d in decisions for u in d.draws]
+    assert len(draws) > 5
+    # The draws are exactly the seeded uniform sequence (one per branch attempt).
+    replay = random.Random(seed)
+    assert sorted(draws) == sorted(replay.random() for _ in draws)
+    for d in decisions:  # each Bernoulli outcome re-derived from its draw and recorded ΔH
+        expected = sum(min(max(u - 0.2 * d.delta_entropy, 0.0), 1.0) <= 0.5 for u in d.draws)
+        assert d.num_branches == expected and d.branched == (expected > 0)
+        assert d.probability == pytest.approx(min(max(0.5 + 0.2 * d.delta_entropy, 0.0), 1.0))
+    for tree in result.trees:
+        assert len(tree.leaves) == 8
+        # Previous-segment timing: the decision after the first call uses the first segment itself.
+        for node in tree.nodes:
+            if node.decision and tree.nodes[node.parent].parent == 0:
+                assert node.decision.delta_entropy == 0.0
+
+
+def test_official_stale_baseline_flag_reproduces_the_bug():
+    """The official code keys H_initial by trajectory index in a dict that is never reset, so from
+    the second training step on a trajectory is compared with whatever trajectory held its index
+    in an earlier step. With the flag off (default) every call starts with fresh baselines, so the
+    decision after a trajectory's first call always has ΔH = 0 (previous-segment timing)."""
+    def first_call_deltas(stale):
+        step_one = ToolAgent(PROMPTS[:1], AFTER, first=0.99)
+        engine = AdaptiveRollout(Generator(step_one.model, TOK), ToolRegistry([EchoSearch()]),
+                                 RolloutConfig(mode="official", rollout_budget=4, num_global=2,
+                                               official_stale_baseline=stale),
+                                 SamplingConfig(temperature=0), seed=0)
+        engine(PROMPTS[:1])
+        # Step 2: another prompt whose first segment is far less certain (higher entropy).
+        step_two = ToolAgent(PROMPTS[1:2], AFTER, first=0.6)
+        engine.generator = Generator(step_two.model, TOK)
+        tree = engine(PROMPTS[1:2]).trees[0]
+        return [n.decision.delta_entropy for n in tree.nodes
+                if n.decision and tree.nodes[n.parent].parent == 0]  # tool node after the 1st segment
+    fresh, stale = first_call_deltas(False), first_call_deltas(True)
+    assert fresh and all(d == 0.0 for d in fresh)
+    assert stale and all(d > 0.01 for d in stale)  # compared with step 1's more certain segments
+
+
+def test_branch_leaf_shares_exactly_the_prefix_up_to_the_branch_point():
+    _, result, tool = rollout("paper", PROMPTS[:1], AFTER)
+    tree = result.trees[0]
+    batch = to_batch([tree])
+    for i, leaf in enumerate(tree.leaves):
+        if leaf.origin != "branch":
+            continue
+        path = tree.path(leaf.node_id)
+        branch_point = next(n for n in reversed(path) if n.decision is not None and n.decision.branched)
+        parent_leaf = next(j for j, other in enumerate(tree.leaves) if other.origin != "branch"
+                           and branch_point in tree.path(other.node_id))
+        cut = sum(len(n.token_ids) for n in path[: path.index(branch_point) + 1])
+        assert torch.equal(batch.node_ids[i, :cut], batch.node_ids[parent_leaf, :cut])
+        after_own = set(batch.node_ids[i, cut:].tolist()) - {-1}
+        after_parent = set(batch.node_ids[parent_leaf, cut:].tolist()) - {-1}
+        assert after_own and not (after_own & after_parent)
+    # Branches reuse their prefix's tool results: fewer executions than calls in leaves.
+    assert tool.calls == result.metrics["rollout/tool_calls_executed"] < result.metrics["rollout/tool_calls_in_leaves"]
+
+
+def test_to_batch_matches_a_brute_force_flattening_and_json_round_trips(tmp_path):
+    _, result, _ = rollout("paper", PROMPTS, AFTER)
+    for tree in result.trees:
+        for leaf in tree.leaves:
+            leaf.reward = float(len(tree.leaf_tokens(leaf)) % 3)
+    batch = to_batch(result.trees, pad_token_id=TOK.pad_token_id)
+    row, offset = 0, 0
+    for group, tree in enumerate(result.trees):
+        for leaf in tree.leaves:
+            tokens, mask, nodes = [], [], []
+            node_id = leaf.node_id
+            chain = []
+            while node_id is not None:  # brute force: walk parents, then reverse
+                chain.append(tree.nodes[node_id])
+                node_id = tree.nodes[node_id].parent
+            for node in reversed(chain):
+                tokens += node.token_ids
+                mask += [float(node.kind == "model")] * len(node.token_ids)
+                nodes += [offset + node.id] * len(node.token_ids)
+            n = len(tokens)
+            assert batch.input_ids[row, :n].tolist() == tokens
+            assert batch.loss_mask[row, :n].tolist() == mask and batch.loss_mask[row, n:].sum() == 0
+            assert batch.node_ids[row, :n].tolist() == nodes and (batch.node_ids[row, n:] == -1).all()
+            assert batch.group_ids[row] == group and batch.rewards[row] == leaf.reward
+            row += 1
+        offset += len(tree.nodes)
+    for tree in result.trees:
+        tree.save(tmp_path / "tree.json")
+        loaded = RolloutTree.load(tmp_path / "tree.json")
+        assert loaded == tree
+        assert render(loaded, TOK.decode) == render(tree, TOK.decode)
+
+
+def test_tool_results_are_masked_and_the_closing_tag_and_eos_are_trained():
+    _, result, _ = rollout("grpo", PROMPTS[:1], AFTER, rollout_budget=2)
+    tree = result.trees[0]
+    batch = to_batch([tree])
+    close_tag, result_open = ids("</search>")[-1], ids(" <result>")[-1]
+    for i in range(batch.num_leaves):
+        tokens = batch.input_ids[i].tolist()
+        mask = batch.loss_mask[i].tolist()
+        assert mask[tokens.index(close_tag)] == 1 and mask[tokens.index(result_open)] == 0
+        last = int(batch.attention_mask[i].sum()) - 1
+        assert tokens[last] == EOS and mask[last] == 1
+
+
+def test_tool_call_limit_and_length_budget_end_trajectories():
+    _, result, _ = rollout("grpo", PROMPTS[:1], AFTER, calls=5, max_tool_calls=2, rollout_budget=2)
+    assert all(leaf.finish_reason == "tool_limit" and leaf.tool_calls == 2 for leaf in result.trees[0].leaves)
+    _, result, _ = rollout("grpo", PROMPTS[:1], AFTER, max_response_tokens=15, rollout_budget=2)
+    for leaf in result.trees[0].leaves:
+        assert leaf.finish_reason == "length"
+        assert sum(len(n.token_ids) for n in result.trees[0].response_segments(leaf)) <= 15
+
+
+def test_rollout_on_a_real_tiny_model_records_teacher_forced_logprobs():
+    """Sampled paper-mode rollout on a tiny HF model that often writes </search>: every leaf's
+    recorded log-probs (through forks and forced results) equal a full forward pass."""
+    model = load_model("qwen2", seed=1)
+    close = ids("</search>")[-1]
+    with torch.no_grad():  # point the closing tag's output row at the mean hidden state: p ≈ 0.25
+        out = model(torch.tensor([PROMPTS[0] + CALL]), output_hidden_states=True)
+        mean_hidden = out.hidden_states[-1][0].mean(0)
+        top = out.logits[0].max(-1).values.mean()
+        model.lm_head.weight[close] = mean_hidden * (top - 4.0) / mean_hidden.dot(mean_hidden)
+    engine = AdaptiveRollout(Generator(model, TOK), ToolRegistry([EchoSearch()]),
+                             RolloutConfig(mode="paper", rollout_budget=6, num_global=2, max_response_tokens=60,
+                                           entropy_window=5, entropy_weight=5.0),
+                             SamplingConfig(temperature=1.0), seed=3)
+    result = engine(PROMPTS[:2])
+    batch = to_batch(result.trees)
+    assert result.metrics["rollout/tool_calls_executed"] > 0
+    for i in range(batch.num_leaves):
+        n = int(batch.attention_mask[i].sum())
+        with torch.no_grad():
+            logits = model(batch.input_ids[i: i + 1, :n]).logits[0].double()
+        logits[:, len(TOK):] = float("-inf")
+        logp = torch.log_softmax(logits, -1)
+        targets = batch.input_ids[i, 1:n]
+        expected = logp[torch.arange(n - 1), targets]
+        mask = batch.loss_mask[i, 1:n].bool()
+        assert torch.allclose(expected[mask].float(), batch.old_logprobs[i, 1:n][mask], atol=1e-4)
