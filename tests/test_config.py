@@ -92,3 +92,10 @@ def test_every_field_is_documented_and_config_round_trips(tmp_path):
     assert "rollout.entropy_weight = 0.2" in text
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
+    """PyYAML reads `1e-6` as a string (YAML 1.1 wants `1.0e-6`); a learning rate written that
+    way used to fail as 'must be float'."""
+    cfg = load_config(write(tmp_path, "train:\n  learning_rate: 1e-6\n"), ["rollout.entropy_weight=2e-1"])
+    assert cfg.train.learning_rate == 1e-6 and cfg.rollout.entropy_weight == 0.2

@@ -26,6 +26,9 @@ from typing import Any, Literal
 
 import yaml
 
+from .rewards import RewardConfig
+from .tools.config import ToolsConfig
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped, out of range or inconsistent."""
@@ -112,8 +115,108 @@ class RolloutConfig:
 
 
 @dataclass
+class DataConfig:
+    train_path: str = ""
+    """Training prompts: a jsonl / json / parquet file (or a hub dataset name) with questions and answers."""
+    eval_path: str = ""
+    """Evaluation prompts in the same format; empty = no periodic evaluation."""
+    question_field: str = "question"
+    """Field holding the question text (official ARPO parquet: handled automatically)."""
+    answer_field: str = "answer"
+    """Field holding the gold answer (a string or a list of acceptable strings)."""
+    system_prompt: str = "reasoning"
+    """'reasoning' or 'search' (packaged prompts describing the tools), or the prompt text itself."""
+    max_eval_prompts: int = 0
+    """Evaluate on at most this many prompts; 0 = all."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Training steps; each step rolls out `prompts_per_step` prompts × M leaves."""
+    prompts_per_step: int = 128
+    """Prompts per step across all processes (official: 128)."""
+    mini_batches: int = 8
+    """Optimizer steps per PPO epoch: the step's prompts are split into this many mini-batches (official: 8)."""
+    micro_batch_leaves: int = 16
+    """Leaves per forward/backward pass (gradient accumulation); lower it to save memory."""
+    ppo_epochs: int = 1
+    """Passes over the step's rollouts (official: 1)."""
+    learning_rate: float = 1e-6
+    """AdamW learning rate (official: 1e-6, constant)."""
+    warmup_steps: int = 0
+    """Linear warm-up, in optimizer steps, before the constant learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (official: 0.01)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip (official: 1.0); 0 = off."""
+    estimator: str = "grpo"
+    """Advantage estimator by name (see arpo_ref.advantages.ESTIMATORS; grpo = ARPO's soft attribution)."""
+    clip_low: float = 0.2
+    """ε_low of the clipped ratio."""
+    clip_high: float = 0.2
+    """ε_high of the clipped ratio (clip-higher when > clip_low)."""
+    dual_clip: float = 3.0
+    """Dual-clip constant c for negative advantages; 0 = off."""
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                              "seq-mean-token-sum-norm"] = "token-mean"
+    """How per-token losses are averaged (official: token-mean; the paper writes seq-mean-token-mean)."""
+    kl_coef: float = 0.0
+    """KL penalty to the initial policy (official: 0); > 0 loads a frozen reference model."""
+    kl_type: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"
+    """KL estimator (k3 = low_var_kl)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (official: 0)."""
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    """Source of log π_old: recompute with a forward pass before the update, or reuse the
+    generator's (equal when the rollout is on-policy at temperature 1 in the same precision)."""
+    eval_every: int = 0
+    """Evaluate every this many steps (and at the end); 0 = only at the end."""
+    save_every: int = 0
+    """Checkpoint every this many steps; 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    output_dir: str = "runs/arpo"
+    """Run folder: config, metrics.jsonl, checkpoints, final model."""
+    trackers: list[str] = field(default_factory=list)
+    """Extra loggers through Accelerate: 'tensorboard', 'wandb'."""
+    cpu: bool = False
+    """Force the CPU even when a GPU is present."""
+
+    def validate(self) -> None:
+        for name in ("steps", "prompts_per_step", "mini_batches", "micro_batch_leaves", "ppo_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.prompts_per_step % self.mini_batches:
+            raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be divisible by "
+                             f"mini_batches ({self.mini_batches}); change one of them")
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be > 0")
+        if self.clip_low < 0 or self.clip_high < 0 or self.clip_low >= 1:
+            raise ValueError("clip_low must be in [0, 1) and clip_high >= 0")
+        if self.dual_clip and self.dual_clip <= 1:
+            raise ValueError("dual_clip must be > 1 (official: 3), or 0 to turn it off")
+        for name in ("kl_coef", "entropy_coef", "max_grad_norm", "weight_decay", "warmup_steps",
+                     "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError("keep_checkpoints must be >= 1")
+        from .advantages import ESTIMATORS
+
+        if self.estimator not in ESTIMATORS and ":" not in self.estimator:
+            close = difflib.get_close_matches(self.estimator, list(ESTIMATORS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown estimator {self.estimator!r}; {hint}valid: {sorted(ESTIMATORS)} "
+                             f"(or 'package.module:function' for your own)")
+        unknown = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
+        if unknown:
+            raise ValueError(f"unknown trackers {unknown}; valid: ['tensorboard', 'wandb']")
+
+
+@dataclass
 class Config:
-    """The whole run. Later sections (tools, reward, train, data) are added the same way."""
+    """The whole run: one section per stage of the pipeline."""
 
     seed: int = 0
     """Seed for sampling, data order and initialisation."""
@@ -123,6 +226,14 @@ class Config:
     """How rollouts sample tokens."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """ARPO's entropy-based adaptive rollout (ARPO.md §2)."""
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+    """The tools the policy may call (ARPO.md §5)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """The hierarchical reward (ARPO eq. 8, ARPO.md §6)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation prompts."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The RL update (ARPO.md §4) and the run's bookkeeping."""
 
     def validate(self) -> None:
         if self.rollout.mode == "grpo" and self.rollout.num_global != self.rollout.rollout_budget:
@@ -225,6 +336,12 @@ def _coerce(tp: Any, value: Any, where: str, owner: type):
 
 
 def _coerce_scalar(tp: type, value: Any, where: str, owner: type):
+    if tp is float and isinstance(value, str):
+        # PyYAML reads "1e-6" (no dot) as a string; accept any exact float spelling.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

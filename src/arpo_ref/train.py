@@ -1,0 +1,345 @@
+"""The ARPO training loop (ARPO §3, ARPO.md §4), on Accelerate.
+
+One step, in the paper's order:
+  1. take this step's prompts (each process its own share);
+  2. adaptive rollout: M leaves per prompt as rollout trees (paper | official | grpo);
+  3. rewards of every leaf (eq. 8);
+  4. advantages from the configured estimator (grpo = ARPO's soft attribution);
+  5. log π_old: recomputed by a forward pass, or taken from the generator;
+  6. clipped policy-gradient update: PPO epochs over mini-batches, micro-batches accumulated;
+  7. metrics, periodic evaluation, atomic checkpoint.
+
+Processes: one CPU process by default; under `torchrun` / `accelerate launch` every process rolls
+out its own prompts (a group never spans processes, so advantages are per process) and DDP
+averages gradients. Token counts used to normalise the loss are summed over processes, and each
+process's loss is multiplied by the number of processes, so the update equals the one a single
+process would make on all prompts.
+
+Deviation: the official code takes one optimizer step per mini-batch of 16 prompts; so do we
+(`train.mini_batches`), but mini-batches are formed from whole prompts of the step, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from .advantages import get_estimator
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, save_config
+from .data import Record, load_records
+from .episode import render_prompt, system_prompt
+from .evaluate import evaluate
+from .generation import Generator
+from .loss import policy_loss
+from .rollout import AdaptiveRollout
+from .tools.registry import ToolRegistry
+from .tree import RolloutBatch, RolloutTree, to_batch
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Training steps completed."""
+    data_position: int = 0
+    """Prompts consumed so far, over all processes (indexes the seeded per-epoch order)."""
+
+
+def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=print) -> dict:
+    """Run ARPO training as configured; returns the last step's metrics (with eval/… if evaluated).
+
+    `model` / `tokenizer` may be passed in (e.g. after cold-start SFT); otherwise they are loaded
+    from `config.model.name_or_path`.
+    """
+    cfg = config.train
+    run_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(cpu=cfg.cpu, log_with=cfg.trackers or None, project_dir=str(run_dir))
+    set_seed(config.seed)
+    if model is None or tokenizer is None:
+        model, tokenizer = load_policy(config, accelerator.device)
+    reference = load_policy(config, accelerator.device)[0] if cfg.kl_coef > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    registry = ToolRegistry.from_config(config.tools)
+    train_records = load_records(config.data.train_path, config.data.question_field, config.data.answer_field)
+    eval_records = _eval_records(config)
+    system = _system_prompt(config.data.system_prompt)
+    reward_fn = config.reward.build_reward_fn()
+    estimator = get_estimator(cfg.estimator)
+    policy = accelerator.unwrap_model(model)
+    rollout = AdaptiveRollout(Generator(policy, tokenizer), registry, config.rollout, config.sampling,
+                              seed=config.seed + 1000 * accelerator.process_index)
+    per_process = _prompts_per_process(cfg, accelerator.num_processes)
+    state = TrainState()
+    if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
+        state = _restore(load_checkpoint(checkpoint), accelerator, model, optimizer, scheduler, rollout,
+                         accelerator.process_index)
+        log(f"resumed from {checkpoint} at step {state.step}")
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        accelerator.init_trackers("arpo_ref", config={"seed": config.seed})
+    metrics: dict[str, float] = {}
+    while state.step < cfg.steps:
+        started = time.perf_counter()
+        # 1. this step's prompts
+        records = _take_prompts(train_records, state, cfg.prompts_per_step, config.seed,
+                                accelerator.process_index, per_process)
+        prompts = [render_prompt(tokenizer, r.question, system) for r in records]
+        # 2. adaptive rollout (ARPO §3.2)
+        model.eval()
+        result = rollout(prompts, metadata=[{"question": r.question, "answer": r.answer} for r in records])
+        # 3. rewards (eq. 8)
+        reward_metrics = score_leaves(result.trees, records, tokenizer, reward_fn)
+        # 4. advantages (§3.3)
+        batch = to_batch(result.trees, pad_token_id=tokenizer.pad_token_id or 0)
+        advantages = estimator(batch)
+        # 5. old log-probs
+        if cfg.old_logprobs == "recompute":
+            batch.old_logprobs = recompute_logprobs(policy, batch, tokenizer, cfg.micro_batch_leaves)
+        reference_logprobs = (recompute_logprobs(reference, batch, tokenizer, cfg.micro_batch_leaves)
+                              if reference is not None else None)
+        # 6. clipped policy-gradient update (ARPO.md §4)
+        model.train()
+        update_metrics = ppo_update(accelerator, model, optimizer, scheduler, batch, advantages,
+                                    reference_logprobs, config, len(tokenizer))
+        model.eval()
+        state.step += 1
+        # 7. log, evaluate, checkpoint
+        metrics = {**result.metrics, **reward_metrics, **update_metrics, "train/step": state.step,
+                   "train/lr": scheduler.get_last_lr()[0], "time/step": time.perf_counter() - started}
+        metrics = _mean_over_processes(accelerator, metrics)
+        last = state.step == cfg.steps
+        if eval_records and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+            eval_metrics, _ = evaluate(Generator(policy, tokenizer), registry, eval_records, config.rollout,
+                                       system, reward_fn)
+            metrics.update(eval_metrics)
+        if accelerator.is_main_process:
+            _log_metrics(accelerator, run_dir, metrics, log)
+        if last or (cfg.save_every and state.step % cfg.save_every == 0):
+            _save(accelerator, run_dir, model, optimizer, scheduler, rollout, state, cfg.keep_checkpoints)
+    if accelerator.is_main_process:
+        policy.save_pretrained(run_dir / "final")
+        tokenizer.save_pretrained(run_dir / "final")
+    accelerator.end_training()
+    registry.close()
+    return metrics
+
+
+# ---------------------------------------------------------------------------- loading
+def load_policy(config: Config, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = config.model.name_or_path
+    if not name:
+        raise ValueError("model.name_or_path is empty; set it to a hub name or a local model folder")
+    dtype = config.model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype),
+                                                 trust_remote_code=config.model.trust_remote_code)
+    return model.to(device).eval(), tokenizer
+
+
+def _system_prompt(value: str) -> str | None:
+    if not value:
+        return None
+    return system_prompt(value) if value in ("reasoning", "search") else value
+
+
+def _eval_records(config: Config) -> list[Record]:
+    if not config.data.eval_path:
+        return []
+    records = load_records(config.data.eval_path, config.data.question_field, config.data.answer_field)
+    return records[: config.data.max_eval_prompts] if config.data.max_eval_prompts else records
+
+
+def _prompts_per_process(cfg, processes: int) -> int:
+    if cfg.prompts_per_step % (processes * cfg.mini_batches):
+        raise ValueError(f"train.prompts_per_step ({cfg.prompts_per_step}) must be divisible by "
+                         f"processes × mini_batches ({processes} × {cfg.mini_batches}) so every process "
+                         f"runs the same number of updates; adjust train.prompts_per_step")
+    return cfg.prompts_per_step // processes
+
+
+def _take_prompts(records: list[Record], state: TrainState, per_step: int, seed: int,
+                  rank: int, per_process: int) -> list[Record]:
+    """This process's share of the next `per_step` prompts of a seeded, per-epoch shuffled order."""
+    chosen, orders = [], {}
+    for k in range(state.data_position, state.data_position + per_step):
+        epoch, position = divmod(k, len(records))
+        if epoch not in orders:
+            orders[epoch] = list(range(len(records)))
+            random.Random(seed * 100_003 + epoch).shuffle(orders[epoch])
+        chosen.append(records[orders[epoch][position]])
+    state.data_position += per_step
+    return chosen[rank * per_process: (rank + 1) * per_process]
+
+
+# ---------------------------------------------------------------------------- rewards
+def score_leaves(trees: list[RolloutTree], records: list[Record], tokenizer, reward_fn) -> dict[str, float]:
+    """Fill `leaf.reward` with r_i = reward_fn(response text, gold answer); return reward/… metrics."""
+    rewards = []
+    for tree, record in zip(trees, records):
+        for leaf in tree.leaves:
+            ids = [t for n in tree.response_segments(leaf) for t in n.token_ids]
+            leaf.reward = float(reward_fn(tokenizer.decode(ids, skip_special_tokens=True), record.answer))
+            rewards.append(leaf.reward)
+    groups = [[leaf.reward for leaf in tree.leaves] for tree in trees]
+    return {"reward/mean": sum(rewards) / len(rewards), "reward/max": max(rewards), "reward/min": min(rewards),
+            "reward/groups_all_equal": sum(len(set(g)) == 1 for g in groups) / len(groups)}
+
+
+# ---------------------------------------------------------------------------- the update
+def token_logprobs(model, input_ids, attention_mask, vocab_size: int, with_entropy: bool = False):
+    """log π(token_t | tokens_<t) for every column t (0 at t = 0), and optionally the entropy.
+
+    Ids >= vocab_size (padded model vocabularies) are masked as in the generator, so recomputed
+    and recorded log-probs agree. Shapes: input_ids/attention_mask (B, T) -> (B, T).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
+    if vocab_size < logits.shape[-1]:
+        logits[..., vocab_size:] = float("-inf")
+    log_probs = torch.log_softmax(logits, dim=-1)
+    chosen = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    chosen = torch.nn.functional.pad(chosen, (1, 0))  # (B, T)
+    if not with_entropy:
+        return chosen, None
+    probs = log_probs.exp()
+    entropy = -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
+    return chosen, torch.nn.functional.pad(entropy, (1, 0))
+
+
+@torch.no_grad()
+def recompute_logprobs(model, batch: RolloutBatch, tokenizer, micro: int) -> torch.Tensor:
+    """log π_old of every trained token by a forward pass (0 elsewhere), micro-batched: (L, T)."""
+    device = next(model.parameters()).device
+    out = torch.zeros_like(batch.loss_mask)
+    for start in range(0, batch.num_leaves, micro):
+        rows = slice(start, start + micro)
+        lp, _ = token_logprobs(model, batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device),
+                               len(tokenizer))
+        out[rows] = lp.cpu() * batch.loss_mask[rows]
+    return out
+
+
+def ppo_update(accelerator, model, optimizer, scheduler, batch: RolloutBatch, advantages: torch.Tensor,
+               reference_logprobs, config: Config, vocab_size: int) -> dict[str, float]:
+    """PPO epochs × mini-batches of whole prompts; each mini-batch is one optimizer step."""
+    cfg = config.train
+    groups = batch.group_ids.unique(sorted=True)
+    per_mini = max(len(groups) // cfg.mini_batches, 1)
+    sums: dict[str, float] = {}
+    updates = 0
+    for _ in range(cfg.ppo_epochs):
+        for start in range(0, len(groups), per_mini):
+            leaves = torch.isin(batch.group_ids, groups[start: start + per_mini]).nonzero().squeeze(1)
+            step_metrics = _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
+                                           reference_logprobs, leaves, config, vocab_size)
+            for k, v in step_metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+            updates += 1
+    return {k: v / updates for k, v in sums.items()} | {"train/updates": float(updates)}
+
+
+def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages, reference_logprobs,
+                    leaves, config: Config, vocab_size: int) -> dict[str, float]:
+    cfg = config.train
+    device = accelerator.device
+    mask = batch.loss_mask[leaves]
+    # Normalisers summed over processes, so accumulation and DDP give the big-batch gradient.
+    counts = torch.tensor([mask.sum(), (mask.sum(1) > 0).sum()], dtype=torch.float64, device=device)
+    num_tokens, num_sequences = accelerator.reduce(counts, reduction="sum").tolist()
+    chunks = leaves.split(cfg.micro_batch_leaves)
+    sums: dict[str, float] = {}
+    for i, rows in enumerate(chunks):
+        sync = accelerator.no_sync(model) if i < len(chunks) - 1 else _null_context()
+        with sync:
+            logprobs, entropy = token_logprobs(model, batch.input_ids[rows].to(device),
+                                               batch.attention_mask[rows].to(device), vocab_size,
+                                               with_entropy=cfg.entropy_coef > 0)
+            loss, metrics = policy_loss(
+                logprobs, batch.old_logprobs[rows].to(device), advantages[rows].to(device),
+                batch.loss_mask[rows].to(device), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                dual_clip=cfg.dual_clip or None, agg=cfg.loss_aggregation,
+                ref_logprobs=reference_logprobs[rows].to(device) if reference_logprobs is not None else None,
+                kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, entropy=entropy, entropy_coef=cfg.entropy_coef,
+                num_tokens=num_tokens, num_sequences=num_sequences,
+                max_response_length=config.rollout.max_response_tokens)
+            accelerator.backward(loss * accelerator.num_processes)
+        weight = len(rows) / len(leaves)
+        for k, v in metrics.items():
+            if k != "loss/total" and "max" not in k and "min" not in k:
+                sums[k] = sums.get(k, 0.0) + v * weight
+    if cfg.max_grad_norm:
+        sums["train/grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+# ---------------------------------------------------------------------------- bookkeeping
+def _mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    if accelerator.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean")
+    return dict(zip(keys, values.tolist()))
+
+
+def _log_metrics(accelerator, run_dir: Path, metrics: dict[str, float], log) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({k: (v if math.isfinite(v) else None) for k, v in metrics.items()}) + "\n")
+    accelerator.log(metrics, step=int(metrics["train/step"]))
+    shown = ["reward/mean", "rollout/branches", "rollout/tool_calls_executed", "loss/clipfrac", "eval/accuracy"]
+    log(f"step {int(metrics['train/step'])}: " + "  ".join(
+        f"{k}={metrics[k]:.3f}" for k in shown if k in metrics) + f"  ({metrics['time/step']:.1f}s)")
+
+
+def _save(accelerator, run_dir, model, optimizer, scheduler, rollout, state: TrainState, keep: int) -> None:
+    # Every process's rollout RNG differs; gather them so a resumed run continues each stream.
+    rollout_rng = {"token": rollout.token_rng.get_state(), "draw": rollout.draw_rng.getstate(),
+                   "baselines": dict(rollout.stale_baselines)}
+    gathered = [rollout_rng]
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * accelerator.num_processes
+        dist.all_gather_object(gathered, rollout_rng)
+    if accelerator.is_main_process:
+        save_checkpoint(run_dir, state.step, {
+            "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "state": vars(state).copy(), "rollout": gathered}, keep)
+    accelerator.wait_for_everyone()
+
+
+def _restore(payload, accelerator, model, optimizer, scheduler, rollout, rank: int) -> TrainState:
+    accelerator.unwrap_model(model).load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    saved = payload["rollout"][rank]
+    rollout.token_rng.set_state(saved["token"])
+    rollout.draw_rng.setstate(saved["draw"])
+    rollout.stale_baselines.update(saved["baselines"])
+    return TrainState(**payload["state"])
