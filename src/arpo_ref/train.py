@@ -117,7 +117,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         state.step += 1
         # 7. log, evaluate, checkpoint
         metrics = {**result.metrics, **reward_metrics, **update_metrics, "train/step": state.step,
-                   "train/lr": scheduler.get_last_lr()[0], "time/step": time.perf_counter() - started}
+                   "train/lr": scheduler.get_last_lr()[0], "time/step": time.perf_counter() - started,
+                   "train/processes": accelerator.num_processes, "train/world_size": _world_size()}
         metrics = _mean_over_processes(accelerator, metrics)
         last = state.step == cfg.steps
         if eval_records and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
@@ -299,6 +300,12 @@ class _null_context:
 
 
 # ---------------------------------------------------------------------------- bookkeeping
+def _world_size() -> int:
+    """Processes in the torch.distributed group (1 when it is not initialised)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
     if accelerator.num_processes == 1:
         return metrics

@@ -1,0 +1,49 @@
+"""Tools the policy calls during rollouts (ARPO.md §5): python, search, calculator.
+
+    registry = ToolRegistry.from_config(ToolsConfig(enabled=["python", "calculator"]))
+    call = parse_tool_call(turn_text)                 # ToolCall(tag, content, problem) or None
+    results = registry.run_batch([call, ...])         # parallel; never raises
+    inserted = format_result(results[0].text)         # " <result>\\n...\\n</result>"
+
+Modules: `base` (ToolResult, Tool protocol, error kinds), `tags` (parsing and the result
+format), `registry` (parallel execution, metrics), `python_tool` + `sandbox` +
+`sandbox_bootstrap` (the sandboxed interpreter), `search` + `bm25` (offline search),
+`calculator`, `config` (the `tools:` config section).
+"""
+
+from .base import ERROR_KINDS, Tool, ToolResult, error_result
+from .bm25 import BM25Index, Passage, load_corpus, tokenize
+from .calculator import Calculator, CalculatorError, evaluate_expression
+from .config import CalculatorToolConfig, PythonToolConfig, SearchToolConfig, ToolsConfig
+from .python_tool import PythonTool
+from .registry import ToolRegistry, summarize_results
+from .sandbox import SandboxPlan
+from .search import (
+    NO_RESULTS,
+    BM25Backend,
+    SearchBackend,
+    SearchTool,
+    format_passages,
+    load_query_cache,
+)
+from .tags import (
+    NON_TOOL_TAGS,
+    RESULT_TEMPLATE,
+    ToolCall,
+    format_result,
+    parse_tool_call,
+    stop_strings,
+)
+
+__all__ = [
+    "ERROR_KINDS", "Tool", "ToolResult", "error_result",
+    "BM25Index", "Passage", "load_corpus", "tokenize",
+    "Calculator", "CalculatorError", "evaluate_expression",
+    "CalculatorToolConfig", "PythonToolConfig", "SearchToolConfig", "ToolsConfig",
+    "PythonTool", "SandboxPlan",
+    "ToolRegistry", "summarize_results",
+    "NO_RESULTS", "BM25Backend", "SearchBackend", "SearchTool", "format_passages",
+    "load_query_cache",
+    "NON_TOOL_TAGS", "RESULT_TEMPLATE", "ToolCall", "format_result", "parse_tool_call",
+    "stop_strings",
+]

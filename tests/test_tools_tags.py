@@ -1,0 +1,60 @@
+"""Tag parsing (ARPO.md §5): which call a turn ends with, and the exact inserted result string."""
+
+from __future__ import annotations
+
+import pytest
+
+from arpo_ref.tools import RESULT_TEMPLATE, ToolCall, format_result, parse_tool_call, stop_strings
+
+
+def test_result_format_is_the_official_one():
+    assert format_result("42") == " <result>\n42\n</result>"
+    assert RESULT_TEMPLATE.format(text="x") == format_result("x")
+
+
+def test_stop_strings_are_the_closing_tags():
+    assert stop_strings(["python", "search"]) == ["</python>", "</search>"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    # a plain call; content is stripped
+    ("<think>add</think> <python>\nprint(1 + 1)\n</python>", ToolCall("python", "print(1 + 1)")),
+    # trailing whitespace after the closing tag is still a call
+    ("<search> capital of France </search>\n  ", ToolCall("search", "capital of France")),
+    # nested / repeated opening tags: the last (innermost) opening wins
+    ("<python>a = 1\n<python>print(2)</python>", ToolCall("python", "print(2)")),
+    # an earlier, already answered call does not leak into the new one
+    ("<python>x</python> <result>\nx\n</result> then <python>y</python>", ToolCall("python", "y")),
+    # an unknown tag is still a call: the registry answers that the tool is unknown
+    ("<browse>http://example.com</browse>", ToolCall("browse", "http://example.com")),
+])
+def test_completed_calls(text, expected):
+    assert parse_tool_call(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "<python>print(1)",                        # unclosed (EOS or length budget): no call
+    "I think the answer is 3.",                # no tag at all
+    "<python>print(1)</python> and more text",  # the closing tag is not at the end
+    "<think>hmm</think>",                      # format tags are never calls
+    "<answer>\\boxed{3}</answer>\n",
+    "",
+])
+def test_no_call(text):
+    assert parse_tool_call(text) is None
+
+
+def test_empty_content_is_a_call_with_a_problem():
+    call = parse_tool_call("<python>   \n </python>")
+    assert call.tag == "python" and call.content == ""
+    assert call.problem.startswith("Error:") and "empty" in call.problem
+
+
+def test_closing_tag_without_opening_is_a_call_with_a_problem():
+    call = parse_tool_call("I will search now</search>")
+    assert call.tag == "search" and "without a matching <search>" in call.problem
+
+
+def test_a_call_unpacks_like_a_tag_content_tuple():
+    tag, content, problem = parse_tool_call("<calculator>1+2</calculator>")
+    assert (tag, content, problem) == ("calculator", "1+2", None)
