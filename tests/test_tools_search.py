@@ -87,18 +87,18 @@ def test_bm25_matches_brute_force(query, k1, b):
 def test_known_answers_rank_first(corpus, query, best_title):
     tool = SearchTool(SearchToolConfig(corpus_path=str(corpus)))
     result = tool(query)
-    assert result.ok and result.text.startswith(f"Page 1: {best_title}\n")
+    assert result.ok and result.text.startswith(f"Page 1: {best_title}: ")
 
 
 def test_result_format_top_k_and_snippet_cut(corpus):
     tool = SearchTool(SearchToolConfig(corpus_path=str(corpus), top_k=2, max_snippet_chars=20))
     text = tool("France city").text
-    blocks = text.split("\n\n")
+    blocks = text.split("\n")
     assert len(blocks) == 2 and blocks[0].startswith("Page 1: ") and blocks[1].startswith("Page 2: ")
     assert all(len(block) <= len("Page 2: ") + 20 for block in blocks)
     assert tool("zzzz qqqq").text == NO_RESULTS
     assert format_passages([]) == NO_RESULTS
-    assert format_passages([Passage("T", "x" * 2000)]) == "Page 1: T\n" + "x" * 998
+    assert format_passages([Passage("T", "x" * 2000)]) == "Page 1: T: " + "x" * 997
 
 
 def test_index_is_saved_and_reused(corpus, tmp_path, monkeypatch):
@@ -150,7 +150,7 @@ def test_cache_miss_falls_back_to_the_corpus(official_cache, corpus):
     tool = SearchTool(SearchToolConfig(cache_path=str(official_cache), corpus_path=str(corpus),
                                        cache_miss_policy="fallback"))
     assert tool("capital of France").text.startswith("Page 1: Paris is the capital")  # cached text
-    assert tool("capital of Germany").text.startswith("Page 1: Berlin\n")            # BM25
+    assert tool("capital of Germany").text.startswith("Page 1: Berlin: ")            # BM25
     assert tool.cache_hits == 1 and tool.cache_misses == 1
 
 
@@ -211,7 +211,7 @@ def test_a_plugged_backend_is_used_and_truncated_to_top_k():
     tool = SearchTool(SearchToolConfig(top_k=3), backend=backend)
     text = tool("hello").text
     assert backend.queries == [("hello", 3)]
-    assert text.count("Page ") == 3 and text.startswith("Page 1: Title 0\ntext for hello")
+    assert text.count("Page ") == 3 and text.startswith("Page 1: Title 0: text for hello")
 
 
 def test_a_failing_backend_gives_an_error_result_not_an_exception():

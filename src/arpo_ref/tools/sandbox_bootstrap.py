@@ -9,15 +9,16 @@ mount namespaces, and still root (or root of a user namespace). It then:
    uid could not reach (e.g. a Python under /root) bound back into an otherwise empty tmpfs;
 2. forks. The child sets the resource limits, drops to the dedicated uid (root) or gives up
    every capability (user namespace), can never regain privileges (no_new_privs), and runs
-   the code: a bare final expression is printed with repr(), as the Python REPL does;
+   the code: a bare final expression is printed with print(), as the official tool does;
    exceptions print a traceback trimmed to the model's own frames;
 3. the parent reaps every process reparented to it until the child exits, writes the child's
    exit status as JSON on the status pipe and exits; as pid 1 its exit makes the kernel kill
    everything still running in the namespace (orphans, setsid'ed daemons, fork bombs).
 Without namespaces (isolation=none) steps 1 and the pid-1 clean-up are skipped.
 
-Deviation from the official tool: it prints the last expression with print() (str); the REPL
-rule (repr, nothing for None) is used here so strings and numbers stay distinguishable.
+Like the official tool, a bare final expression is printed with print() (str, not repr), so
+outputs match what models trained with the official tool expect; a None value (e.g. a final
+`print(...)` call) prints nothing.
 """
 
 import ast
@@ -141,7 +142,7 @@ def user_traceback(error):
 
 
 def run_code(code, print_last_expression):
-    """Run `code` as __main__; print a bare final expression's repr like the REPL."""
+    """Run `code` as __main__; print() a bare final expression, as the official tool does."""
     import linecache
 
     # Lets tracebacks show the offending source line of the model's code.
@@ -156,8 +157,8 @@ def run_code(code, print_last_expression):
         exec(compile(tree, CODE_FILENAME, "exec"), namespace)
         if last is not None:
             value = eval(compile(last, CODE_FILENAME, "eval"), namespace)
-            if value is not None:
-                print(repr(value))
+            if value is not None:  # a final print(...) call must not add "None"
+                print(value)
     except SystemExit:
         raise
     except BaseException as error:  # the model's code may raise anything, KeyboardInterrupt too

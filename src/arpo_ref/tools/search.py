@@ -6,8 +6,8 @@ A query is answered, in order:
 2. on a cache miss, by `cache_miss_policy`: `fallback` asks the backend, `no_result` returns
    "No search results found." (reproduces a cache-only run exactly);
 3. the default backend is BM25 over a local jsonl corpus (bm25.py). Its top-k passages are
-   formatted as the official tool does: "Page i: snippet" blocks, each snippet (title, newline,
-   text) cut to `max_snippet_chars`, blocks separated by a blank line; no passages gives
+   formatted as the official tool does: "Page i: snippet" lines, each snippet ("title: text")
+   cut to `max_snippet_chars`, one per line; no passages gives
    "No search results found.".
 
 Plugging in another backend (e.g. a web search API): write a class with
@@ -19,8 +19,8 @@ so that runs stay offline and reproducible.
 
 Deviations from the official code: it queries Bing live and writes new results back into the
 cache file during training; here the cache file is read-only (runs do not modify their inputs)
-and misses go to a deterministic local index. The separator between blocks is this project's
-choice.
+and misses go to a deterministic local index. The official snippets are Bing's text; ours are
+"title: text" of a corpus passage.
 """
 
 from __future__ import annotations
@@ -90,9 +90,9 @@ def format_passages(passages: list[Passage], max_snippet_chars: int = 1000) -> s
         return NO_RESULTS
     blocks = []
     for number, passage in enumerate(passages, start=1):
-        snippet = f"{passage.title}\n{passage.text}".strip()[:max_snippet_chars]
-        blocks.append(f"Page {number}: {snippet}")
-    return "\n\n".join(blocks)
+        snippet = (f"{passage.title}: {passage.text}" if passage.title else passage.text).strip()
+        blocks.append(f"Page {number}: {snippet[:max_snippet_chars]}")
+    return "\n".join(blocks)
 
 
 class SearchTool:

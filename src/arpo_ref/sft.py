@@ -1,0 +1,324 @@
+"""Cold-start supervised fine-tuning on multi-turn tool-use trajectories (ARPO.md §7).
+
+Before any RL, ARPO fine-tunes every model on tool-use demonstrations so that the policy already
+writes `<think>`, calls tools with `<search>` / `<python>`, reads `<result>` blocks and ends with
+`<answer>`. This module does that step:
+
+    examples = tokenize_demonstrations(tokenizer, demos, system_prompt)   # the rollout's tokenisation
+    metrics  = supervised_finetune(model, tokenizer, examples, SFTConfig())
+
+The loss is the causal-LM negative log-likelihood of the tokens the policy would generate itself
+(loss mask 1: model segments, their closing tool tags, and the final EOS), never of the prompt or of
+the inserted tool results (mask 0), averaged over all trained tokens of an optimizer batch:
+
+    L = − Σ_{i,t} m_{i,t} · log π_θ(x_{i,t} | x_{i,<t})  /  Σ_{i,t} m_{i,t}
+
+What the official recipe did, as far as its README shows: LLaMA-Factory, full fine-tuning with
+DeepSpeed ZeRO-3 and bf16 on ARPO-SFT-54K (sharegpt format, Qwen template, cutoff_len 15000),
+3 epochs, learning rate 7e-6 with cosine decay and warm-up ratio 0.1, per-device batch 1 with 2
+accumulation steps (the number of GPUs, hence the global batch, is not stated). Other settings are
+LLaMA-Factory / Hugging Face Trainer defaults.
+
+Where this module deviates, and why:
+1. Tokenisation is `arpo_ref.episode.encode_demonstration`, the rollout's own rule (each segment
+   encoded on its own, EOS appended), so SFT trains on exactly the ids that RL later samples and
+   scores. LLaMA-Factory renders a whole conversation through its chat template instead; how the
+   official data's tool results were masked there is not something we have checked.
+2. Demonstrations longer than `max_length` are skipped and counted (`sft/skipped_too_long`), not
+   truncated like LLaMA-Factory's cutoff_len: a truncated demonstration has no answer and no EOS.
+3. Logits of ids the tokenizer does not have (a model vocabulary padded to a multiple of 64) are
+   dropped before the softmax, as the generator does, so SFT trains the distribution RL samples.
+4. The first warm-up step uses learning_rate / warmup_steps, not 0 (the HF schedule wastes it).
+5. Gradient accumulation is done by hand: each micro-batch's summed NLL is divided by the trained
+   tokens of the whole batch, so any `micro_batch_size` gives the same update. DeepSpeed, which
+   steps the optimizer inside its own backward, is therefore not supported here; use DDP or FSDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from .episode import encode_demonstration, render_prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedules: the factor applied after warm-up, as a function of progress in [0, 1).
+def constant_decay(progress: float) -> float:
+    return 1.0
+
+
+def cosine_decay(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+LR_SCHEDULES = {"constant": constant_decay, "cosine": cosine_decay}
+"""Valid `SFTConfig.lr_schedule` values."""
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = 3
+    """Passes over the demonstrations (official cold start: 3)."""
+    learning_rate: float = 1e-4
+    """Peak AdamW learning rate. Tiny models take 1e-4 to 1e-3 (the toy world's learns much faster
+    at 1e-3); real models use about 1e-5 (official cold start: 7e-6)."""
+    batch_size: int = 16
+    """Demonstrations per optimizer step, across all processes (an epoch's last step may have fewer)."""
+    micro_batch_size: int = 4
+    """Demonstrations per forward/backward pass on one process (gradient accumulation); lower it to
+    save memory, the update does not change."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay of weight matrices; biases and norm weights are never decayed
+    (official: unset, so the Hugging Face Trainer default 0)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 = off (official: unset, so the HF default 1.0)."""
+    warmup_ratio: float = 0.1
+    """Fraction of the optimizer steps over which the learning rate rises linearly (official: 0.1)."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """After warm-up: constant, or cosine decay towards 0 at the last step (official: cosine)."""
+    max_length: int = 8192
+    """Longest demonstration in tokens (prompt + response); longer ones are skipped and counted in
+    sft/skipped_too_long, never truncated (official cutoff_len: 15000, which truncates)."""
+    seed: int = 0
+    """Seed of the data order: a new shuffle every epoch, the same on every process."""
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must be <= batch_size "
+                             f"({self.batch_size}); lower micro_batch_size or raise batch_size")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate} (tiny models: 1e-4, real ones: ~1e-5)")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("weight_decay and max_grad_norm must be >= 0 (max_grad_norm 0 = no clipping)")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio is a fraction of the steps; use a value in [0, 1], got {self.warmup_ratio}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; valid: {sorted(LR_SCHEDULES)}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a prompt token and a trained token), got {self.max_length}")
+
+
+def learning_rate_at(step: int, total_steps: int, config: SFTConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based) out of `total_steps`: warm-up, then schedule."""
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    if step < warmup_steps:
+        return config.learning_rate * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return config.learning_rate * LR_SCHEDULES[config.lr_schedule](progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Demonstrations -> token ids and loss masks
+@dataclass
+class SFTExample:
+    """One tokenised demonstration: the prompt then the response, as the rollout would build it."""
+
+    input_ids: list[int]
+    """Prompt ids (chat template + generation prompt), then model and tool segments, then EOS."""
+    loss_mask: list[int]
+    """1 = generated by the policy (model segments, the final EOS), trained on; 0 = prompt or tool result."""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_trained(self) -> int:
+        return sum(self.loss_mask)
+
+
+def tokenize_demonstrations(tokenizer, demos: Iterable[dict], system_prompt: str | None) -> list[SFTExample]:
+    """Tokenise demonstrations exactly as the rollout tokenises trajectories (`arpo_ref.episode`).
+
+    Each demo is a dict (one line of the toy world's sft.jsonl, or a dataclass with the same fields)
+    with `question` and `segments` = [{"kind": "model"|"tool", "text": ...}, ...]; tool texts are the
+    full inserted result strings. `system_prompt` is the prompt text itself, or None for none.
+    """
+    examples = []
+    for index, demo in enumerate(demos):
+        if dataclasses.is_dataclass(demo):
+            demo = dataclasses.asdict(demo)
+        missing = [key for key in ("question", "segments") if key not in demo]
+        if missing:
+            raise ValueError(f"demonstration {index} lacks {missing}; each needs 'question' and "
+                             f"'segments': [{{'kind': 'model' or 'tool', 'text': ...}}, ...]")
+        prompt_ids = render_prompt(tokenizer, demo["question"], system_prompt)
+        try:
+            ids, mask = encode_demonstration(tokenizer, prompt_ids, demo["segments"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"demonstration {index}: bad segments ({error}); each segment is "
+                             f"{{'kind': 'model' or 'tool', 'text': ...}}") from None
+        examples.append(SFTExample(ids, mask))
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+def collate(examples: list[SFTExample], pad_token_id: int, device=None) -> tuple[torch.Tensor, ...]:
+    """Right-padded tensors (input_ids, attention_mask, loss_mask), each (B, T); padding has masks 0.
+
+    Right padding keeps every row's positions 0..n−1 without position ids, and causal attention
+    never lets a real token see the padding after it.
+    """
+    width = max(len(example) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros(len(examples), width, dtype=torch.long)  # (B, T)
+    loss_mask = torch.zeros(len(examples), width, dtype=torch.long)  # (B, T)
+    for row, example in enumerate(examples):
+        n = len(example)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        attention_mask[row, :n] = 1
+        loss_mask[row, :n] = torch.tensor(example.loss_mask)
+    return input_ids.to(device), attention_mask.to(device), loss_mask.to(device)
+
+
+def summed_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                     vocab_size: int | None = None) -> torch.Tensor:
+    """Σ over trained tokens of −log π(x_t | x_<t): the numerator of the SFT loss L.
+
+    Args:
+        logits: (B, T, V') model outputs; row t scores the token at t + 1.
+        input_ids: (B, T) tokens; token t is the target of logits row t − 1.
+        loss_mask: (B, T) 1 = token t is trained on. Column 0 has no prediction and is ignored
+            (it is always a prompt token).
+        vocab_size: ids >= vocab_size (padding of the model's vocabulary) get probability 0.
+    Returns a scalar in float32 (or float64 for float64 logits).
+    """
+    trained = loss_mask[:, 1:].bool()  # (B, T−1): targets that are trained on
+    targets = input_ids[:, 1:][trained]  # (N,)
+    scores = logits[:, :-1][trained]  # (N, V'): only the rows that carry a loss
+    if vocab_size is not None:
+        scores = scores[:, :vocab_size]  # dropping a column = giving its id probability 0
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()  # a half-precision log-softmax loses the small probabilities
+    return F.cross_entropy(scores, targets, reduction="sum")
+
+
+def backward_batch(model, batch: list[SFTExample], accelerator: Accelerator, micro_batch_size: int,
+                   pad_token_id: int, vocab_size: int | None) -> tuple[float, int]:
+    """Accumulate ∇L of one optimizer batch into the `.grad` fields; return (Σ NLL, trained tokens).
+
+    Every process holds the whole batch (the same seeded order), so the token count that normalises
+    L is known without communication. Process p takes examples p, p + P, …; since DDP averages the
+    processes' gradients, each scales its summed NLL by P / tokens, and the sum over micro-batches
+    and processes is the gradient of the batch's token mean whatever the micro-batch size.
+    """
+    num_tokens = sum(example.num_trained for example in batch)
+    local = batch[accelerator.process_index::accelerator.num_processes]
+    scale = accelerator.num_processes / num_tokens
+    if not local:  # a short last batch: this process must still join the gradient all-reduce
+        local, scale = batch[:1], 0.0
+    chunks = [local[i:i + micro_batch_size] for i in range(0, len(local), micro_batch_size)]
+    local_nll = 0.0
+    for index, chunk in enumerate(chunks):
+        input_ids, attention_mask, loss_mask = collate(chunk, pad_token_id, accelerator.device)
+        is_last = index == len(chunks) - 1  # only the last backward all-reduces the gradients
+        with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            nll = summed_token_nll(logits, input_ids, loss_mask, vocab_size)
+            accelerator.backward(nll * scale)
+        if scale:
+            local_nll += nll.item()
+    total_nll = accelerator.reduce(torch.tensor(local_nll, device=accelerator.device), reduction="sum")
+    return float(total_nll), num_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+def make_optimizer(model, config: SFTConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (ndim >= 2), as the Hugging Face Trainer does."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
+
+
+def check_accelerator(accelerator: Accelerator) -> None:
+    """Refuse set-ups whose own accumulation would silently change the loss scale."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("sft: DeepSpeed steps the optimizer inside its backward, which breaks this "
+                         "module's gradient accumulation; run sft with DDP or FSDP (accelerate config)")
+    if accelerator.gradient_accumulation_steps != 1:
+        raise ValueError(f"sft accumulates gradients itself (sft.micro_batch_size); create the "
+                         f"Accelerator with gradient_accumulation_steps=1, not "
+                         f"{accelerator.gradient_accumulation_steps}")
+
+
+def optimizer_step(model, optimizer, batch: list[SFTExample], accelerator: Accelerator,
+                   config: SFTConfig, learning_rate: float, pad_token_id: int,
+                   vocab_size: int) -> dict[str, float]:
+    """One update: accumulate ∇L over micro-batches, clip, AdamW step. Returns step metrics."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    optimizer.zero_grad(set_to_none=True)
+    nll, num_tokens = backward_batch(model, batch, accelerator, config.micro_batch_size,
+                                     pad_token_id, vocab_size)
+    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf  # inf: measure only
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"sft/loss": nll / num_tokens, "sft/nll_sum": nll, "sft/tokens": num_tokens,
+            "sft/grad_norm": float(grad_norm), "sft/learning_rate": learning_rate}
+
+
+def supervised_finetune(model, tokenizer, examples: list[SFTExample], config: SFTConfig,
+                        accelerator: Accelerator | None = None,
+                        log: Callable[[int, dict[str, float]], None] | None = None) -> dict:
+    """Fine-tune `model` in place on `examples` with the masked causal-LM loss L (module docstring).
+
+    Batches of `config.batch_size` shuffled demonstrations, each one AdamW step. `accelerator`
+    defaults to a single process on the model's device (CPU if the model is on the CPU). The model
+    is in train() mode during training and in eval() mode afterwards. `log(step, metrics)` is
+    called on the main process after every optimizer step (e.g. for a progress bar).
+
+    Returns metrics: sft/loss (the last step's), sft/epoch_losses (a list: token-mean loss of each
+    epoch), sft/tokens (trained tokens over all epochs), sft/steps, sft/examples,
+    sft/skipped_too_long, sft/seconds.
+    """
+    config.validate()
+    kept = [example for example in examples if len(example) <= config.max_length]
+    if not kept:
+        raise ValueError(f"no demonstration to train on: {len(examples)} given, "
+                         f"{len(examples) - len(kept)} longer than max_length={config.max_length}; "
+                         f"give demonstrations or raise sft.max_length")
+    if accelerator is None:
+        accelerator = Accelerator(cpu=next(model.parameters()).device.type == "cpu")
+    check_accelerator(accelerator)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, config))
+    model.train()
+    steps_per_epoch = math.ceil(len(kept) / config.batch_size)
+    order_rng = torch.Generator().manual_seed(config.seed)
+    start, step, epoch_losses, last = time.perf_counter(), 0, [], {}
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(kept), generator=order_rng).tolist()
+        epoch_nll, epoch_tokens = 0.0, 0
+        for first in range(0, len(order), config.batch_size):
+            batch = [kept[i] for i in order[first:first + config.batch_size]]
+            learning_rate = learning_rate_at(step, steps_per_epoch * config.epochs, config)
+            last = optimizer_step(model, optimizer, batch, accelerator, config, learning_rate,
+                                  pad_token_id, len(tokenizer))
+            step += 1
+            epoch_nll, epoch_tokens = epoch_nll + last["sft/nll_sum"], epoch_tokens + last["sft/tokens"]
+            if log is not None and accelerator.is_main_process:
+                log(step, {**last, "sft/epoch": epoch + (first + len(batch)) / len(order)})
+        epoch_losses.append(epoch_nll / epoch_tokens)
+    # Also drops the autocast wrapper that mixed precision puts on the caller's model.forward.
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
+    return {"sft/loss": last["sft/loss"], "sft/epoch_losses": epoch_losses,
+            "sft/tokens": sum(e.num_trained for e in kept) * config.epochs, "sft/steps": step,
+            "sft/examples": len(kept), "sft/skipped_too_long": len(examples) - len(kept),
+            "sft/seconds": time.perf_counter() - start}
