@@ -1,5 +1,6 @@
 """The `arpo-ref` command line: one sub-command per stage of the pipeline.
 
+    arpo-ref demo     [--config FILE] [--out DIR] [key=value ...]  the whole pipeline on the toy world
     arpo-ref config   [--config FILE] [key=value ...] [--explain]   resolve and print a config
     arpo-ref generate --model DIR --prompt TEXT [...]               sample with per-token entropy
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import ConfigError, explain, load_config, to_dict
 
@@ -43,6 +45,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    config = Path(args.config)
+    if not config.is_file():
+        print(f"arpo-ref demo: {config} not found; run from the repository root or pass --config", file=sys.stderr)
+        return 2
+    run_demo(config, args.overrides, out_dir=args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arpo-ref", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--explain", action="store_true", help="print every field with its documentation")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("demo", help="toy world -> cold-start SFT -> ARPO -> evaluation, on a CPU, offline")
+    p.add_argument("--config", default="configs/demo.yaml", help="demo config (default: configs/demo.yaml)")
+    p.add_argument("--out", default="runs/demo", help="run folder")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 world.num_train=200")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="sample from a model, printing log-prob and entropy per token")
     p.add_argument("--model", required=True, help="hub name or local folder of a causal LM")

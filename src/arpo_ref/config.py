@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from .rewards import RewardConfig
+from .sft import SFTConfig
 from .tools.config import ToolsConfig
 
 
@@ -234,6 +235,8 @@ class Config:
     """Training and evaluation prompts."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The RL update (ARPO.md §4) and the run's bookkeeping."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Cold-start supervised fine-tuning before RL (`arpo-ref sft`, the demo)."""
 
     def validate(self) -> None:
         if self.rollout.mode == "grpo" and self.rollout.num_global != self.rollout.rollout_budget:
@@ -299,7 +302,10 @@ def from_dict(cls: type, data: Any, prefix: str = ""):
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key {where!r}{hint} (valid keys: {', '.join(names)})")
         kwargs[key] = _coerce(hints[key], value, where, cls)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # a section's own __post_init__ checks
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
 
 
 def _coerce(tp: Any, value: Any, where: str, owner: type):

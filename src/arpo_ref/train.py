@@ -88,6 +88,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+        if state.step == 0:  # a fresh run starts a fresh log
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         accelerator.init_trackers("arpo_ref", config={"seed": config.seed})
     metrics: dict[str, float] = {}
     while state.step < cfg.steps:

@@ -1,0 +1,186 @@
+"""`arpo-ref demo`: the whole ARPO pipeline on a laptop CPU, offline, in minutes.
+
+    1. build the toy tool world (corpus, questions, demonstrations made with the REAL tools,
+       a tokenizer trained on the world's text, a tiny model from a config);
+    2. cold-start SFT on the demonstrations;
+    3. evaluate the cold-started agent (greedy pass@1 with tools);
+    4. ARPO RL (entropy-based adaptive rollout + clipped policy gradient);
+    5. evaluate again, and write the run folder: configs, metrics.jsonl, a plot, one rendered
+       rollout tree, the final model (a normal Hugging Face folder) and a summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config, load_config, save_config
+from .data import load_records
+from .evaluate import accuracy_by_kind, evaluate
+from .generation import Generator
+from .rollout import AdaptiveRollout
+from .sft import supervised_finetune, tokenize_demonstrations
+from .tasks.toy_world.world import ToyWorldConfig, build_toy_world
+from .tools.registry import ToolRegistry
+from .train import train
+from .tree import render
+
+
+@dataclass
+class DemoConfig(Config):
+    """The run config plus the toy world's knobs (`world:` section)."""
+
+    world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    """The offline toy tool world the demo trains in."""
+
+
+def run_demo(config_path: str | Path, overrides: list[str] = (), out_dir: str | Path = "runs/demo",
+             log=print) -> dict:
+    """Run the demo; returns the summary (also written to out_dir/summary.json)."""
+    started = time.perf_counter()
+    out = Path(out_dir)
+    # The corpus does not exist yet; its path is known, and the world writes it there.
+    corpus = f"tools.search.corpus_path={out / 'world' / 'corpus.jsonl'}"
+    base = load_config(config_path, [corpus, *overrides], cls=DemoConfig)
+    torch.manual_seed(base.seed)
+    # 1. the toy world, its demonstrations produced by the real tools
+    log(f"[1/5] building the toy world in {out / 'world'} ...")
+    world = build_toy_world(out / "world", make_run_tool=lambda corpus: _run_tool(base, corpus),
+                            config=dataclasses.replace(base.world, seed=base.seed))
+    config = _resolve(base, world, out)
+    save_config(config, _mkdir(out) / "config.yaml")
+    tokenizer, model = world.load_tokenizer(), world.load_model().eval()
+    registry = ToolRegistry.from_config(config.tools)
+    eval_records = load_records(world.eval_path)
+    timings = {"world": time.perf_counter() - started}
+    # 2. cold start
+    log(f"[2/5] cold-start SFT on {len(world.demonstrations)} demonstrations ...")
+    examples = tokenize_demonstrations(tokenizer, [dataclasses.asdict(d) for d in world.demonstrations],
+                                       config.data.system_prompt)
+    sft_metrics = supervised_finetune(model, tokenizer, examples, config.sft)
+    model.save_pretrained(out / "sft_model")
+    tokenizer.save_pretrained(out / "sft_model")
+    timings["sft"] = time.perf_counter() - started - sum(timings.values())
+    # 3. evaluate the cold start
+    log(f"[3/5] evaluating the cold-started agent on {len(eval_records)} questions ...")
+    before, before_trees = _evaluate(model, tokenizer, registry, eval_records, config)
+    log(f"      accuracy {before['eval/accuracy']:.3f}, tool calls/question {before['eval/tool_calls_per_question']:.2f}")
+    timings["eval_before"] = time.perf_counter() - started - sum(timings.values())
+    # 4. ARPO
+    log(f"[4/5] ARPO RL: {config.train.steps} steps × {config.train.prompts_per_step} prompts × "
+        f"M={config.rollout.rollout_budget} ({config.rollout.mode} mode) ...")
+    train(config, model=model, tokenizer=tokenizer, log=lambda m: log("      " + m))
+    timings["rl"] = time.perf_counter() - started - sum(timings.values())
+    # 5. evaluate and report
+    log("[5/5] evaluating the ARPO agent ...")
+    after, after_trees = _evaluate(model, tokenizer, registry, eval_records, config)
+    timings["eval_after"] = time.perf_counter() - started - sum(timings.values())
+    _write_tree(out, model, tokenizer, registry, config, world)
+    summary = {
+        "before": before | accuracy_by_kind(eval_records, before_trees, tokenizer),
+        "after": after | accuracy_by_kind(eval_records, after_trees, tokenizer),
+        "sft": {k: v for k, v in sft_metrics.items() if k != "sft/epoch_losses"},
+        "seconds": timings | {"total": time.perf_counter() - started},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_metrics(out / "metrics.jsonl", out / "metrics.png", before["eval/accuracy"])
+    registry.close()
+    log(format_summary(summary, out))
+    return summary
+
+
+def _run_tool(config: Config, corpus: Path):
+    """The world's demonstrations call the real tools through a registry (raw result text)."""
+    tools = dataclasses.replace(config.tools, search=dataclasses.replace(config.tools.search, corpus_path=str(corpus)))
+    registry = ToolRegistry.from_config(tools)
+    return lambda tag, content: registry.run(tag, content).text
+
+
+def _resolve(base: DemoConfig, world, out: Path) -> Config:
+    """The RL config with the world's paths filled in."""
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Config)}
+    config = Config(**fields)
+    config.model = dataclasses.replace(config.model, name_or_path=str(out / "sft_model"))
+    config.data = dataclasses.replace(config.data, train_path=str(world.train_path),
+                                      eval_path=str(world.eval_path), system_prompt=world.system_prompt)
+    config.tools = dataclasses.replace(config.tools, search=dataclasses.replace(
+        config.tools.search, corpus_path=str(world.corpus_path)))
+    config.train = dataclasses.replace(config.train, output_dir=str(out))
+    return config
+
+
+def _evaluate(model, tokenizer, registry, records, config: Config):
+    metrics, trees = evaluate(Generator(model, tokenizer), registry, records, config.rollout,
+                              config.data.system_prompt, config.reward.build_reward_fn())
+    return metrics, trees
+
+
+def _write_tree(out: Path, model, tokenizer, registry, config: Config, world) -> None:
+    """One adaptive rollout of an eval question, rendered (rollout_tree.txt) and as JSON."""
+    from .episode import render_prompt
+
+    engine = AdaptiveRollout(Generator(model, tokenizer), registry, config.rollout, config.sampling, seed=config.seed)
+    question = world.eval[0]
+    tree = engine([render_prompt(tokenizer, question.question, config.data.system_prompt)],
+                  metadata=[{"question": question.question, "answer": question.answer}]).trees[0]
+    reward_fn = config.reward.build_reward_fn()
+    for leaf in tree.leaves:
+        ids = [t for n in tree.response_segments(leaf) for t in n.token_ids]
+        leaf.reward = reward_fn(tokenizer.decode(ids, skip_special_tokens=True), question.answer)
+    header = f"question: {question.question}\ngold answer: {question.answer}\n\n"
+    (out / "rollout_tree.txt").write_text(header + render(tree, tokenizer.decode, width=90) + "\n")
+    tree.save(out / "rollout_tree.json")
+
+
+def plot_metrics(metrics_path: Path, png_path: Path, accuracy_before: float) -> bool:
+    """Reward, eval accuracy and tool calls over steps (needs matplotlib: `./install.sh demo`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    steps = [r["train/step"] for r in rows]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(steps, [r["reward/mean"] for r in rows])
+    axes[0].set_title("mean reward of the rollouts")
+    evaluated = [(r["train/step"], r["eval/accuracy"]) for r in rows if r.get("eval/accuracy") is not None]
+    axes[1].plot([0] + [s for s, _ in evaluated], [accuracy_before] + [a for _, a in evaluated], marker="o")
+    axes[1].set_title("eval accuracy (step 0 = cold start)")
+    axes[2].plot(steps, [r["rollout/tool_calls_executed"] for r in rows], label="executed")
+    axes[2].plot(steps, [r["rollout/tool_calls_in_leaves"] for r in rows], label="in leaves")
+    axes[2].set_title("tool calls per prompt")
+    axes[2].legend()
+    for axis in axes:
+        axis.set_xlabel("step")
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=80)
+    plt.close(figure)
+    return True
+
+
+def format_summary(summary: dict, out: Path) -> str:
+    before, after, seconds = summary["before"], summary["after"], summary["seconds"]
+    kinds = sorted(k.removeprefix("eval/accuracy_") for k in after if k.startswith("eval/accuracy_"))
+    lines = [
+        "", "ARPO demo summary", "-----------------",
+        f"eval accuracy        {before['eval/accuracy']:.3f} (cold start) -> {after['eval/accuracy']:.3f} (ARPO)",
+        *(f"  {kind:<18} {before.get('eval/accuracy_' + kind, 0):.3f} -> {after['eval/accuracy_' + kind]:.3f}" for kind in kinds),
+        f"tool calls/question  {before['eval/tool_calls_per_question']:.2f} -> {after['eval/tool_calls_per_question']:.2f}",
+        f"time                 {seconds['total']:.0f} s (world {seconds['world']:.0f}, SFT {seconds['sft']:.0f}, "
+        f"RL {seconds['rl']:.0f}, eval {seconds['eval_before'] + seconds['eval_after']:.0f})",
+        f"run folder           {out}/ (config.yaml, metrics.jsonl, metrics.png, rollout_tree.txt, final/)",
+    ]
+    return "\n".join(lines)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
