@@ -1,6 +1,10 @@
 """The `arpo-ref` command line: one sub-command per stage of the pipeline.
 
     arpo-ref demo     [--config FILE] [--out DIR] [key=value ...]  the whole pipeline on the toy world
+    arpo-ref train    --config FILE [key=value ...] [--resume]      ARPO RL
+    arpo-ref sft      --config FILE --demos FILE --out DIR          cold-start SFT
+    arpo-ref eval     --config FILE [--data FILE] [--json FILE]     greedy pass@1 with tools
+    arpo-ref rollout  --config FILE --question TEXT [--json FILE]   one adaptive rollout, printed
     arpo-ref config   [--config FILE] [key=value ...] [--explain]   resolve and print a config
     arpo-ref generate --model DIR --prompt TEXT [...]               sample with per-token entropy
 """
@@ -56,6 +60,86 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    train(load_config(args.config, args.overrides), resume=args.resume)
+    return 0
+
+
+def _policy(config):
+    import torch
+
+    from .train import load_policy
+
+    return load_policy(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    import json
+
+    from .sft import supervised_finetune, tokenize_demonstrations
+    from .train import _system_prompt
+
+    config = load_config(args.config, args.overrides)
+    model, tokenizer = _policy(config)
+    demos = [json.loads(line) for line in Path(args.demos).read_text().splitlines() if line.strip()]
+    examples = tokenize_demonstrations(tokenizer, demos, _system_prompt(config.data.system_prompt))
+    metrics = supervised_finetune(model, tokenizer, examples, config.sft,
+                                  log=lambda step, m: print(f"step {step}: loss {m['sft/loss']:.4f}"))
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"saved to {args.out}: final loss {metrics['sft/loss']:.4f}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import load_records
+    from .evaluate import accuracy_by_kind, evaluate
+    from .generation import Generator
+    from .tools.registry import ToolRegistry
+    from .train import _system_prompt
+
+    config = load_config(args.config, args.overrides)
+    model, tokenizer = _policy(config)
+    records = load_records(args.data or config.data.eval_path, config.data.question_field, config.data.answer_field)
+    if config.data.max_eval_prompts:
+        records = records[: config.data.max_eval_prompts]
+    with ToolRegistry.from_config(config.tools) as registry:
+        metrics, trees = evaluate(Generator(model, tokenizer), registry, records, config.rollout,
+                                  _system_prompt(config.data.system_prompt), config.reward.build_reward_fn())
+    metrics |= accuracy_by_kind(records, trees, tokenizer)
+    print("| metric | value |\n|---|---|")
+    for key, value in metrics.items():
+        print(f"| {key} | {value:.4f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from .episode import render_prompt
+    from .generation import Generator
+    from .rollout import AdaptiveRollout
+    from .tools.registry import ToolRegistry
+    from .train import _system_prompt
+    from .tree import render
+
+    config = load_config(args.config, args.overrides)
+    model, tokenizer = _policy(config)
+    with ToolRegistry.from_config(config.tools) as registry:
+        engine = AdaptiveRollout(Generator(model, tokenizer), registry, config.rollout, config.sampling, seed=config.seed)
+        prompt = render_prompt(tokenizer, args.question, _system_prompt(config.data.system_prompt))
+        result = engine([prompt], metadata=[{"question": args.question}])
+    print(render(result.trees[0], tokenizer.decode, width=100))
+    print({k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("rollout/", "entropy/"))})
+    if args.json:
+        result.trees[0].save(args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arpo-ref", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 world.num_train=200")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="ARPO RL training (run under accelerate launch / torchrun for several processes)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sft", help="cold-start SFT on demonstrations (jsonl: question + segments)")
+    _add_config_args(p)
+    p.add_argument("--demos", required=True, help="jsonl of demonstrations")
+    p.add_argument("--out", required=True, help="folder for the fine-tuned model (save_pretrained)")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("eval", help="greedy pass@1 with tools, no branching; prints a table")
+    _add_config_args(p)
+    p.add_argument("--data", help="question/answer file (default: data.eval_path)")
+    p.add_argument("--json", help="also write the metrics as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("rollout", help="one adaptive rollout of a question: print the tree")
+    _add_config_args(p)
+    p.add_argument("--question", required=True)
+    p.add_argument("--json", help="also export the tree as JSON here")
+    p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("generate", help="sample from a model, printing log-prob and entropy per token")
     p.add_argument("--model", required=True, help="hub name or local folder of a causal LM")
