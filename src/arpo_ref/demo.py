@@ -39,33 +39,54 @@ class DemoConfig(Config):
     """The offline toy tool world the demo trains in."""
 
 
-def run_demo(config_path: str | Path, overrides: list[str] = (), out_dir: str | Path = "runs/demo",
-             log=print) -> dict:
-    """Run the demo; returns the summary (also written to out_dir/summary.json)."""
+@dataclass
+class ColdStart:
+    """A cold-started agent in its toy world: everything the RL stage needs."""
+
+    config: Config
+    world: object
+    model: object
+    tokenizer: object
+    registry: ToolRegistry
+    sft_metrics: dict
+    seconds: dict
+
+
+def cold_start(config_path: str | Path, overrides: list[str] = (), out_dir: str | Path = "runs/demo",
+               log=print) -> ColdStart:
+    """Steps 1–2: build the toy world (demonstrations made with the real tools), then SFT."""
     started = time.perf_counter()
     out = Path(out_dir)
     # The corpus does not exist yet; its path is known, and the world writes it there.
     corpus = f"tools.search.corpus_path={out / 'world' / 'corpus.jsonl'}"
     base = load_config(config_path, [corpus, *overrides], cls=DemoConfig)
     torch.manual_seed(base.seed)
-    # 1. the toy world, its demonstrations produced by the real tools
     log(f"[1/5] building the toy world in {out / 'world'} ...")
-    world = build_toy_world(out / "world", make_run_tool=lambda corpus: _run_tool(base, corpus),
+    world = build_toy_world(out / "world", make_run_tool=lambda path: _run_tool(base, path),
                             config=dataclasses.replace(base.world, seed=base.seed))
     config = _resolve(base, world, out)
     save_config(config, _mkdir(out) / "config.yaml")
     tokenizer, model = world.load_tokenizer(), world.load_model().eval()
-    registry = ToolRegistry.from_config(config.tools)
-    eval_records = load_records(world.eval_path)
-    timings = {"world": time.perf_counter() - started}
-    # 2. cold start
+    seconds = {"world": time.perf_counter() - started}
     log(f"[2/5] cold-start SFT on {len(world.demonstrations)} demonstrations ...")
     examples = tokenize_demonstrations(tokenizer, [dataclasses.asdict(d) for d in world.demonstrations],
                                        config.data.system_prompt)
-    sft_metrics = supervised_finetune(model, tokenizer, examples, config.sft)
+    sft_metrics = supervised_finetune(model, tokenizer, examples, dataclasses.replace(config.sft, seed=base.seed))
     model.save_pretrained(out / "sft_model")
     tokenizer.save_pretrained(out / "sft_model")
-    timings["sft"] = time.perf_counter() - started - sum(timings.values())
+    seconds["sft"] = time.perf_counter() - started - seconds["world"]
+    return ColdStart(config, world, model, tokenizer, ToolRegistry.from_config(config.tools), sft_metrics, seconds)
+
+
+def run_demo(config_path: str | Path, overrides: list[str] = (), out_dir: str | Path = "runs/demo",
+             log=print) -> dict:
+    """Run the demo; returns the summary (also written to out_dir/summary.json)."""
+    started = time.perf_counter()
+    out = Path(out_dir)
+    agent = cold_start(config_path, overrides, out, log)
+    config, model, tokenizer, registry = agent.config, agent.model, agent.tokenizer, agent.registry
+    eval_records = load_records(agent.world.eval_path)
+    timings = dict(agent.seconds)
     # 3. evaluate the cold start
     log(f"[3/5] evaluating the cold-started agent on {len(eval_records)} questions ...")
     before, before_trees = _evaluate(model, tokenizer, registry, eval_records, config)
@@ -80,11 +101,11 @@ def run_demo(config_path: str | Path, overrides: list[str] = (), out_dir: str | 
     log("[5/5] evaluating the ARPO agent ...")
     after, after_trees = _evaluate(model, tokenizer, registry, eval_records, config)
     timings["eval_after"] = time.perf_counter() - started - sum(timings.values())
-    _write_tree(out, model, tokenizer, registry, config, world)
+    _write_tree(out, model, tokenizer, registry, config, agent.world)
     summary = {
         "before": before | accuracy_by_kind(eval_records, before_trees, tokenizer),
         "after": after | accuracy_by_kind(eval_records, after_trees, tokenizer),
-        "sft": {k: v for k, v in sft_metrics.items() if k != "sft/epoch_losses"},
+        "sft": {k: v for k, v in agent.sft_metrics.items() if k != "sft/epoch_losses"},
         "seconds": timings | {"total": time.perf_counter() - started},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
