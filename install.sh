@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install arpo_ref into ./.venv (or into the virtualenv that is already active).
 #
-#   ./install.sh        the package
-#   ./install.sh dev    the package plus the test tools (pytest, ruff)
+#   ./install.sh            the package
+#   ./install.sh demo       the package plus matplotlib (the demo's plot)
+#   ./install.sh dev        the package plus the test tools (pytest, ruff, nbclient)
+#   ./install.sh dev demo   both
 #
 # PyTorch is installed first, on purpose: a bare "torch" requirement on a machine without torch
 # pulls the multi-GB CUDA build. So:
@@ -31,6 +33,11 @@ if ! "$python" -c "import torch" >/dev/null 2>&1; then
 fi
 
 extras=""
-[ "${1:-}" = "dev" ] && extras="[dev]"
-pip install -e ".${extras}"
+for extra in "$@"; do
+  case "$extra" in
+    dev|demo) extras="${extras:+$extras,}$extra" ;;
+    *) echo "install.sh: unknown extra '$extra' (use: dev, demo)" >&2; exit 2 ;;
+  esac
+done
+pip install -e ".${extras:+[$extras]}"
 "$python" -c "import torch, arpo_ref; print(f'arpo_ref {arpo_ref.__version__} installed (torch {torch.__version__})')"
