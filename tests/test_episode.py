@@ -1,0 +1,145 @@
+"""The agent episode: prompts, tool calls of different counts per row, errors as results, and the
+token-consistency rule (rollout ids == the README's tokenisation of the same conversation)."""
+
+from __future__ import annotations
+
+import pytest
+from tiny import load_model, load_tokenizer
+
+from arpo_ref.config import RolloutConfig, SamplingConfig
+from arpo_ref.episode import encode_demonstration, encode_result, render_prompt, system_prompt
+from arpo_ref.generation import Generator
+from arpo_ref.rollout import AdaptiveRollout
+from arpo_ref.scripted import ScriptedLM
+from arpo_ref.tools import ToolRegistry
+from arpo_ref.tools.calculator import Calculator
+from arpo_ref.tree import to_batch
+
+TOK = load_tokenizer()
+EOS = TOK.eos_token_id
+
+
+def ids(text):
+    return TOK.encode(text, add_special_tokens=False)
+
+
+def conversation_agent(turns_by_prompt):
+    """A scripted agent that writes, for each prompt, its list of model turns in order; after the
+    k-th `</result>` it writes turn k. Each turn is emitted as the tokenizer's own encoding."""
+    scripts = {tuple(p): [ids(t) for t in turns] for p, turns in turns_by_prompt.items()}
+    result_end = ids("</result>")[-1]
+
+    def policy(history):
+        prompt = next((p for p in scripts if tuple(history[: len(p)]) == p), None)
+        if prompt is None:
+            return EOS
+        response = history[len(prompt):]
+        done = response.count(result_end)
+        since = len(response) - (len(response) - 1 - response[::-1].index(result_end)) - 1 if done else len(response)
+        turn = scripts[prompt][min(done, len(scripts[prompt]) - 1)] + ([EOS] if done >= len(scripts[prompt]) - 1 else [])
+        return turn[since] if since < len(turn) else EOS
+
+    return ScriptedLM(policy, vocab_size=len(TOK), confidence=0.99)
+
+
+def run(turns_by_prompt, max_tool_calls=3, registry=None):
+    model = conversation_agent(turns_by_prompt)
+    registry = registry or ToolRegistry([Calculator()])
+    engine = AdaptiveRollout(Generator(model, TOK), registry,
+                             RolloutConfig(mode="grpo", rollout_budget=1, num_global=1, max_tool_calls=max_tool_calls,
+                                           max_response_tokens=400),
+                             SamplingConfig(temperature=0))
+    return engine(list(map(list, turns_by_prompt)))
+
+
+def prompt_of(question):
+    return tuple(render_prompt(TOK, question, "Use tools."))
+
+
+def test_rows_of_one_batch_make_different_numbers_of_calls_and_errors_become_results():
+    turns = {
+        prompt_of("no tools"): ["<answer> \\boxed{1} </answer>"],
+        prompt_of("one call"): ["<calculator>2*21</calculator>", " <answer> \\boxed{42} </answer>"],
+        prompt_of("two calls"): ["<calculator>1+1</calculator>", " <calculator>1/0</calculator>", " done"],
+    }
+    result = run(turns)
+    calls = [tree.leaves[0].tool_calls for tree in result.trees]
+    assert calls == [0, 1, 2]
+    tool_nodes = [n for n in result.trees[2].nodes if n.kind == "tool"]
+    assert tool_nodes[0].tool_call.result == "2" and tool_nodes[0].tool_call.ok
+    assert not tool_nodes[1].tool_call.ok and "division by zero" in tool_nodes[1].tool_call.result.lower()
+    assert tool_nodes[1].token_ids == encode_result(TOK, tool_nodes[1].tool_call.result)
+    assert result.metrics["tools/errors"] == 1 and result.metrics["tools/calls"] == 3
+
+
+def test_rolled_out_ids_equal_the_readme_tokenisation_of_the_conversation():
+    """Guards against train/inference token drift: re-tokenising the finished conversation the
+    way the README says (prompt by chat template, each segment on its own, results in the
+    official format, EOS) must give exactly the ids the rollout produced."""
+    turns = {
+        prompt_of("What is 6 * 7?"): ["<think> compute </think> <calculator>6*7</calculator>",
+                                       " <answer> \\boxed{42} </answer>"],
+        prompt_of("What is 2 + 2?"): ["<calculator>2+2</calculator>", " <calculator>4*2</calculator>",
+                                       " <answer> \\boxed{8} </answer>"],
+    }
+    result = run(turns)
+    batch = to_batch(result.trees, pad_token_id=TOK.pad_token_id)
+    for row, (tree, prompt) in enumerate(zip(result.trees, turns)):
+        leaf = tree.leaves[0]
+        segments = [{"kind": n.kind, "text": TOK.decode(n.token_ids, skip_special_tokens=True)}
+                    for n in tree.response_segments(leaf)]
+        expected_ids, expected_mask = encode_demonstration(TOK, list(prompt), segments)
+        n = len(expected_ids)
+        assert batch.input_ids[row, :n].tolist() == expected_ids
+        assert batch.loss_mask[row, :n].tolist() == [float(m) for m in expected_mask]
+        assert int(batch.attention_mask[row].sum()) == n
+
+
+def test_call_limit_ends_the_trajectory_without_running_the_extra_call():
+    turns = {prompt_of("loop"): ["<calculator>1+1</calculator>"] * 5}
+    result = run(turns, max_tool_calls=2)
+    leaf = result.trees[0].leaves[0]
+    assert leaf.finish_reason == "tool_limit" and leaf.tool_calls == 2
+    assert result.metrics["tools/calls"] == 2
+
+
+def test_system_prompts_and_chat_template():
+    for name in ("reasoning", "search"):
+        text = system_prompt(name)
+        assert "<search>" in text and "<answer>" in text and "\\boxed" in text
+    with pytest.raises(ValueError, match="unknown system prompt"):
+        system_prompt("chatty")
+    rendered = TOK.decode(render_prompt(TOK, "Q?", "SYS"))
+    assert rendered.startswith("<|im_start|>system\nSYS") and rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_tiny_random_model_episode_with_a_tool_error():
+    """A real tiny model whose closing </python> tag is made likely writes garbage code: the real
+    python tool answers with the error text inside <result> (mask 0), and generation goes on."""
+    import torch
+
+    from arpo_ref.tools.python_tool import PythonTool
+
+    model = load_model("llama", seed=2)
+    close = ids("</python>")[-1]
+    prompt = render_prompt(TOK, "What is 1 + 1?", None) + ids("<python>")
+    with torch.no_grad():  # point the tag's output row at the mean hidden state: p ≈ 0.2
+        out = model(torch.tensor([prompt]), output_hidden_states=True)
+        mean_hidden = out.hidden_states[-1][0].mean(0)
+        top = out.logits[0].max(-1).values.mean()
+        model.lm_head.weight[close] = mean_hidden * (top - 4.0) / mean_hidden.dot(mean_hidden)
+    with ToolRegistry([PythonTool()]) as registry:
+        engine = AdaptiveRollout(Generator(model, TOK), registry,
+                                 RolloutConfig(mode="grpo", rollout_budget=3, num_global=3, max_response_tokens=60),
+                                 SamplingConfig(temperature=1.0), seed=0)
+        tree = engine([prompt]).trees[0]
+    batch = to_batch([tree])
+    tool_nodes = [n for n in tree.nodes if n.kind == "tool"]
+    assert tool_nodes, "the model made no call; the test needs one"
+    assert any(not n.tool_call.ok and "Error" in n.tool_call.result for n in tool_nodes)
+    for i, leaf in enumerate(tree.leaves):
+        column = 0
+        for node in tree.path(leaf.node_id):
+            mask = batch.loss_mask[i, column: column + len(node.token_ids)]
+            assert bool((mask == (1.0 if node.kind == "model" else 0.0)).all())
+            column += len(node.token_ids)
