@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 from .advantages import get_estimator
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -43,6 +45,8 @@ from .loss import policy_loss
 from .rollout import AdaptiveRollout
 from .tools.registry import ToolRegistry
 from .tree import RolloutBatch, RolloutTree, to_batch
+
+PROGRESS_KEYS = ("reward/mean", "rollout/branches", "rollout/tool_calls_executed", "loss/clipfrac", "eval/accuracy")
 
 
 @dataclass
@@ -92,6 +96,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         accelerator.init_trackers("arpo_ref", config={"seed": config.seed})
     metrics: dict[str, float] = {}
+    progress = tqdm(total=cfg.steps, initial=state.step, desc="ARPO", unit="step", dynamic_ncols=True,
+                    disable=not (accelerator.is_main_process and sys.stderr.isatty()))
     while state.step < cfg.steps:
         started = time.perf_counter()
         # 1. this step's prompts
@@ -128,9 +134,12 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
                                        system, reward_fn)
             metrics.update(eval_metrics)
         if accelerator.is_main_process:
-            _log_metrics(accelerator, run_dir, metrics, log)
+            _log_metrics(accelerator, run_dir, metrics, log if progress.disable else tqdm.write)
+            progress.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in PROGRESS_KEYS if k in metrics})
+        progress.update(1)
         if last or (cfg.save_every and state.step % cfg.save_every == 0):
             _save(accelerator, run_dir, model, optimizer, scheduler, rollout, state, cfg.keep_checkpoints)
+    progress.close()
     if accelerator.is_main_process:
         policy.save_pretrained(run_dir / "final")
         tokenizer.save_pretrained(run_dir / "final")
@@ -321,9 +330,8 @@ def _log_metrics(accelerator, run_dir: Path, metrics: dict[str, float], log) -> 
     with open(run_dir / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps({k: (v if math.isfinite(v) else None) for k, v in metrics.items()}) + "\n")
     accelerator.log(metrics, step=int(metrics["train/step"]))
-    shown = ["reward/mean", "rollout/branches", "rollout/tool_calls_executed", "loss/clipfrac", "eval/accuracy"]
     log(f"step {int(metrics['train/step'])}: " + "  ".join(
-        f"{k}={metrics[k]:.3f}" for k in shown if k in metrics) + f"  ({metrics['time/step']:.1f}s)")
+        f"{k}={metrics[k]:.3f}" for k in PROGRESS_KEYS if k in metrics) + f"  ({metrics['time/step']:.1f}s)")
 
 
 def _save(accelerator, run_dir, model, optimizer, scheduler, rollout, state: TrainState, keep: int) -> None:
