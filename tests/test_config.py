@@ -99,3 +99,13 @@ def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
     way used to fail as 'must be float'."""
     cfg = load_config(write(tmp_path, "train:\n  learning_rate: 1e-6\n"), ["rollout.entropy_weight=2e-1"])
     assert cfg.train.learning_rate == 1e-6 and cfg.rollout.entropy_weight == 0.2
+
+
+def test_base_files_are_merged_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("rollout:\n  mode: official\n  rollout_budget: 8\nseed: 1\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nrollout:\n  num_global: 2\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.rollout.mode, cfg.rollout.rollout_budget, cfg.rollout.num_global, cfg.seed) == ("official", 8, 2, 1)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")

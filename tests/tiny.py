@@ -19,6 +19,7 @@ from transformers import (
     LlamaConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 TEXT = [
@@ -80,6 +81,8 @@ def model_dir(arch: str = "qwen2", seed: int = 0, tags_as_tokens: bool = True) -
         config = Qwen2Config(**common)
     elif arch == "llama":
         config = LlamaConfig(**common)
+    elif arch == "qwen3":
+        config = Qwen3Config(**common, head_dim=16)
     else:
         raise ValueError(f"unknown tiny arch {arch!r}")
     torch.manual_seed(seed)

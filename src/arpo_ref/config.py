@@ -251,23 +251,39 @@ class Config:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 cls: type = Config):
     """Build a validated config from a YAML file (optional) and `key.sub=value` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
+    data: dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
     for override in overrides:
         apply_override(data, override)
     config = from_dict(cls, data)
     validate_all(config)
     return config
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict. A top-level `base: other.yaml` (relative to this file) is read
+    first and this file's keys are merged over it, section by section."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through 'base:'")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+    data = loaded or {}
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(read_yaml(path.parent / base, (*seen, path.resolve())), data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
