@@ -183,6 +183,12 @@ class TrainConfig:
     """Extra loggers through Accelerate: 'tensorboard', 'wandb'."""
     cpu: bool = False
     """Force the CPU even when a GPU is present."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast for the update (through Accelerate); weights keep `model.dtype`."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: much less memory, ~30% more update time."""
+    micro_batch_tokens: int = 0
+    """Pack micro-batches by padded size (rows × longest row ≤ this); 0 = fixed `micro_batch_leaves`."""
 
     def validate(self) -> None:
         for name in ("steps", "prompts_per_step", "mini_batches", "micro_batch_leaves", "ppo_epochs"):
@@ -198,7 +204,7 @@ class TrainConfig:
         if self.dual_clip and self.dual_clip <= 1:
             raise ValueError("dual_clip must be > 1 (official: 3), or 0 to turn it off")
         for name in ("kl_coef", "entropy_coef", "max_grad_norm", "weight_decay", "warmup_steps",
-                     "eval_every", "save_every"):
+                     "eval_every", "save_every", "micro_batch_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.keep_checkpoints < 1:

@@ -42,6 +42,7 @@ from .episode import render_prompt, system_prompt
 from .evaluate import evaluate
 from .generation import Generator
 from .loss import policy_loss
+from .memory import estimate_memory, pack_by_tokens
 from .rollout import AdaptiveRollout
 from .tools.registry import ToolRegistry
 from .tree import RolloutBatch, RolloutTree, to_batch
@@ -65,10 +66,13 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     """
     cfg = config.train
     run_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(cpu=cfg.cpu, log_with=cfg.trackers or None, project_dir=str(run_dir))
+    accelerator = Accelerator(cpu=cfg.cpu, log_with=cfg.trackers or None, project_dir=str(run_dir),
+                              mixed_precision=cfg.mixed_precision)
     set_seed(config.seed)
     if model is None or tokenizer is None:
         model, tokenizer = load_policy(config, accelerator.device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     reference = load_policy(config, accelerator.device)[0] if cfg.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -84,6 +88,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     rollout = AdaptiveRollout(Generator(policy, tokenizer), registry, config.rollout, config.sampling,
                               seed=config.seed + 1000 * accelerator.process_index)
     per_process = _prompts_per_process(cfg, accelerator.num_processes)
+    if accelerator.is_main_process:
+        log(_memory_line(policy, config, per_process))
     state = TrainState()
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         state = _restore(load_checkpoint(checkpoint), accelerator, model, optimizer, scheduler, rollout,
@@ -107,6 +113,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         # 2. adaptive rollout (ARPO §3.2)
         model.eval()
         result = rollout(prompts, metadata=[{"question": r.question, "answer": r.answer} for r in records])
+        if torch.cuda.is_available():  # the rollout's KV cache is gone: give its memory back
+            torch.cuda.empty_cache()
         # 3. rewards (eq. 8)
         reward_metrics = score_leaves(result.trees, records, tokenizer, reward_fn)
         # 4. advantages (§3.3)
@@ -273,19 +281,25 @@ def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
     # Normalisers summed over processes, so accumulation and DDP give the big-batch gradient.
     counts = torch.tensor([mask.sum(), (mask.sum(1) > 0).sum()], dtype=torch.float64, device=device)
     num_tokens, num_sequences = accelerator.reduce(counts, reduction="sum").tolist()
-    chunks = leaves.split(cfg.micro_batch_leaves)
+    lengths = batch.attention_mask[leaves].sum(1)
+    if cfg.micro_batch_tokens:
+        chunks = [leaves[group] for group in pack_by_tokens(lengths, cfg.micro_batch_tokens, cfg.micro_batch_leaves)]
+    else:
+        chunks = list(leaves.split(cfg.micro_batch_leaves))
     sums: dict[str, float] = {}
     for i, rows in enumerate(chunks):
+        width = int(batch.attention_mask[rows].sum(1).max())  # drop columns that are padding in every row
         sync = accelerator.no_sync(model) if i < len(chunks) - 1 else _null_context()
         with sync:
-            logprobs, entropy = token_logprobs(model, batch.input_ids[rows].to(device),
-                                               batch.attention_mask[rows].to(device), vocab_size,
+            def take(tensor, rows=rows, width=width):
+                return tensor[rows, :width].to(device)
+            logprobs, entropy = token_logprobs(model, take(batch.input_ids), take(batch.attention_mask), vocab_size,
                                                with_entropy=cfg.entropy_coef > 0)
             loss, metrics = policy_loss(
-                logprobs, batch.old_logprobs[rows].to(device), advantages[rows].to(device),
-                batch.loss_mask[rows].to(device), clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                logprobs, take(batch.old_logprobs), take(advantages), take(batch.loss_mask),
+                clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                 dual_clip=cfg.dual_clip or None, agg=cfg.loss_aggregation,
-                ref_logprobs=reference_logprobs[rows].to(device) if reference_logprobs is not None else None,
+                ref_logprobs=take(reference_logprobs) if reference_logprobs is not None else None,
                 kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, entropy=entropy, entropy_coef=cfg.entropy_coef,
                 num_tokens=num_tokens, num_sequences=num_sequences,
                 max_response_length=config.rollout.max_response_tokens)
@@ -311,6 +325,14 @@ class _null_context:
 
 
 # ---------------------------------------------------------------------------- bookkeeping
+def _memory_line(policy, config: Config, per_process: int) -> str:
+    dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
+    estimate = estimate_memory(policy.config, sum(p.numel() for p in policy.parameters()), dtype, per_process,
+                               config.rollout.rollout_budget, 512, config.rollout.max_response_tokens,
+                               config.train.micro_batch_leaves, config.train.gradient_checkpointing)
+    return estimate.describe() + " (prompts assumed ≤ 512 tokens)"
+
+
 def _world_size() -> int:
     """Processes in the torch.distributed group (1 when it is not initialised)."""
     dist = torch.distributed

@@ -1,0 +1,82 @@
+"""A start-up memory estimate for a training config, so a user learns before an OOM whether a
+run fits, and the token-budget packing of micro-batches.
+
+The estimate is per process (one GPU) and deliberately simple — an order of magnitude, printed
+with its assumptions:
+* weights: parameters × bytes of the weights dtype; gradients the same;
+* AdamW: two fp32 moments per parameter (plus an fp32 master copy when the weights are not fp32
+  and mixed precision keeps one — not assumed here);
+* KV cache of the rollout: every live row of this process at full length:
+  prompts per process × M × (prompt + response tokens) × layers × 2 × kv_heads × head_dim × bytes;
+* update activations of one micro-batch: leaves × tokens × hidden × layers × ~16 bytes (about 4
+  saved fp32 tensors per layer; gradient checkpointing keeps ~1), plus the fp32 logits
+  leaves × tokens × vocab × 4 bytes × 2 (log-softmax and its gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    kv_cache: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.kv_cache + max(self.activations + self.logits, 0)
+
+    def describe(self) -> str:
+        gib = 2**30
+        parts = ", ".join(f"{name} {getattr(self, name) / gib:.2f}" for name in
+                          ("weights", "gradients", "optimizer", "kv_cache", "activations", "logits"))
+        return f"estimated peak memory per process ≈ {self.total / gib:.2f} GiB ({parts}; GiB)"
+
+
+def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_process: int,
+                    rollout_budget: int, prompt_tokens: int, response_tokens: int, micro_batch_leaves: int,
+                    gradient_checkpointing: bool = False) -> MemoryEstimate:
+    """Order-of-magnitude memory of one training process (see the module docstring)."""
+    size = BYTES.get(dtype, 4)
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    layers = getattr(text, "num_hidden_layers", 0)
+    hidden = getattr(text, "hidden_size", 0)
+    heads = getattr(text, "num_attention_heads", 1)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // max(heads, 1)
+    vocab = getattr(text, "vocab_size", 0)
+    tokens = prompt_tokens + response_tokens
+    kv = prompts_per_process * rollout_budget * tokens * layers * 2 * kv_heads * head_dim * size
+    per_layer = 4 if gradient_checkpointing else 16
+    activations = micro_batch_leaves * tokens * hidden * layers * per_layer
+    logits = micro_batch_leaves * tokens * vocab * 4 * 2
+    return MemoryEstimate(weights=num_parameters * size, gradients=num_parameters * size,
+                          optimizer=num_parameters * 8, kv_cache=kv, activations=activations, logits=logits)
+
+
+def pack_by_tokens(lengths: torch.Tensor, max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Group row indices into micro-batches whose padded size (rows × longest) stays within
+    `max_tokens` and that have at most `max_rows` rows; rows keep their order (first-fit by run).
+
+    A single row longer than `max_tokens` gets a micro-batch of its own.
+    """
+    batches, current, longest = [], [], 0
+    for index, length in enumerate(lengths.tolist()):
+        new_longest = max(longest, length)
+        if current and ((len(current) + 1) * new_longest > max_tokens or len(current) == max_rows):
+            batches.append(current)
+            current, new_longest = [], length
+        current.append(index)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches
