@@ -3,7 +3,7 @@
     arpo-ref demo     [--config FILE] [--out DIR] [key=value ...]  the whole pipeline on the toy world
     arpo-ref train    --config FILE [key=value ...] [--resume]      ARPO RL
     arpo-ref sft      --config FILE --demos FILE --out DIR          cold-start SFT
-    arpo-ref eval     --config FILE [--data FILE] [--json FILE]     greedy pass@1 with tools
+    arpo-ref eval     --config FILE [--data FILE ...] [--samples K] pass@1 / pass@k with tools, table
     arpo-ref rollout  --config FILE --question TEXT [--json FILE]   one adaptive rollout, printed
     arpo-ref config   [--config FILE] [key=value ...] [--explain]   resolve and print a config
     arpo-ref generate --model DIR --prompt TEXT [...]               sample with per-token entropy
@@ -94,28 +94,41 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
+    from .config import SamplingConfig
     from .data import load_records
-    from .evaluate import accuracy_by_kind, evaluate
+    from .evaluate import (
+        accuracy_by_kind,
+        evaluate,
+        load_judge,
+        pick_metric,
+        results_table,
+        write_results,
+    )
     from .generation import Generator
     from .tools.registry import ToolRegistry
     from .train import _system_prompt
 
     config = load_config(args.config, args.overrides)
     model, tokenizer = _policy(config)
-    records = load_records(args.data or config.data.eval_path, config.data.question_field, config.data.answer_field)
-    if config.data.max_eval_prompts:
-        records = records[: config.data.max_eval_prompts]
+    judge = load_judge(args.judge) if args.judge else None
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p) if args.samples > 1 or args.temperature \
+        else SamplingConfig(temperature=0.0)
+    results = {}
     with ToolRegistry.from_config(config.tools) as registry:
-        metrics, trees = evaluate(Generator(model, tokenizer), registry, records, config.rollout,
-                                  _system_prompt(config.data.system_prompt), config.reward.build_reward_fn())
-    metrics |= accuracy_by_kind(records, trees, tokenizer)
-    print("| metric | value |\n|---|---|")
-    for key, value in metrics.items():
-        print(f"| {key} | {value:.4f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        for path in args.data or [config.data.eval_path]:
+            records = load_records(path, config.data.question_field, config.data.answer_field)
+            if config.data.max_eval_prompts:
+                records = records[: config.data.max_eval_prompts]
+            name = Path(path).stem
+            metric = pick_metric(name, args.metric)
+            metrics, trees = evaluate(Generator(model, tokenizer), registry, records, config.rollout,
+                                      _system_prompt(config.data.system_prompt), config.reward.build_reward_fn(),
+                                      samples=args.samples, sampling=sampling, metric=metric, judge=judge,
+                                      seed=config.seed)
+            results[name] = {"metric": metric, **metrics, **accuracy_by_kind(records, trees, tokenizer)}
+    print(results_table(results, args.samples))
+    if args.out:
+        print(f"written to {write_results(results, args.samples, args.out)} and results.json")
     return 0
 
 
@@ -167,10 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the fine-tuned model (save_pretrained)")
     p.set_defaults(func=cmd_sft)
 
-    p = sub.add_parser("eval", help="greedy pass@1 with tools, no branching; prints a table")
+    p = sub.add_parser("eval", help="pass@1 / pass@k with tools, no branching, on benchmark files; prints a table")
     _add_config_args(p)
-    p.add_argument("--data", help="question/answer file (default: data.eval_path)")
-    p.add_argument("--json", help="also write the metrics as JSON here")
+    p.add_argument("--data", nargs="+", help="benchmark files (default: data.eval_path); named by file stem")
+    p.add_argument("--samples", type=int, default=1, help="k samples per question (1 = greedy pass@1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (paper's evaluation: 0.6)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold (paper's evaluation: 0.95)")
+    p.add_argument("--metric", default="auto", help="auto | f1 | math | em | judge")
+    p.add_argument("--judge", help="package.module:function judge(question, prediction, gold) -> bool")
+    p.add_argument("--out", help="folder for results.md and results.json")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("rollout", help="one adaptive rollout of a question: print the tree")
