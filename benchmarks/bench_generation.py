@@ -37,13 +37,15 @@ def build_model(hidden: int, layers: int, vocab: int):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def best_of(repeats: int, fn) -> float:
-    times = []
+def best_of(repeats: int, *fns) -> list[float]:
+    """Best wall time of each function, the functions interleaved so load changes hit all alike."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [min(bucket) for bucket in times]
 
 
 def bench_throughput(model, tokenizer, rows: int, new_tokens: int, repeats: int) -> dict:
@@ -58,12 +60,12 @@ def bench_throughput(model, tokenizer, rows: int, new_tokens: int, repeats: int)
         row[width - len(p):] = 1
     results = {}
     for name, kw in {"greedy": dict(temperature=0), "sampling": dict(temperature=1.0, top_p=0.95)}.items():
-        ours = best_of(repeats, lambda kw=kw: generator.generate(
-            prompts, SamplingParams(max_new_tokens=new_tokens, seed=0, **kw)))
         hf_kw = dict(do_sample=False) if name == "greedy" else dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0)
-        hf = best_of(repeats, lambda hf_kw=hf_kw: model.generate(
-            input_ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            eos_token_id=None, pad_token_id=0, **hf_kw))
+        ours, hf = best_of(
+            repeats,
+            lambda kw=kw: generator.generate(prompts, SamplingParams(max_new_tokens=new_tokens, seed=0, **kw)),
+            lambda hf_kw=hf_kw: model.generate(input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                               min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, **hf_kw))
         tokens = rows * new_tokens
         results[name] = {"ours_tokens_per_s": tokens / ours, "hf_tokens_per_s": tokens / hf,
                          "ratio_ours_over_hf": hf / ours}
@@ -88,8 +90,7 @@ def bench_fork(model, tokenizer, history_len: int, copies: int, new_tokens: int,
     def reprefill_and_continue():
         generator.generate([history] * copies, sampling)
 
-    fork = best_of(repeats, fork_and_continue)
-    reprefill = best_of(repeats, reprefill_and_continue)
+    fork, reprefill = best_of(repeats, fork_and_continue, reprefill_and_continue)
     return {"fork_s": fork, "reprefill_s": reprefill, "speedup_fork": reprefill / fork}
 
 
@@ -106,10 +107,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--history", type=int, default=512)
     parser.add_argument("--copies", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer()
     model = build_model(args.hidden, args.layers, vocab=(len(tokenizer) + 63) // 64 * 64)
     with torch.inference_mode():

@@ -218,3 +218,18 @@ def test_bad_sampling_params_and_rows_fail_clearly():
     rows = generator.prefill([[5, 6]])
     with pytest.raises(KeyError, match="not live"):
         generator.fork(rows, 99)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.8), (3, 1.0), (4, 0.7), (0, 1.0)])
+def test_sampler_draws_from_exactly_the_filtered_distribution(top_k, top_p):
+    """The sampler draws in sorted order (no filtered copy of the logits); its empirical
+    distribution must match softmax(filter_top_k_top_p(logits))."""
+    from arpo_ref.generation import sample_next
+
+    logits = torch.log(torch.tensor([[0.30, 0.25, 0.15, 0.12, 0.10, 0.05, 0.03]])).repeat(20000, 1)
+    rng = torch.Generator().manual_seed(0)
+    tokens, *_ = sample_next(logits, SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p), rng)
+    empirical = torch.bincount(tokens, minlength=7).float() / len(tokens)
+    expected = torch.softmax(filter_top_k_top_p(logits[:1], top_k, top_p), -1)[0]
+    assert torch.all(empirical[expected == 0] == 0)
+    assert torch.allclose(empirical, expected, atol=0.015)

@@ -314,6 +314,8 @@ class Generator:
         fed[active] = True
         input_ids = torch.where(fed, pending, torch.full_like(pending, self.pad_token_id))
         logits = self._forward(rows, input_ids[:, None], fed.long()[:, None])  # (B, V)
+        if len(active) == B:  # every row decodes: no gather needed
+            return logits.float()
         return logits[torch.tensor(active, device=logits.device)].float()
 
     def _forward_chunk(self, rows: RowBatch, chunks: list[list[int]]) -> torch.Tensor | None:
@@ -453,27 +455,48 @@ def sample_next(
         temperature-T distribution (before top-k/top-p); top-k log-probs (A, k) or None.
     """
     if vocab_size is not None and vocab_size < logits.shape[-1]:
-        logits = logits.clone()
-        logits[:, vocab_size:] = float("-inf")
+        logits = logits[:, :vocab_size]  # padded-vocabulary ids simply do not exist (a view, no copy)
     policy_logprobs = torch.log_softmax(logits, dim=-1)  # (A, V), temperature 1
+    probs = None
     if sampling.temperature in (0, 1):  # the sampling distribution is the policy's: reuse it
         probs = policy_logprobs.exp()
-        entropies = -torch.where(probs > 0, probs * policy_logprobs, torch.zeros_like(probs)).sum(-1)
+        # Finite logits give finite log-probs, and p·log p → 0 where p underflows to 0.
+        entropies = -(probs * policy_logprobs).sum(-1)
     else:
         entropies = token_entropy(logits, sampling.temperature)
     if sampling.temperature == 0:
         tokens = logits.argmax(dim=-1)
         scaled = logits
     else:
-        scaled = logits / sampling.temperature
-        filtered = filter_top_k_top_p(scaled, sampling.top_k, sampling.top_p)
-        probs = torch.softmax(filtered, dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=rng).squeeze(1)
+        scaled = logits if sampling.temperature == 1 else logits / sampling.temperature
+        tokens = _draw(scaled, probs, sampling.top_k, sampling.top_p, rng)
     logprobs = policy_logprobs.gather(1, tokens[:, None]).squeeze(1)
     top = None
     if sampling.topk_logprobs > 0:
         top = torch.log_softmax(scaled, dim=-1).topk(sampling.topk_logprobs, dim=-1).values
     return tokens, logprobs, entropies, top
+
+
+def _draw(scaled: torch.Tensor, probs: torch.Tensor | None, top_k: int, top_p: float,
+          rng: torch.Generator) -> torch.Tensor:
+    """Sample from softmax(scaled) restricted to the top-k / top-p set, without building a
+    filtered copy of the logits: the draw happens in sorted order and is mapped back.
+    Same distribution as `filter_top_k_top_p` + softmax (tested). (A, V) -> (A,)."""
+    if top_p >= 1.0 and not 0 < top_k < scaled.shape[-1]:
+        weights = probs if probs is not None else torch.softmax(scaled, dim=-1)
+        return torch.multinomial(weights, 1, generator=rng).squeeze(1)
+    if top_p >= 1.0:  # top-k only: draw among the k largest
+        values, order = scaled.topk(top_k, dim=-1)
+        weights = torch.softmax(values, dim=-1)
+    else:
+        values, order = scaled.sort(dim=-1, descending=True)
+        if 0 < top_k < scaled.shape[-1]:
+            values, order = values[:, :top_k], order[:, :top_k]
+        weights = torch.softmax(values, dim=-1)
+        mass_before = weights.cumsum(dim=-1) - weights  # probability of strictly better tokens
+        weights = weights.masked_fill(mass_before >= top_p, 0.0)  # the token reaching p is kept
+    choice = torch.multinomial(weights, 1, generator=rng)  # (A, 1) position in sorted order
+    return order.gather(1, choice).squeeze(1)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
