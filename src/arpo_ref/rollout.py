@@ -62,6 +62,8 @@ class Trajectory:
     """The segment being generated (paper mode: after the look-ahead, it is resumed)."""
     snapshot_row: int | None = None
     """Paper mode: a copy of the row at the branch point, awaiting the decision."""
+    branch_node: int | None = None
+    """Branches: the node they were forked after (recorded on their leaf)."""
     last_segment_entropy: float = 0.0
     """Official mode: truncated entropy of the trajectory's latest segment."""
     done: bool = False
@@ -208,7 +210,6 @@ class AdaptiveRollout:
         for t in calling:
             if self._budget_left(t.tree) > 0:
                 (t.snapshot_row,) = self.generator.fork(rows, t.row_id, 1)
-                self.stats["rollout/prefill_tokens_saved"] += len(rows.histories[rows.index(t.row_id)])
 
     def _paper_decisions(self, rows: RowBatch) -> None:
         """ARPO.md §2.1 steps 2–3: k look-ahead tokens, ΔH_t, P_t = α + β·ΔH_t > τ → fork Z."""
@@ -241,7 +242,8 @@ class AdaptiveRollout:
                 self.generator.release(rows, [snapshot])
                 continue
             copies = [snapshot] + (self.generator.fork(rows, snapshot, branches - 1) if branches > 1 else [])
-            self.stats["rollout/prefill_tokens_saved"] += (branches - 1) * len(rows.histories[rows.index(snapshot)])
+            # Only snapshots that become branches save a prefill; dropped ones saved nothing.
+            self.stats["rollout/prefill_tokens_saved"] += branches * len(rows.histories[rows.index(snapshot)])
             for row_id in copies:
                 self._add_trajectory(t.tree, row_id, "branch", parent=t)
 
@@ -293,13 +295,13 @@ class AdaptiveRollout:
                         parent: Trajectory | None = None) -> Trajectory:
         t = Trajectory(tree, row_id, node_id=0, origin=origin, index=len(self.trajectories))
         if parent is not None:  # a branch: same prefix, same counters
-            t.node_id, t.tool_calls = parent.node_id, parent.tool_calls
+            t.node_id, t.tool_calls, t.branch_node = parent.node_id, parent.tool_calls, parent.node_id
             t.response_tokens, t.initial_entropy = parent.response_tokens, parent.initial_entropy
         self.trajectories.append(t)
         return t
 
     def _finish(self, rows: RowBatch, t: Trajectory, reason: str) -> None:
-        t.tree.add_leaf(t.node_id, t.origin, finish_reason=reason, tool_calls=t.tool_calls)
+        t.tree.add_leaf(t.node_id, t.origin, finish_reason=reason, tool_calls=t.tool_calls, branch_node=t.branch_node)
         t.done = True
         drop = [r for r in (t.row_id, t.snapshot_row) if r is not None and r in rows.row_ids]
         t.snapshot_row = None

@@ -143,6 +143,8 @@ class Leaf:
     """r_i, filled in after the rollout."""
     tool_calls: int = 0
     """Tool calls contained in the trajectory (executed once even when shared)."""
+    branch_node: int | None = None
+    """Branches: the node after which this leaf was forked from another trajectory."""
 
 
 @dataclass
