@@ -201,6 +201,17 @@ def test_demonstration_is_dropped_when_the_tool_misses_the_fact(world):
     assert kept == {"search": False, "both": False, "python": True}
 
 
+def test_build_warns_about_dropped_and_fails_when_all_are_dropped(tmp_path):
+    def no_search(tag: str, content: str) -> str:
+        return "No search results found." if tag == "search" else str(evaluate_expression(content[6:-1]))
+
+    with pytest.warns(UserWarning, match="dropped"):
+        world = build_toy_world(tmp_path / "some", no_search, **SMALL, **SMALL_MODEL)
+    assert {demonstration.kind for demonstration in world.demonstrations} == {"python"}
+    with pytest.raises(ValueError, match="no gold fact"):
+        build_toy_world(tmp_path / "all", lambda tag, content: "", **SMALL, **SMALL_MODEL)
+
+
 # ---------------------------------------------------------------- tokenizer and model
 
 

@@ -10,15 +10,14 @@ Model segments end with the closing tool tag (the generator stops there); tool s
 the string the rollout inserts, so SFT teaches what the agent sees during RL. The end-of-turn token
 is not part of the text: the chat template adds it after the assistant message.
 
-The thoughts are templates filled with the gold facts. A demonstration is kept only if the tool
-really returned them (the fact's value in the search result, the gold number from python), so no
+The thoughts are templates filled with the gold facts. A demonstration is kept only if the tools
+really returned them (the fact's sentence in the search output, the gold number from python), so no
 demonstration claims to read something the tools did not show; dropped ones are counted by the
 caller.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -72,9 +71,13 @@ def thought(fact: Fact) -> str:
     return "<think>" + spec.thought.format(entity=fact.entity, value=fact.value) + "</think>"
 
 
-def mentions(text: str, value: str) -> bool:
-    """Whether `value` appears in `text` as a whole word (so "48" does not match "4821")."""
-    return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text) is not None
+def shows(search_output: str, fact: Fact) -> bool:
+    """Whether a search output contains the sentence of the corpus that states `fact`.
+
+    The whole sentence, not just the value: a distractor may hold the same number.
+    """
+    spec = attribute_spec(fact.entity_type, fact.attribute)
+    return spec.passage.format(entity=fact.entity, value=fact.value) in search_output
 
 
 def build_demonstration(question: Question, run_tool: RunTool) -> Demonstration | None:
@@ -88,7 +91,7 @@ def build_demonstration(question: Question, run_tool: RunTool) -> Demonstration 
     model_text = PLANS[question.kind] + "\n"
     for fact in question.facts:
         raw_output = run_tool("search", fact.query)
-        if not mentions(raw_output, fact.value):
+        if not shows(raw_output, fact):
             return None
         segments += [Segment("model", model_text + f"<search>{fact.query}</search>"),
                      Segment("tool", format_result(raw_output))]

@@ -29,12 +29,12 @@ OPERATION_WORDS = {"+": "plus", "-": "minus", "*": "times"}
 BOTH_TEMPLATES = [
     ("city", "population", "+", "What is the total population of {first} and {second}?"),
     ("city", "population", "-", "How many more people live in {first} than in {second}?"),
-    ("city", "founded", "-", "How many years after {second} was {first} founded?"),
+    ("city", "founded", "-", "How many years younger is {first} than {second}?"),
     ("person", "age", "+", "What is the combined age of {first} and {second}?"),
     ("person", "age", "-", "How much older is {first} than {second}?"),
     ("company", "employees", "+", "How many employees do {first} and {second} have in total?"),
     ("company", "employees", "-", "How many more employees does {first} have than {second}?"),
-    ("company", "founded", "-", "How many years after {second} was {first} founded?"),
+    ("company", "founded", "-", "How many years younger is {first} than {second}?"),
 ]
 MAX_ATTEMPTS_PER_QUESTION = 200
 

@@ -22,8 +22,8 @@ def padded_vocab_size(tokenizer_size: int, multiple: int = VOCAB_MULTIPLE) -> in
 def make_tiny_model(
     tokenizer: PreTrainedTokenizerBase,
     seed: int,
-    hidden_size: int = 128,
-    num_layers: int = 4,
+    hidden_size: int = 64,
+    num_layers: int = 2,
     num_heads: int = 4,
     max_positions: int = 1024,
 ) -> PreTrainedModel:

@@ -71,5 +71,5 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         additional_special_tokens=[START_TOKEN],
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
-        model_max_length=2048,
+        model_max_length=1024,
     )

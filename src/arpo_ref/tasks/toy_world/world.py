@@ -20,6 +20,7 @@ import dataclasses
 import json
 import random
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -68,7 +69,8 @@ class ToyWorldConfig:
     num_eval: int = 60
     """Eval questions, disjoint from train and from the demonstrations."""
     num_sft: int = 1000
-    """Cold-start demonstrations (drawn like train, disjoint from eval)."""
+    """Cold-start demonstrations (drawn like train, disjoint from eval); fewer distinct ones are
+    memorised instead of teaching the model to copy from results."""
     kind_mix: dict[str, float] = field(default_factory=lambda: {"search": 1.0, "python": 1.0, "both": 1.0})
     """Relative weights of the question kinds search / python / both in both splits."""
     python_digits: int = 3
@@ -79,10 +81,10 @@ class ToyWorldConfig:
     """Operators python questions draw from."""
     tokenizer_vocab_size: int = 768
     """BPE vocabulary size before the ten tag tokens are added."""
-    model_hidden_size: int = 128
-    """Width of the tiny model."""
-    model_layers: int = 4
-    """Transformer blocks of the tiny model (at least 2 for copying by induction heads)."""
+    model_hidden_size: int = 64
+    """Width of the tiny model (64: ~0.1 s per SFT step of 16 sequences on 2 CPU cores)."""
+    model_layers: int = 2
+    """Transformer blocks of the tiny model (at least 2: copying needs an induction circuit)."""
     model_heads: int = 4
     """Attention heads (half as many key/value heads)."""
 
@@ -205,19 +207,25 @@ def build_toy_world(
         write_jsonl(path, records)
     tokenizer.save_pretrained(world.tokenizer_path)
     model.save_pretrained(world.model_path)
-    sizes = {
-        "entities": len(entities), "passages": len(corpus), "train": len(train),
-        "eval": len(evaluation), "demonstrations": len(demonstrations),
-        "demonstrations_dropped": len(sft_questions) - len(demonstrations),
-        "train_kinds": count_kinds(train), "eval_kinds": count_kinds(evaluation),
-        "demonstration_kinds": count_kinds(demonstrations),
-        "tokenizer": len(tokenizer), "model_vocab": model.config.vocab_size,
-        "model_parameters": sum(parameter.numel() for parameter in model.parameters()),
-    }
-    description = {"config": asdict(config), "sizes": sizes, "system_prompt": SYSTEM_PROMPT,
-                   "entities": [asdict(entity) for entity in entities]}
+    description = describe(world, entities, len(sft_questions), len(tokenizer), model)
     world.world_path.write_text(json.dumps(description, indent=2, ensure_ascii=False) + "\n")
     return world
+
+
+def describe(world: ToyWorld, entities: list, num_sft_questions: int, tokenizer_size: int,
+             model: PreTrainedModel) -> dict:
+    """The content of world.json: config, sizes, system prompt and the entity table."""
+    sizes = {
+        "entities": len(entities), "passages": len(world.corpus), "train": len(world.train),
+        "eval": len(world.eval), "demonstrations": len(world.demonstrations),
+        "demonstrations_dropped": num_sft_questions - len(world.demonstrations),
+        "train_kinds": count_kinds(world.train), "eval_kinds": count_kinds(world.eval),
+        "demonstration_kinds": count_kinds(world.demonstrations),
+        "tokenizer": tokenizer_size, "model_vocab": model.config.vocab_size,
+        "model_parameters": sum(parameter.numel() for parameter in model.parameters()),
+    }
+    return {"config": asdict(world.config), "sizes": sizes, "system_prompt": world.system_prompt,
+            "entities": [asdict(entity) for entity in entities]}
 
 
 def build_demonstrations(questions: list[Question], run_tool: RunTool, num_threads: int) -> list[Demonstration]:
@@ -236,7 +244,15 @@ def build_demonstrations(questions: list[Question], run_tool: RunTool, num_threa
 
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         built = list(pool.map(lambda question: build_demonstration(question, cached_run_tool), questions))
-    return [demonstration for demonstration in built if demonstration is not None]
+    demonstrations = [demonstration for demonstration in built if demonstration is not None]
+    dropped = len(questions) - len(demonstrations)
+    if questions and not demonstrations:
+        raise ValueError("the tools returned no gold fact or number for any demonstration; check "
+                         "that the search tool reads this world's corpus.jsonl and python prints")
+    if dropped:
+        warnings.warn(f"{dropped} of {len(questions)} demonstrations dropped because a tool output "
+                      "lacked the gold fact (search top_k or snippet length too small?)", stacklevel=3)
+    return demonstrations
 
 
 def replace_fields(config: ToyWorldConfig, overrides: dict) -> ToyWorldConfig:
