@@ -177,3 +177,11 @@ def test_pack_by_tokens_respects_the_budget():
     assert sorted(i for b in batches for i in b) == list(range(7))
     for b in batches:
         assert len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[b].tolist()) <= 80)
+
+
+def test_rollout_in_chunks_of_prompts(workspace):
+    """Bounding the KV cache by rolling out one prompt at a time still gives M leaves per prompt."""
+    metrics = train(load_config(overrides=overrides(workspace, "chunks", **{
+        "train.steps": 1, "train.prompts_per_step": 4, "train.rollout_batch_prompts": 1})), log=lambda *_: None)
+    assert metrics["rollout/leaves_global"] + metrics["rollout/leaves_branch"] + metrics["rollout/leaves_fill_up"] == 4
+    assert metrics["train/updates"] == 2

@@ -189,6 +189,8 @@ class TrainConfig:
     """Recompute activations in the backward pass: much less memory, ~30% more update time."""
     micro_batch_tokens: int = 0
     """Pack micro-batches by padded size (rows × longest row ≤ this); 0 = fixed `micro_batch_leaves`."""
+    rollout_batch_prompts: int = 0
+    """Roll out this process's prompts in chunks of this many (bounds the KV cache); 0 = all at once."""
 
     def validate(self) -> None:
         for name in ("steps", "prompts_per_step", "mini_batches", "micro_batch_leaves", "ppo_epochs"):
@@ -204,7 +206,7 @@ class TrainConfig:
         if self.dual_clip and self.dual_clip <= 1:
             raise ValueError("dual_clip must be > 1 (official: 3), or 0 to turn it off")
         for name in ("kl_coef", "entropy_coef", "max_grad_norm", "weight_decay", "warmup_steps",
-                     "eval_every", "save_every", "micro_batch_tokens"):
+                     "eval_every", "save_every", "micro_batch_tokens", "rollout_batch_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.keep_checkpoints < 1:

@@ -112,7 +112,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         prompts = [render_prompt(tokenizer, r.question, system) for r in records]
         # 2. adaptive rollout (ARPO §3.2)
         model.eval()
-        result = rollout(prompts, metadata=[{"question": r.question, "answer": r.answer} for r in records])
+        result = rollout_in_chunks(rollout, prompts, records, cfg.rollout_batch_prompts)
         if torch.cuda.is_available():  # the rollout's KV cache is gone: give its memory back
             torch.cuda.empty_cache()
         # 3. rewards (eq. 8)
@@ -205,6 +205,29 @@ def _take_prompts(records: list[Record], state: TrainState, per_step: int, seed:
         chosen.append(records[orders[epoch][position]])
     state.data_position += per_step
     return chosen[rank * per_process: (rank + 1) * per_process]
+
+
+def rollout_in_chunks(rollout: AdaptiveRollout, prompts: list[list[int]], records: list[Record], chunk: int):
+    """Roll out `prompts` at once, or `chunk` prompts at a time (a smaller KV cache); metrics are
+    summed for counters and times and averaged for per-prompt means."""
+    metadata = [{"question": r.question, "answer": r.answer} for r in records]
+    if not chunk or chunk >= len(prompts):
+        return rollout(prompts, metadata)
+    parts = [rollout(prompts[i: i + chunk], metadata[i: i + chunk]) for i in range(0, len(prompts), chunk)]
+    trees = []
+    for part in parts:
+        for tree in part.trees:
+            tree.prompt_index = len(trees)
+            trees.append(tree)
+    weights = [len(p.trees) / len(prompts) for p in parts]
+    metrics = {}
+    for key in parts[0].metrics:
+        values = [p.metrics.get(key, 0.0) for p in parts]
+        summed = key.startswith("time/") or key in ("rollout/generated_tokens", "rollout/prefill_tokens_saved",
+                                                     "rollout/branch_decisions", "rollout/branches",
+                                                     "rollout/branch_declined") or key.startswith("tools/calls") or key.startswith("tools/errors")
+        metrics[key] = sum(values) if summed else sum(v * w for v, w in zip(values, weights))
+    return type(parts[0])(trees, metrics)
 
 
 # ---------------------------------------------------------------------------- rewards
