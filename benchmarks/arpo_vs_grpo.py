@@ -2,6 +2,7 @@
 
     python benchmarks/arpo_vs_grpo.py                      # 3 seeds, the demo's settings
     python benchmarks/arpo_vs_grpo.py --seeds 0 1 --steps 10 --json results.json
+    python benchmarks/arpo_vs_grpo.py --aggregate seed0.json seed1.json seed2.json   # one process per seed
 
 For every seed: build the toy world and cold-start one agent (SFT), then train a copy of it with
 each rollout mode for the same number of steps and evaluate it (greedy pass@1 with tools).
@@ -79,8 +80,14 @@ def main() -> None:
     parser.add_argument("--out", default="runs/arpo_vs_grpo")
     parser.add_argument("--json", help="write per-seed results and the summary here")
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
+    parser.add_argument("--aggregate", nargs="+", help="only combine the --json files of earlier runs "
+                        "(e.g. one process per seed) into the table")
     args = parser.parse_args()
-    per_seed = [run_seed(seed, args) for seed in args.seeds]
+    if args.aggregate:
+        per_seed = [seed for path in args.aggregate for seed in json.loads(Path(path).read_text())["per_seed"]]
+        args.seeds = [s for path in args.aggregate for s in json.loads(Path(path).read_text()).get("seeds", [])]
+    else:
+        per_seed = [run_seed(seed, args) for seed in args.seeds]
     table = summarise(per_seed)
     print(f"\n{len(args.seeds)} seeds ({args.seeds}), mean ± std")
     print("| mode | eval accuracy | tool calls executed / prompt | tool calls in leaves / prompt | generated tokens / prompt | RL wall time (s) |")
@@ -89,7 +96,7 @@ def main() -> None:
         cells = [f"{m:.3f} ± {s:.3f}" if k == "accuracy" else f"{m:.1f} ± {s:.1f}" for k, (m, s) in row.items()]
         print(f"| {mode} | " + " | ".join(cells) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"per_seed": per_seed, "summary": table}, indent=2))
+        Path(args.json).write_text(json.dumps({"seeds": args.seeds, "per_seed": per_seed, "summary": table}, indent=2))
 
 
 if __name__ == "__main__":
