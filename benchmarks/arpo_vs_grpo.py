@@ -89,7 +89,7 @@ def main() -> None:
     else:
         per_seed = [run_seed(seed, args) for seed in args.seeds]
     table = summarise(per_seed)
-    print(f"\n{len(args.seeds)} seeds ({args.seeds}), mean ± std")
+    print(f"\n{len(per_seed)} seeds, mean ± std")
     print("| mode | eval accuracy | tool calls executed / prompt | tool calls in leaves / prompt | generated tokens / prompt | RL wall time (s) |")
     print("|---|---|---|---|---|---|")
     for mode, row in table.items():
