@@ -14,6 +14,7 @@ Symbols follow ARPO.md: M = rollout_budget, N = num_global, k = entropy_window,
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -368,10 +369,8 @@ def _coerce(tp: Any, value: Any, where: str, owner: type):
 def _coerce_scalar(tp: type, value: Any, where: str, owner: type):
     if tp is float and isinstance(value, str):
         # PyYAML reads "1e-6" (no dot) as a string; accept any exact float spelling.
-        try:
+        with contextlib.suppress(ValueError):  # not a number: the type check below reports it
             value = float(value)
-        except ValueError:
-            pass
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

@@ -30,6 +30,7 @@ Deviations and limits:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -303,10 +304,8 @@ class Generator:
         # With the model config the cache gets the right layer kinds (e.g. sliding-window layers).
         config = getattr(self.model, "config", None)
         if config is not None and hasattr(config, "get_text_config"):
-            try:
+            with contextlib.suppress(TypeError):  # transformers releases whose DynamicCache takes no config
                 return DynamicCache(config=config)
-            except TypeError:  # transformers releases whose DynamicCache takes no config
-                pass
         return DynamicCache()
 
     def _step_logits(self, rows: RowBatch, active: list[int]) -> torch.Tensor:
