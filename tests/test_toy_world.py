@@ -272,3 +272,20 @@ def test_bad_options_fail_with_a_clear_message(tmp_path):
         build(tmp_path / "typo", num_entitys=10)
     with pytest.raises(TypeError, match="exactly one"):
         build_toy_world(tmp_path / "none")
+
+
+def test_direct_answer_demonstrations_follow_the_configured_rate(tmp_path):
+    from arpo_ref.rewards import arpo_reward
+
+    world = build(tmp_path / "direct", num_sft=90, direct_answer_rate={"search": 0.0, "python": 1.0, "both": 0.5})
+    direct = [d for d in world.demonstrations if "<search>" not in d.response and "<python>" not in d.response]
+    kinds = {kind: sum(d.kind == kind for d in direct) for kind in ("search", "python", "both")}
+    both = sum(d.kind == "both" for d in world.demonstrations)
+    assert kinds["search"] == 0 and kinds["python"] == sum(d.kind == "python" for d in world.demonstrations)
+    assert 0 < kinds["both"] < both
+    for demonstration in direct:  # one model segment, format-valid, full reward
+        assert len(demonstration.segments) == 1 and demonstration.segments[0].kind == "model"
+        assert demonstration.response.startswith("<think>I can answer this directly.</think>")
+        assert arpo_reward(demonstration.response, demonstration.answer) == 1.0
+    with pytest.raises(ValueError, match="direct_answer_rate"):
+        build(tmp_path / "bad", direct_answer_rate={"python": 1.5})

@@ -185,3 +185,35 @@ def test_rollout_in_chunks_of_prompts(workspace):
         "train.steps": 1, "train.prompts_per_step": 4, "train.rollout_batch_prompts": 1})), log=lambda *_: None)
     assert metrics["rollout/leaves_global"] + metrics["rollout/leaves_branch"] + metrics["rollout/leaves_fill_up"] == 4
     assert metrics["train/updates"] == 2
+
+
+def test_adamw_steps_of_lr_1e6_vanish_in_bfloat16_weights():
+    """Why training keeps float32 weights by default (model.dtype auto). A first version loaded the
+    policy in bfloat16 on GPUs and trained it there: with the paper's lr 1e-6, AdamW's step (≈ lr
+    per weight) is far below the spacing of bfloat16 numbers near typical weights (~1e-4), so the
+    weights barely moved. Measured here on one AdamW step with a random gradient."""
+    torch.manual_seed(0)
+    start, grad = torch.randn(4096) * 0.02, torch.randn(4096)
+    changed = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.nn.Parameter(start.to(dtype).clone())
+        weight.grad = grad.to(dtype)
+        torch.optim.AdamW([weight], lr=1e-6, weight_decay=0.0).step()
+        changed[dtype] = (weight.detach() != start.to(dtype)).float().mean().item()
+    assert changed[torch.float32] > 0.99
+    assert changed[torch.bfloat16] < 0.05
+
+
+def test_training_loads_float32_weights_and_warns_about_16_bit_ones(workspace):
+    from arpo_ref.train import _check_trainable_precision, _mixed_precision, load_policy
+
+    config = load_config(overrides=overrides(workspace, "precision"))
+    assert next(load_policy(config, torch.device("cpu"), training=True)[0].parameters()).dtype == torch.float32
+    assert _mixed_precision("auto", cpu=True) == "no" and _mixed_precision("bf16", cpu=True) == "bf16"
+    messages = []
+    config = load_config(overrides=overrides(workspace, "precision", **{"model.dtype": "bfloat16"}))
+    model = load_policy(config, torch.device("cpu"), training=True)[0]
+    _check_trainable_precision(model, config, messages.append)
+    assert next(model.parameters()).dtype == torch.bfloat16 and "model.dtype=float32" in messages[0]
+    _check_trainable_precision(model.float(), config, messages.append)
+    assert len(messages) == 1

@@ -42,7 +42,11 @@ class ModelConfig:
     name_or_path: str = ""
     """Hugging Face hub name (e.g. Qwen/Qwen2.5-7B-Instruct) or a local folder with config.json."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights dtype; auto = bfloat16 on a GPU that supports it, float32 on CPU."""
+    """Weights dtype. auto: float32 for training (AdamW's master weights: a bfloat16 weight near 0.02
+    is spaced ~1e-4 from its neighbours, so a step of lr ≈ 1e-6 rounds away to nothing; the compute
+    still runs in bf16 through `train.mixed_precision: auto`); for evaluation alone, bfloat16 on a
+    GPU that supports it, float32 on CPU. An explicit bfloat16/float16 also trains in that dtype
+    (less memory) and the trainer warns."""
     trust_remote_code: bool = False
     """Allow model code from the hub (only for architectures transformers lacks)."""
 
@@ -184,8 +188,9 @@ class TrainConfig:
     """Extra loggers through Accelerate: 'tensorboard', 'wandb'."""
     cpu: bool = False
     """Force the CPU even when a GPU is present."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast for the update (through Accelerate); weights keep `model.dtype`."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast (through Accelerate) for the rollout and the update; weights keep `model.dtype`.
+    auto = bf16 on a GPU that supports it, no on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory, ~30% more update time."""
     micro_batch_tokens: int = 0

@@ -44,9 +44,14 @@ class MemoryEstimate:
 
 def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_process: int,
                     rollout_budget: int, prompt_tokens: int, response_tokens: int, micro_batch_leaves: int,
-                    gradient_checkpointing: bool = False) -> MemoryEstimate:
-    """Order-of-magnitude memory of one training process (see the module docstring)."""
+                    gradient_checkpointing: bool = False, compute_dtype: str | None = None) -> MemoryEstimate:
+    """Order-of-magnitude memory of one training process (see the module docstring).
+
+    `dtype` is the weights' dtype; `compute_dtype` the autocast dtype (default: the weights'),
+    which sizes the KV cache: under bf16 autocast the keys and values are bf16.
+    """
     size = BYTES.get(dtype, 4)
+    compute_size = BYTES.get(compute_dtype or dtype, 4)
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     layers = getattr(text, "num_hidden_layers", 0)
     hidden = getattr(text, "hidden_size", 0)
@@ -55,7 +60,7 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
     head_dim = getattr(text, "head_dim", None) or hidden // max(heads, 1)
     vocab = getattr(text, "vocab_size", 0)
     tokens = prompt_tokens + response_tokens
-    kv = prompts_per_process * rollout_budget * tokens * layers * 2 * kv_heads * head_dim * size
+    kv = prompts_per_process * rollout_budget * tokens * layers * 2 * kv_heads * head_dim * compute_size
     per_layer = 4 if gradient_checkpointing else 16
     activations = micro_batch_leaves * tokens * hidden * layers * per_layer
     logits = micro_batch_leaves * tokens * vocab * 4 * 2

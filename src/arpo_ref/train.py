@@ -67,10 +67,11 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     cfg = config.train
     run_dir = Path(cfg.output_dir)
     accelerator = Accelerator(cpu=cfg.cpu, log_with=cfg.trackers or None, project_dir=str(run_dir),
-                              mixed_precision=cfg.mixed_precision)
+                              mixed_precision=_mixed_precision(cfg.mixed_precision, cfg.cpu))
     set_seed(config.seed)
     if model is None or tokenizer is None:
-        model, tokenizer = load_policy(config, accelerator.device)
+        model, tokenizer = load_policy(config, accelerator.device, training=True)
+    _check_trainable_precision(model, config, log)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     reference = load_policy(config, accelerator.device)[0] if cfg.kl_coef > 0 else None
@@ -89,7 +90,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
                               seed=config.seed + 1000 * accelerator.process_index)
     per_process = _prompts_per_process(cfg, accelerator.num_processes)
     if accelerator.is_main_process:
-        log(_memory_line(policy, config, per_process))
+        log(_memory_line(policy, config, per_process, str(accelerator.mixed_precision)))
     state = TrainState()
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         state = _restore(load_checkpoint(checkpoint), accelerator, model, optimizer, scheduler, rollout,
@@ -112,7 +113,9 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         prompts = [render_prompt(tokenizer, r.question, system) for r in records]
         # 2. adaptive rollout (ARPO §3.2)
         model.eval()
+        timer = time.perf_counter()
         result = rollout_in_chunks(rollout, prompts, records, cfg.rollout_batch_prompts)
+        times = {"time/rollout": time.perf_counter() - timer}
         if torch.cuda.is_available():  # the rollout's KV cache is gone: give its memory back
             torch.cuda.empty_cache()
         # 3. rewards (eq. 8)
@@ -121,18 +124,23 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         batch = to_batch(result.trees, pad_token_id=tokenizer.pad_token_id or 0)
         advantages = estimator(batch)
         # 5. old log-probs
+        timer = time.perf_counter()
         if cfg.old_logprobs == "recompute":
             batch.old_logprobs = recompute_logprobs(policy, batch, tokenizer, cfg.micro_batch_leaves)
         reference_logprobs = (recompute_logprobs(reference, batch, tokenizer, cfg.micro_batch_leaves)
                               if reference is not None else None)
+        times["time/old_logprobs"] = time.perf_counter() - timer
         # 6. clipped policy-gradient update (ARPO.md §4)
         model.train()
+        timer = time.perf_counter()
         update_metrics = ppo_update(accelerator, model, optimizer, scheduler, batch, advantages,
                                     reference_logprobs, config, len(tokenizer))
+        times["time/update"] = time.perf_counter() - timer
+        times["train/trained_tokens"] = float(batch.loss_mask.sum())
         model.eval()
         state.step += 1
         # 7. log, evaluate, checkpoint
-        metrics = {**result.metrics, **reward_metrics, **update_metrics, "train/step": state.step,
+        metrics = {**result.metrics, **reward_metrics, **update_metrics, **times, "train/step": state.step,
                    "train/lr": scheduler.get_last_lr()[0], "time/step": time.perf_counter() - started,
                    "train/processes": accelerator.num_processes, "train/world_size": _world_size()}
         metrics = _mean_over_processes(accelerator, metrics)
@@ -157,7 +165,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
 
 
 # ---------------------------------------------------------------------------- loading
-def load_policy(config: Config, device):
+def load_policy(config: Config, device, training: bool = False):
+    """The model and tokenizer of `config.model`; `training` resolves dtype auto to float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = config.model.name_or_path
@@ -165,11 +174,34 @@ def load_policy(config: Config, device):
         raise ValueError("model.name_or_path is empty; set it to a hub name or a local model folder")
     dtype = config.model.dtype
     if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+        dtype = "float32" if training or not _bf16_gpu() else "bfloat16"
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype),
                                                  trust_remote_code=config.model.trust_remote_code)
     return model.to(device).eval(), tokenizer
+
+
+def _bf16_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _mixed_precision(value: str, cpu: bool) -> str:
+    if value != "auto":
+        return value
+    return "bf16" if _bf16_gpu() and not cpu else "no"
+
+
+def _check_trainable_precision(model, config: Config, log) -> None:
+    """Warn when the trained weights are 16-bit: AdamW's steps (≈ lr) fall below their spacing.
+
+    Measured with benchmarks/gpu_train_step.py --tiny at lr 1e-6: one update changed 28% of the
+    float32 weights and 0.6% of the bfloat16 ones (the rest rounded back to the old value).
+    """
+    dtype = next(model.parameters()).dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        log(f"warning: training {dtype} weights: AdamW steps of about lr = {config.train.learning_rate:g} "
+            "are mostly rounded away in 16-bit weights; use model.dtype=float32 (the default, auto) and "
+            "train.mixed_precision=bf16 for 16-bit compute")
 
 
 def _system_prompt(value: str) -> str | None:
@@ -348,11 +380,13 @@ class _null_context:
 
 
 # ---------------------------------------------------------------------------- bookkeeping
-def _memory_line(policy, config: Config, per_process: int) -> str:
+def _memory_line(policy, config: Config, per_process: int, mixed_precision: str) -> str:
     dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
+    compute = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, dtype)
+    per_process = min(per_process, config.train.rollout_batch_prompts or per_process)  # live in the KV cache
     estimate = estimate_memory(policy.config, sum(p.numel() for p in policy.parameters()), dtype, per_process,
                                config.rollout.rollout_budget, 512, config.rollout.max_response_tokens,
-                               config.train.micro_batch_leaves, config.train.gradient_checkpointing)
+                               config.train.micro_batch_leaves, config.train.gradient_checkpointing, compute)
     return estimate.describe() + " (prompts assumed ≤ 512 tokens)"
 
 

@@ -10,6 +10,12 @@ Model segments end with the closing tool tag (the generator stops there); tool s
 the string the rollout inserts, so SFT teaches what the agent sees during RL. The end-of-turn token
 is not part of the text: the chat template adds it after the assistant message.
 
+Direct answers: a share of the demonstrations (`ToyWorldConfig.direct_answer_rate`, per question
+kind) answers without any tool, "<think>I can answer this directly.</think>" then the gold answer,
+as a demonstrator who knew it would write. A tiny model cannot know these answers, so the
+cold-started agent imitates the form and guesses: it under-uses its tools, the behaviour ARPO's RL
+stage is there to fix (the plans differ at one token, " should" vs " can", after "<think>I").
+
 The thoughts are templates filled with the gold facts. A demonstration is kept only if the tools
 really returned them (the fact's sentence in the search output, the gold number from python), so no
 demonstration claims to read something the tools did not show; dropped ones are counted by the
@@ -31,6 +37,8 @@ PLANS = {
     "python": "<think>I should compute this with python.</think>",
     "both": "<think>I should search for both facts, then compute.</think>",
 }
+
+DIRECT_PLAN = "<think>I can answer this directly.</think>"
 
 RunTool = Callable[[str, str], str]
 """`run_tool(tag, content) -> raw output`: tag is "search" or "python", content the text between the
@@ -78,6 +86,12 @@ def shows(search_output: str, fact: Fact) -> bool:
     """
     spec = attribute_spec(fact.entity_type, fact.attribute)
     return spec.passage.format(entity=fact.entity, value=fact.value) in search_output
+
+
+def direct_demonstration(question: Question) -> Demonstration:
+    """A demonstration that answers `question` without tools (see the module docstring)."""
+    text = DIRECT_PLAN + f"\n<answer> \\boxed{{{question.answer}}} </answer>"
+    return Demonstration(question.id, question.question, question.answer, question.kind, [Segment("model", text)])
 
 
 def build_demonstration(question: Question, run_tool: RunTool) -> Demonstration | None:

@@ -39,6 +39,7 @@ from arpo_ref.tasks.toy_world.demonstrations import (
     RunTool,
     Segment,
     build_demonstration,
+    direct_demonstration,
 )
 from arpo_ref.tasks.toy_world.entities import make_entities
 from arpo_ref.tasks.toy_world.prompt import SYSTEM_PROMPT
@@ -73,6 +74,11 @@ class ToyWorldConfig:
     memorised instead of teaching the model to copy from results."""
     kind_mix: dict[str, float] = field(default_factory=lambda: {"search": 1.0, "python": 1.0, "both": 1.0})
     """Relative weights of the question kinds search / python / both in both splits."""
+    direct_answer_rate: dict[str, float] = field(default_factory=lambda: {"search": 0.0, "python": 0.0, "both": 0.0})
+    """Per question kind, the share of demonstrations that answer directly, without tools (the gold
+    answer after "<think>I can answer this directly.</think>"). The tiny model cannot know these
+    answers, so the cold-started agent guesses where it should call a tool: headroom for RL to
+    learn when to use tools (see demonstrations.py)."""
     python_digits: int = 3
     """Digits of each operand of python questions (3: products up to 6 digits)."""
     python_operands: int = 2
@@ -95,6 +101,9 @@ class ToyWorldConfig:
                 f"kind_mix={self.kind_mix} is invalid: use non-negative weights for {list(KINDS)}, "
                 "at least one positive"
             )
+        rates = self.direct_answer_rate
+        if set(rates) - set(KINDS) or any(not 0.0 <= float(rate) <= 1.0 for rate in rates.values()):
+            raise ValueError(f"direct_answer_rate={rates} is invalid: use rates in [0, 1] for kinds {list(KINDS)}")
         if set(self.python_operations) - set("+-*") or not self.python_operations:
             raise ValueError(f"python_operations={self.python_operations!r}: use a non-empty subset of '+-*'")
         if self.python_digits < 1 or self.python_operands < 2:
@@ -190,7 +199,9 @@ def build_toy_world(
     root.mkdir(parents=True, exist_ok=True)
     write_jsonl(root / "corpus.jsonl", corpus)
     run_tool = run_tool or make_run_tool(root / "corpus.jsonl")
-    demonstrations = build_demonstrations(sft_questions, run_tool, num_threads)
+    direct_draws = stream(config, "direct")
+    direct = [direct_draws.random() < config.direct_answer_rate.get(q.kind, 0.0) for q in sft_questions]
+    demonstrations = build_demonstrations(sft_questions, run_tool, num_threads, direct)
 
     # The text the model reads, with its real frequencies: each prompt repeats the system prompt.
     texts = [f"{passage.title} {passage.text}" for passage in corpus]
@@ -221,6 +232,7 @@ def describe(world: ToyWorld, entities: list, num_sft_questions: int, tokenizer_
         "demonstrations_dropped": num_sft_questions - len(world.demonstrations),
         "train_kinds": count_kinds(world.train), "eval_kinds": count_kinds(world.eval),
         "demonstration_kinds": count_kinds(world.demonstrations),
+        "direct_answer_demonstrations": count_kinds([d for d in world.demonstrations if len(d.segments) == 1]),
         "tokenizer": tokenizer_size, "model_vocab": model.config.vocab_size,
         "model_parameters": sum(parameter.numel() for parameter in model.parameters()),
     }
@@ -228,8 +240,11 @@ def describe(world: ToyWorld, entities: list, num_sft_questions: int, tokenizer_
             "entities": [asdict(entity) for entity in entities]}
 
 
-def build_demonstrations(questions: list[Question], run_tool: RunTool, num_threads: int) -> list[Demonstration]:
-    """Demonstrations of `questions` in order, dropping those whose tools missed the gold facts."""
+def build_demonstrations(questions: list[Question], run_tool: RunTool, num_threads: int,
+                         direct: list[bool] | None = None) -> list[Demonstration]:
+    """Demonstrations of `questions` in order, dropping those whose tools missed the gold facts;
+    where `direct[i]` is true, question i gets a direct answer without tools instead."""
+    direct = direct or [False] * len(questions)
     cache: dict[tuple[str, str], str] = {}
     lock = threading.Lock()
 
@@ -243,7 +258,8 @@ def build_demonstrations(questions: list[Question], run_tool: RunTool, num_threa
         return output
 
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        built = list(pool.map(lambda question: build_demonstration(question, cached_run_tool), questions))
+        built = list(pool.map(lambda question, no_tools: direct_demonstration(question) if no_tools
+                              else build_demonstration(question, cached_run_tool), questions, direct))
     demonstrations = [demonstration for demonstration in built if demonstration is not None]
     dropped = len(questions) - len(demonstrations)
     if questions and not demonstrations:
