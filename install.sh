@@ -5,6 +5,7 @@
 #   ./install.sh demo       the package plus matplotlib (the demo's plot)
 #   ./install.sh dev        the package plus the test tools (pytest, ruff, nbclient)
 #   ./install.sh dev demo   both
+#   ./install.sh lora       the package plus peft (LoRA adapters, model.lora.enabled=true)
 #
 # PyTorch is installed first, on purpose: a bare "torch" requirement on a machine without torch
 # pulls the multi-GB CUDA build. So:
@@ -35,8 +36,8 @@ fi
 extras=""
 for extra in "$@"; do
   case "$extra" in
-    dev|demo) extras="${extras:+$extras,}$extra" ;;
-    *) echo "install.sh: unknown extra '$extra' (use: dev, demo)" >&2; exit 2 ;;
+    dev|demo|lora) extras="${extras:+$extras,}$extra" ;;
+    *) echo "install.sh: unknown extra '$extra' (use: dev, demo, lora)" >&2; exit 2 ;;
   esac
 done
 pip install -e ".${extras:+[$extras]}"

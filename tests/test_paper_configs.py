@@ -73,3 +73,20 @@ def test_paper_config_runs_one_step_on_tiny_stand_ins(path, stand_ins, tmp_path)
     metrics = train(load_config(path, overrides), log=lambda *_: None)
     assert metrics["train/step"] == 1 and metrics["train/updates"] == config.train.mini_batches
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_gpu_step_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
+    """benchmarks/gpu_train_step.py is run by hand on GPUs; keep it working (CPU, tiny model)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_train_step import main
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "step.json"
+    main(["--tiny", "--json", str(out), "rollout.max_response_tokens=24", "train.prompts_per_step=2",
+          "train.rollout_batch_prompts=2", "train.mini_batches=1", "rollout.rollout_budget=2", "rollout.num_global=1"])
+    result = json.loads(out.read_text())
+    assert result["parameters"] > 0 and result["metrics"]["train/step"] == 1
+    assert result["generated_tokens_per_second"] > 0 and 0 < result["fraction_of_weights_changed"] <= 1

@@ -38,6 +38,38 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------- sections
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters W = W₀ + (α/r)·B·A on the policy (arpo_ref.lora; needs `pip install arpo_ref[lora]`)."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of every weight; the base weights W₀ stay frozen. The run's
+    final/ folder holds the merged model (W₀ + (α/r)·B·A), loadable without peft."""
+    rank: int = 16
+    """r: rank of the update B·A (A is r × d_in, B is d_out × r)."""
+    alpha: float = 32.0
+    """α: the update is scaled by α / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during the update; 0 keeps the first mini-batch's ratio
+    π/π_old at exactly 1, as the rollout and log π_old run without dropout."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Names of the linear layers to adapt, matched at the end of module paths (e.g. [q_proj, v_proj]);
+    [all-linear] = every linear layer but the output head."""
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ValueError("rank (r) must be >= 1")
+        if self.alpha <= 0:
+            raise ValueError("alpha (α) must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1); 0 = off")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty; name the layers to adapt, or use [all-linear]")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError("target_modules: 'all-linear' already names every linear layer; "
+                             "use [all-linear] alone or list the layer names")
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = ""
     """Hugging Face hub name (e.g. Qwen/Qwen2.5-7B-Instruct) or a local folder with config.json."""
@@ -46,9 +78,12 @@ class ModelConfig:
     is spaced ~1e-4 from its neighbours, so a step of lr ≈ 1e-6 rounds away to nothing; the compute
     still runs in bf16 through `train.mixed_precision: auto`); for evaluation alone, bfloat16 on a
     GPU that supports it, float32 on CPU. An explicit bfloat16/float16 also trains in that dtype
-    (less memory) and the trainer warns."""
+    (less memory) and the trainer warns; with model.lora on, only the frozen base takes that
+    dtype (the adapters stay float32), so bfloat16 halves the base's memory without that rounding."""
     trust_remote_code: bool = False
     """Allow model code from the hub (only for architectures transformers lacks)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Optional LoRA adapters for RL training (off by default: every weight is trained)."""
 
 
 @dataclass
@@ -123,9 +158,11 @@ class RolloutConfig:
 @dataclass
 class DataConfig:
     train_path: str = ""
-    """Training prompts: a jsonl / json / parquet file (or a hub dataset name) with questions and answers."""
+    """Training prompts with questions and answers: a .jsonl / .json / .parquet file, a folder saved
+    with datasets' `save_to_disk`, or a hub dataset written hf://owner/name[/config][:split]
+    (split defaults to train), e.g. hf://openai/gsm8k/main:train."""
     eval_path: str = ""
-    """Evaluation prompts in the same format; empty = no periodic evaluation."""
+    """Evaluation prompts in the same forms (e.g. hf://openai/gsm8k/main:test); empty = no periodic evaluation."""
     question_field: str = "question"
     """Field holding the question text (official ARPO parquet: handled automatically)."""
     answer_field: str = "answer"

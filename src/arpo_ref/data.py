@@ -1,19 +1,30 @@
 """Prompts with gold answers: loading and checking question/answer records.
 
-Supported inputs (chosen by file extension):
+Supported inputs:
 * `.jsonl` — one JSON object per line with a question field and an answer field (names configurable);
 * `.json` — a list of such objects;
 * `.parquet` — the same columns, or the official ARPO layout: `prompt` (a list of chat messages whose
-  last user message is the question), `reward_model.ground_truth` (the gold answer), `data_source`.
-A malformed row is an error naming the file, the row index and the missing or bad field; nothing
-is dropped silently.
+  last user message is the question), `reward_model.ground_truth` (the gold answer), `data_source`;
+* a folder written by `datasets.Dataset.save_to_disk` (one split; of a saved `DatasetDict`, point
+  at the split's sub-folder, e.g. `saved/train`);
+* a Hugging Face hub dataset, written `hf://owner/name[/config][:split]` and read with
+  `datasets.load_dataset(owner/name, config, split=split)`; the split defaults to `train` and may
+  be a slice (`hf://openai/gsm8k/main:test[:100]`).
+Every row of every input goes through the same checks (either layout above). A malformed row is
+an error naming the source, the row index and the missing or bad field; nothing is dropped silently.
+
+`datasets` is imported only for the last two inputs: importing it takes seconds.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+HUB_PREFIX = "hf://"
+HUB_SYNTAX = "hf://owner/name[/config][:split], e.g. hf://openai/gsm8k/main:test"
 
 
 class DataError(ValueError):
@@ -32,14 +43,23 @@ class Record:
 
 
 def load_records(path: str | Path, question_field: str = "question", answer_field: str = "answer") -> list[Record]:
-    """Read every row of `path` into a `Record`, failing clearly on any malformed row."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist; check data.train_path / data.eval_path")
-    rows = _read_rows(path)
+    """Read every row of `path` (a file, a saved dataset folder or `hf://…`) into a `Record`,
+    failing clearly on any malformed row."""
+    source = str(path)
+    if not source:
+        raise DataError(f"no data path given; set data.train_path / data.eval_path to a file, "
+                        f"a saved dataset folder or a hub dataset ({HUB_SYNTAX})")
+    if source.startswith(HUB_PREFIX):
+        rows = _hub_rows(source)
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"data file {path} does not exist; check data.train_path / data.eval_path"
+                            + _hub_hint(source))
+        rows = _saved_dataset_rows(path) if path.is_dir() else _read_rows(path)
     if not rows:
-        raise DataError(f"data file {path} has no rows")
-    return [_to_record(row, i, path, question_field, answer_field) for i, row in enumerate(rows)]
+        raise DataError(f"data file {source} has no rows")
+    return [_to_record(row, i, source, question_field, answer_field) for i, row in enumerate(rows)]
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -69,8 +89,59 @@ def _read_rows(path: Path) -> list[dict]:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
-def _to_record(row, index: int, path: Path, question_field: str, answer_field: str) -> Record:
-    where = f"{path}, row {index}"
+# ---------------------------------------------------------------------------- datasets library
+def parse_hub_name(spec: str) -> tuple[str, str | None, str]:
+    """`hf://owner/name[/config][:split]` -> (repository id, config or None, split)."""
+    repository, _, split = spec.removeprefix(HUB_PREFIX).partition(":")
+    parts = repository.split("/")
+    if len(parts) not in (2, 3) or not all(re.fullmatch(r"[\w.-]+", p) for p in parts):
+        raise DataError(f"{spec!r} is not a hub dataset name; write {HUB_SYNTAX}")
+    return "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None), split or "train"
+
+
+def _hub_rows(spec: str) -> list[dict]:
+    repository, config, split = parse_hub_name(spec)
+    import datasets  # slow to import: only when a hub dataset is asked for
+
+    try:
+        dataset = datasets.load_dataset(repository, name=config, split=split)
+    except Exception as e:  # network, unknown repository / config / split: all re-raised with the name
+        raise DataError(f"{spec}: could not load hub dataset {repository!r} (config {config!r}, split "
+                        f"{split!r}): {type(e).__name__}: {e}") from e
+    return _dataset_rows(dataset, spec)
+
+
+def _saved_dataset_rows(path: Path) -> list[dict]:
+    if not any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
+        raise DataError(f"{path} is a folder but not a dataset saved with `save_to_disk` (no state.json); "
+                        f"point data.train_path / data.eval_path at a .jsonl / .json / .parquet file")
+    import datasets  # slow to import: only when a saved dataset is asked for
+
+    return _dataset_rows(datasets.load_from_disk(str(path)), str(path))
+
+
+def _dataset_rows(dataset, where: str) -> list[dict]:
+    import datasets
+
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = sorted(dataset)
+        raise DataError(f"{where} holds several splits {splits}; point at one split's folder, "
+                        f"e.g. {Path(where) / splits[0]}")
+    if not isinstance(dataset, datasets.Dataset):
+        raise DataError(f"{where}: expected a datasets.Dataset, got {type(dataset).__name__}")
+    return dataset.to_list()
+
+
+def _hub_hint(source: str) -> str:
+    """A missing local path that reads like owner/name[:split] was probably meant for the hub."""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w.-]+)?(:.+)?", source) and not Path(source).suffix:
+        return f"; for a Hugging Face hub dataset write {HUB_PREFIX}{source}"
+    return ""
+
+
+# ---------------------------------------------------------------------------- row checks
+def _to_record(row, index: int, source: str, question_field: str, answer_field: str) -> Record:
+    where = f"{source}, row {index}"
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
     if question_field not in row and "prompt" in row and "reward_model" in row:

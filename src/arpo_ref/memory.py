@@ -44,12 +44,15 @@ class MemoryEstimate:
 
 def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_process: int,
                     rollout_budget: int, prompt_tokens: int, response_tokens: int, micro_batch_leaves: int,
-                    gradient_checkpointing: bool = False, compute_dtype: str | None = None) -> MemoryEstimate:
+                    gradient_checkpointing: bool = False, compute_dtype: str | None = None,
+                    trainable_parameters: int | None = None) -> MemoryEstimate:
     """Order-of-magnitude memory of one training process (see the module docstring).
 
     `dtype` is the weights' dtype; `compute_dtype` the autocast dtype (default: the weights'),
     which sizes the KV cache: under bf16 autocast the keys and values are bf16.
+    `trainable_parameters` (default: all) size the gradients and AdamW state (LoRA: the adapters).
     """
+    trainable = num_parameters if trainable_parameters is None else trainable_parameters
     size = BYTES.get(dtype, 4)
     compute_size = BYTES.get(compute_dtype or dtype, 4)
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
@@ -64,8 +67,8 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
     per_layer = 4 if gradient_checkpointing else 16
     activations = micro_batch_leaves * tokens * hidden * layers * per_layer
     logits = micro_batch_leaves * tokens * vocab * 4 * 2
-    return MemoryEstimate(weights=num_parameters * size, gradients=num_parameters * size,
-                          optimizer=num_parameters * 8, kv_cache=kv, activations=activations, logits=logits)
+    return MemoryEstimate(weights=num_parameters * size, gradients=trainable * size,
+                          optimizer=trainable * 8, kv_cache=kv, activations=activations, logits=logits)
 
 
 def pack_by_tokens(lengths: torch.Tensor, max_tokens: int, max_rows: int) -> list[list[int]]:

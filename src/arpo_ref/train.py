@@ -41,6 +41,7 @@ from .data import Record, load_records
 from .episode import render_prompt, system_prompt
 from .evaluate import evaluate
 from .generation import Generator
+from .lora import AdaptersOff, apply_lora, has_lora, save_pretrained_merged
 from .loss import policy_loss
 from .memory import estimate_memory, pack_by_tokens
 from .rollout import AdaptiveRollout
@@ -74,7 +75,9 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     _check_trainable_precision(model, config, log)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    reference = load_policy(config, accelerator.device)[0] if cfg.kl_coef > 0 else None
+    reference = None
+    if cfg.kl_coef > 0:  # π_ref; with LoRA, the same weights with the adapters off (no second copy)
+        reference = AdaptersOff(model) if has_lora(model) else load_policy(config, accelerator.device)[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
@@ -157,7 +160,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
             _save(accelerator, run_dir, model, optimizer, scheduler, rollout, state, cfg.keep_checkpoints)
     progress.close()
     if accelerator.is_main_process:
-        policy.save_pretrained(run_dir / "final")
+        save_pretrained_merged(policy, run_dir / "final")  # LoRA: merged, loadable without peft
         tokenizer.save_pretrained(run_dir / "final")
     accelerator.end_training()
     registry.close()
@@ -166,7 +169,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
 
 # ---------------------------------------------------------------------------- loading
 def load_policy(config: Config, device, training: bool = False):
-    """The model and tokenizer of `config.model`; `training` resolves dtype auto to float32."""
+    """The model and tokenizer of `config.model`; `training` resolves dtype auto to float32 and
+    adds the LoRA adapters of `model.lora` when enabled (arpo_ref.lora)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = config.model.name_or_path
@@ -178,6 +182,8 @@ def load_policy(config: Config, device, training: bool = False):
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype),
                                                  trust_remote_code=config.model.trust_remote_code)
+    if training:  # before eval(): the adapters' dropout layers must follow the model's mode
+        model = apply_lora(model, config.model.lora)
     return model.to(device).eval(), tokenizer
 
 
@@ -197,7 +203,7 @@ def _check_trainable_precision(model, config: Config, log) -> None:
     Measured with benchmarks/gpu_train_step.py --tiny at lr 1e-6: one update changed 28% of the
     float32 weights and 0.6% of the bfloat16 ones (the rest rounded back to the old value).
     """
-    dtype = next(model.parameters()).dtype
+    dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)  # LoRA: the adapters'
     if dtype in (torch.bfloat16, torch.float16):
         log(f"warning: training {dtype} weights: AdamW steps of about lr = {config.train.learning_rate:g} "
             "are mostly rounded away in 16-bit weights; use model.dtype=float32 (the default, auto) and "
@@ -386,7 +392,8 @@ def _memory_line(policy, config: Config, per_process: int, mixed_precision: str)
     per_process = min(per_process, config.train.rollout_batch_prompts or per_process)  # live in the KV cache
     estimate = estimate_memory(policy.config, sum(p.numel() for p in policy.parameters()), dtype, per_process,
                                config.rollout.rollout_budget, 512, config.rollout.max_response_tokens,
-                               config.train.micro_batch_leaves, config.train.gradient_checkpointing, compute)
+                               config.train.micro_batch_leaves, config.train.gradient_checkpointing, compute,
+                               sum(p.numel() for p in policy.parameters() if p.requires_grad))
     return estimate.describe() + " (prompts assumed ≤ 512 tokens)"
 
 

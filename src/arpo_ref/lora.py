@@ -1,0 +1,141 @@
+"""LoRA adapters on the policy (Hu et al. 2021, "LoRA", arXiv 2106.09685, eq. 3), through `peft`.
+
+    h = W₀·x + (α/r)·B·A·x        A: (r, d_in)   B: (d_out, r)   B = 0 at the start
+
+Only A and B are trained (`model.lora`); W₀ stays frozen. Since B starts at 0, the adapted policy
+starts equal to the base one, so the base with its adapters switched off *is* π_ref, the initial
+policy of the KL penalty. `peft` is optional: `pip install arpo_ref[lora]`.
+
+Deviations from the usual `peft.get_peft_model` recipe, and why:
+1. The policy stays the transformers model (`get_peft_model(...).get_base_model()`: the same object
+   with its linear layers replaced by LoRA layers), not a `PeftModel` wrapper. The generator reads
+   `model.forward`'s signature to pass `logits_to_keep` and the KV cache; the wrapper's
+   `forward(**kwargs)` hides both, so every prefill would compute logits at all positions (B × T × V)
+   and the cache would be passed under an old, deprecated name.
+2. π_ref for the KL penalty is the same model called with its adapters off (`AdaptersOff`), not a
+   second copy of the weights, and it keeps the policy's dtype.
+3. The run's final model is saved merged (W₀ + (α/r)·B·A in the base model's own layout,
+   `save_pretrained_merged`), so `arpo-ref eval`, vLLM and `from_pretrained` load it without peft.
+   The adapter alone is not saved separately; the checkpoints hold it (keys `…lora_A…`, `…lora_B…`).
+4. A model passed to `train(model=...)` is used as it is: call `apply_lora` on it first to train
+   adapters on it; `train` adds them only to the model it loads itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .config import LoRAConfig
+
+
+def apply_lora(model, config: LoRAConfig):
+    """Replace the `config.target_modules` linear layers of `model` by LoRA layers (rank r =
+    `config.rank`, scale α/r = `config.alpha / config.rank`) and freeze every other weight.
+
+    Returns the same model object, now adapted; `model` untouched when `config.enabled` is off or
+    it already has adapters. Fails with an install hint when peft is missing, and lists the
+    model's linear layers when `target_modules` matches none of them.
+    """
+    if not config.enabled or has_lora(model):
+        return model
+    peft = _import_peft()
+    targets = "all-linear" if config.target_modules == ["all-linear"] else list(config.target_modules)
+    settings = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                               target_modules=targets, bias="none")
+    try:
+        adapted = peft.get_peft_model(model, settings).get_base_model()
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"model.lora.target_modules={config.target_modules}: {e}; "
+                         f"this model's linear layers are {names}") from None
+    # Reentrant gradient checkpointing back-propagates into a block only when the block's input
+    # needs a gradient; with the embeddings frozen none would, and the adapters would learn nothing.
+    adapted.enable_input_require_grads()
+    return adapted
+
+
+def has_lora(model) -> bool:
+    """Whether `model` holds peft LoRA layers."""
+    if "peft" not in sys.modules:  # no peft imported, so no LoRA layer can exist; skip the slow import
+        return False
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Within the block `model` computes its base policy W₀·x (adapters off); on leaving, the
+    adapters that were on are switched back on (also after an exception)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    switched = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    for layer in switched:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in switched:
+            layer.enable_adapters(True)
+
+
+class AdaptersOff:
+    """π_ref as seen through a LoRA policy: every call runs `model` with its adapters off.
+
+    Offers what `train.recompute_logprobs` needs of a model: `parameters()` and a call.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, *args, **kwargs):
+        with adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
+
+
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The weights with each LoRA update folded in, W = W₀ + (α/r)·B·A (peft's `get_delta_weight`),
+    under the base model's own names (no `base_layer.`, no `lora_A`/`lora_B`). `model` is unchanged;
+    the merged matrices are new tensors on the weights' device."""
+    from peft.tuners.lora import LoraLayer
+
+    state = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        state[".".join(p for p in parts if p != "base_layer")] = value
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer) and not layer.disable_adapters and not layer.merged:
+            weight = layer.get_base_layer().weight
+            for adapter in layer.active_adapters:
+                weight = weight + layer.get_delta_weight(adapter)
+            state[f"{name}.weight"] = weight.detach()
+    return state
+
+
+def save_pretrained_merged(model, path: str | Path) -> None:
+    """`model.save_pretrained(path)`; a LoRA model is saved merged (`merged_state_dict`), so the
+    folder loads with `AutoModelForCausalLM.from_pretrained` alone, without peft."""
+    if has_lora(model):
+        model.save_pretrained(path, state_dict=merged_state_dict(model))
+    else:
+        model.save_pretrained(path)
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError("model.lora.enabled needs the peft library: pip install 'arpo_ref[lora]' "
+                          "(or pip install 'peft>=0.13'), or set model.lora.enabled=false") from e
+    return peft
