@@ -1,25 +1,19 @@
-"""Search tool: BM25 against a brute-force reference, the official-format cache, load errors."""
+"""Search tool: answers from the BM25 corpus, result format, the official-format cache, plugged
+backends, load errors (the BM25 index itself: test_tools_bm25.py)."""
 
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections import Counter
 
-import numpy as np
 import pytest
 
 from arpo_ref.tools import (
     NO_RESULTS,
-    BM25Index,
     Passage,
     SearchTool,
     SearchToolConfig,
     format_passages,
-    load_corpus,
     load_query_cache,
-    tokenize,
 )
 from arpo_ref.tools import bm25 as bm25_module
 
@@ -48,35 +42,6 @@ def corpus(tmp_path):
     return write_corpus(tmp_path / "corpus.jsonl", PASSAGES)
 
 
-def brute_force_bm25(documents, query, k1, b):
-    """Okapi BM25 with the Lucene idf, written from the textbook formula with no shared code."""
-    tokenized = [re.findall(r"\w+", document.lower()) for document in documents]
-    average = sum(len(tokens) for tokens in tokenized) / len(tokenized)
-    scores = []
-    for tokens in tokenized:
-        counts, score = Counter(tokens), 0.0
-        for term in re.findall(r"\w+", query.lower()):
-            containing = sum(term in other for other in tokenized)
-            idf = math.log(1 + (len(tokenized) - containing + 0.5) / (containing + 0.5))
-            tf = counts[term]
-            score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(tokens) / average))
-        scores.append(score)
-    return scores
-
-
-@pytest.mark.parametrize("query", ["capital of France", "python snake", "Berlin Berlin museums",
-                                   "highest mountain", "the", "unknownword"])
-@pytest.mark.parametrize("k1, b", [(1.2, 0.75), (2.0, 0.0), (0.5, 1.0)])
-def test_bm25_matches_brute_force(query, k1, b):
-    documents = [f"{p['title']} {p['text']}" for p in PASSAGES]
-    index = BM25Index.build([tokenize(document) for document in documents])
-    expected = brute_force_bm25(documents, query, k1, b)
-    np.testing.assert_allclose(index.scores(query, k1, b), expected, rtol=1e-12, atol=1e-12)
-    ranked = [position for position, _ in index.search(query, 10, k1, b)]
-    by_reference = sorted((i for i, s in enumerate(expected) if s > 0), key=lambda i: (-expected[i], i))
-    assert ranked == by_reference
-
-
 @pytest.mark.parametrize("query, best_title", [
     ("What is the capital of France?", "Paris"),
     ("capital of Germany", "Berlin"),
@@ -99,32 +64,6 @@ def test_result_format_top_k_and_snippet_cut(corpus):
     assert tool("zzzz qqqq").text == NO_RESULTS
     assert format_passages([]) == NO_RESULTS
     assert format_passages([Passage("T", "x" * 2000)]) == "Page 1: T: " + "x" * 997
-
-
-def test_index_is_saved_and_reused(corpus, tmp_path, monkeypatch):
-    SearchTool(SearchToolConfig(corpus_path=str(corpus)))
-    saved = list(tmp_path.glob("corpus.jsonl.bm25-*.npz"))
-    assert len(saved) == 1
-    monkeypatch.setattr(bm25_module, "_MEMORY_CACHE", {})
-    monkeypatch.setattr(BM25Index, "build", classmethod(lambda cls, docs: pytest.fail("rebuilt")))
-    assert SearchTool(SearchToolConfig(corpus_path=str(corpus)))("Everest").text.startswith("Page 1: Mount")
-
-
-def test_changed_corpus_is_reindexed_and_cache_dir_is_used(corpus, tmp_path):
-    folder = tmp_path / "index"
-    config = SearchToolConfig(corpus_path=str(corpus), index_cache_dir=str(folder))
-    assert SearchTool(config)("Lyon cuisine").text.startswith("Page 1: Lyon")
-    write_corpus(corpus, PASSAGES + [{"title": "Marseille", "text": "Marseille is a port."}])
-    assert SearchTool(config)("Marseille port").text.startswith("Page 1: Marseille")
-    assert len(list(folder.glob("*.npz"))) == 2
-
-
-def test_corrupt_saved_index_is_rebuilt(corpus, tmp_path, monkeypatch):
-    SearchTool(SearchToolConfig(corpus_path=str(corpus)))
-    saved = next(tmp_path.glob("*.npz"))
-    saved.write_bytes(b"not a zip file")
-    monkeypatch.setattr(bm25_module, "_MEMORY_CACHE", {})
-    assert SearchTool(SearchToolConfig(corpus_path=str(corpus)))("Paris").text.startswith("Page 1: Paris")
 
 
 # ---------------------------------------------------------------------------- query cache
@@ -166,21 +105,6 @@ def test_corrupt_cache_names_the_file(tmp_path, content, message):
         load_query_cache(path)
     with pytest.raises(ValueError, match=message):
         SearchTool(SearchToolConfig(cache_path=str(path), cache_miss_policy="no_result"))
-
-
-@pytest.mark.parametrize("lines, message", [
-    (['{"title": "a", "text": "b"}', '{"title": "c", "text": "d"', ""], r"corpus.jsonl:2: not valid JSON"),
-    (['{"title": "a", "text": "b"}', "", '{"title": "c"}'], r"corpus.jsonl:3: expected a JSON object"),
-    (['{"title": 3, "text": "b"}'], r"corpus.jsonl:1: expected a JSON object with string fields"),
-    (['["title", "text"]'], r"corpus.jsonl:1: expected a JSON object"),
-])
-def test_corrupt_corpus_names_the_file_and_line(tmp_path, lines, message):
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("\n".join(lines))
-    with pytest.raises(ValueError, match=message):
-        load_corpus(path)
-    with pytest.raises(ValueError, match=message):
-        SearchTool(SearchToolConfig(corpus_path=str(path)))
 
 
 def test_missing_files_fail_at_construction(tmp_path):

@@ -1,8 +1,9 @@
 """Okapi BM25 over a local passage corpus: the offline search backend (ARPO.md §5).
 
 The official code searches the web (Bing) behind a query cache; this project searches a local
-corpus so that runs are reproducible and work offline. Scoring, for query tokens q_1..q_n
-(repeated tokens count once per occurrence) and a passage D of |D| tokens:
+corpus (a jsonl file of passages, read by corpus.py) so that runs are reproducible and work
+offline. Scoring, for query tokens q_1..q_n (repeated tokens count once per occurrence) and a
+passage D of |D| tokens:
 
     score(D, Q) = Σ_i idf(q_i) · tf(q_i, D) · (k1 + 1) / (tf(q_i, D) + k1 · (1 − b + b · |D| / avgdl))
     idf(q)      = ln(1 + (N − df(q) + 0.5) / (df(q) + 0.5))
@@ -11,43 +12,73 @@ with N passages and df(q) passages containing q. This idf is the Lucene variant 
 Spärck Jones idf: it is never negative, so a very common word cannot push a passage down.
 Tokens are lower-cased `\\w+` runs of "title text". Ties are broken by corpus order.
 
-The index (postings in CSR form: for each term, the passages containing it and the counts) is
-built once per corpus content and kept in memory, and saved as a `.npz` file keyed by the
-corpus's SHA-256 (next to the corpus or in a cache folder) so later runs skip the build.
-A corpus line that is not a JSON object with string `title` and `text` fails at load, naming
-the file and the line.
+The index is built once per corpus and saved as a folder of `.npy` arrays that are memory-mapped
+when loaded, so a Wikipedia-size corpus (millions of passages) loads in well under a second and
+neither the index nor the passage text is held in memory:
+
+    <index_cache_dir, or the corpus's folder>/<corpus file name>.bm25-<key>/
+        vocabulary_bytes.npy    (bytes,) uint8   UTF-8 of the sorted terms, concatenated
+        vocabulary_offsets.npy  (V + 1,) int64   term t (its rank) is bytes [o[t], o[t+1])
+        term_offsets.npy        (V + 1,) int64   postings of term t are [o[t], o[t+1])
+        posting_passages.npy    (P,) int32       passage of each posting, ascending per term
+        posting_counts.npy      (P,) int32       tf of the term in that passage
+        passage_lengths.npy     (N,) int32       tokens per passage
+        passage_spans.npy       (N, 2) int64     byte range [start, end) of each passage's line
+        meta.json               format version, corpus size / mtime / SHA-256, N, V, P
+
+The build streams the corpus once (corpus.scan_passages; a tqdm bar on a terminal); postings
+are collected in chunks of `CHUNK_POSTINGS`, spilled to the build folder and merged by a counting
+sort into memory-mapped outputs, so the build holds the vocabulary and one chunk in memory.
+
+Staleness (size + mtime, confirmed by a content hash): the folder key is the SHA-256 of the
+corpus size and its first and last MiB; meta.json keeps the size, the mtime and the SHA-256 of the
+whole file (hashed while building, at no extra read). An index is reused when size and mtime
+match; when only the mtime differs (a copy, a `touch`) the file is hashed once and the index is
+reused if the hash matches; otherwise it is rebuilt. Not detected: an in-place edit that keeps
+the size, the first and last MiB and the mtime (delete the index folder then).
+
+Atomicity: a build writes into a hidden `.<name>.tmp-*` folder next to the target, meta.json
+last, then renames it into place, so a killed build never leaves a corrupt index, only a
+temporary folder that is never read (safe to delete). If the index folder is not writable, the
+index is built in a temporary folder removed at exit: a read-only data folder costs a rebuild.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
-import zipfile
+import warnings
+from array import array
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 
-INDEX_FORMAT_VERSION = 1
-"""Bumped whenever tokenisation or the saved layout changes, so old index files are rebuilt."""
+from .corpus import Passage, PassageFile, existing_corpus, file_sha256, scan_passages
+from .corpus import load_corpus as load_corpus  # re-exported: callers import it from here
+from .corpus import parse_passage as parse_passage
+
+INDEX_FORMAT_VERSION = 2
+"""Bumped whenever tokenisation or the saved layout changes, so old index folders are rebuilt."""
+CHUNK_POSTINGS = 1 << 21
+"""Postings collected in memory before a chunk is spilled to disk (2M postings: 24 MB, and about
+100 MB of temporaries when the chunk is merged)."""
+HEAD_TAIL_BYTES = 1 << 20
+"""Bytes of the corpus's start and end hashed into the index folder's key."""
+INDEX_ARRAYS = ("vocabulary_bytes", "vocabulary_offsets", "term_offsets", "posting_passages",
+                "posting_counts", "passage_lengths", "passage_spans")
 _TOKEN = re.compile(r"\w+")
-_MEMORY_CACHE: dict[tuple, tuple[list[Passage], BM25Index]] = {}
-_MEMORY_CACHE_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Passage:
-    """One searchable passage of the corpus."""
-
-    title: str
-    text: str
-    id: str | None = None
+_MEMORY_CACHE: dict[tuple, tuple[PassageFile, BM25Index]] = {}
+_MEMORY_CACHE_LOCK = threading.Lock()  # held through a build: two threads never build one index
 
 
 def tokenize(text: str) -> list[str]:
@@ -55,62 +86,77 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
-def load_corpus(path: str | Path) -> list[Passage]:
-    """Read a jsonl corpus; raise FileNotFoundError / ValueError naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"search corpus {path} does not exist; set "
-                                "tools.search.corpus_path to a jsonl file of passages")
-    passages = []
-    with path.open(encoding="utf-8") as corpus:
-        for line_number, line in enumerate(corpus, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg}); each line "
-                                 'must be {"title": ..., "text": ...}') from None
-            if not (isinstance(record, dict) and isinstance(record.get("title"), str)
-                    and isinstance(record.get("text"), str)):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object with string "
-                                 f"fields 'title' and 'text', got {line.strip()[:120]!r}")
-            identifier = record.get("id")
-            passages.append(Passage(record["title"], record["text"],
-                                    None if identifier is None else str(identifier)))
-    return passages
+def passage_tokens(passage: Passage) -> list[str]:
+    """The tokens a passage is indexed under: those of "title text"."""
+    return tokenize(f"{passage.title} {passage.text}")
+
+
+# ---------------------------------------------------------------------------- the index
+class Vocabulary:
+    """Sorted terms as one UTF-8 byte array plus offsets; a term's id is its rank in that order."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
+        self.data, self.offsets = data, offsets  # (bytes,) uint8, (V + 1,) int64
+
+    @classmethod
+    def from_terms(cls, terms: list[str]) -> tuple[Vocabulary, np.ndarray]:
+        """The vocabulary of `terms` and rank, (V,) int32: rank[i] = id of terms[i]."""
+        encoded = [term.encode("utf-8") for term in terms]
+        order = sorted(range(len(encoded)), key=encoded.__getitem__)
+        rank = np.empty(len(order), dtype=np.int32)
+        rank[order] = np.arange(len(order))
+        lengths = np.fromiter((len(encoded[i]) for i in order), dtype=np.int64, count=len(order))
+        offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+        return cls(np.frombuffer(b"".join(encoded[i] for i in order), np.uint8), offsets), rank
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, term_id: int) -> str:
+        return self._bytes(term_id).decode("utf-8")
+
+    def _bytes(self, term_id: int) -> bytes:
+        return self.data[self.offsets[term_id]:self.offsets[term_id + 1]].tobytes()
+
+    def get(self, term: str) -> int | None:
+        """The id of `term` by binary search (≈ log2 V byte comparisons), None if absent."""
+        key, low, high = term.encode("utf-8"), 0, len(self)
+        while low < high:
+            middle = (low + high) // 2
+            if self._bytes(middle) < key:
+                low = middle + 1
+            else:
+                high = middle
+        return low if low < len(self) and self._bytes(low) == key else None
 
 
 class BM25Index:
-    """Term postings of a corpus; `search` ranks passage indices by BM25 score."""
+    """Term postings of a corpus in CSR form; `search` ranks passage indices by BM25 score."""
 
-    def __init__(self, vocabulary: list[str], term_offsets: np.ndarray,
+    def __init__(self, vocabulary: Vocabulary, term_offsets: np.ndarray,
                  posting_passages: np.ndarray, posting_counts: np.ndarray,
                  passage_lengths: np.ndarray) -> None:
         self.vocabulary = vocabulary
-        self.term_ids = {term: index for index, term in enumerate(vocabulary)}
         self.term_offsets = term_offsets          # (V + 1,) postings of term t: [o[t], o[t+1])
         self.posting_passages = posting_passages  # (P,) passage index of each posting
         self.posting_counts = posting_counts      # (P,) tf of the term in that passage
         self.passage_lengths = passage_lengths    # (N,) tokens per passage
+        self.average_length = max(float(passage_lengths.mean()), 1e-9) if len(passage_lengths) else 1e-9
 
     @classmethod
-    def build(cls, tokenized_passages: list[list[str]]) -> BM25Index:
-        """Index passages given as token lists."""
-        term_ids: dict[str, int] = {}
-        terms, passages, counts = [], [], []
-        for passage_index, tokens in enumerate(tokenized_passages):
-            for term, count in Counter(tokens).items():
-                terms.append(term_ids.setdefault(term, len(term_ids)))
-                passages.append(passage_index)
-                counts.append(count)
-        terms_array = np.asarray(terms, dtype=np.int64)
-        order = np.argsort(terms_array, kind="stable")  # stable: postings stay in passage order
-        postings_per_term = np.bincount(terms_array, minlength=len(term_ids))
-        offsets = np.concatenate([[0], np.cumsum(postings_per_term)]).astype(np.int64)
-        lengths = np.asarray([len(tokens) for tokens in tokenized_passages], dtype=np.int64)
-        return cls(list(term_ids), offsets, np.asarray(passages, dtype=np.int64)[order],
-                   np.asarray(counts, dtype=np.int64)[order], lengths)
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> BM25Index:
+        """The index over arrays named as in INDEX_ARRAYS (in memory or memory-mapped)."""
+        return cls(Vocabulary(arrays["vocabulary_bytes"], arrays["vocabulary_offsets"]),
+                   arrays["term_offsets"], arrays["posting_passages"], arrays["posting_counts"],
+                   arrays["passage_lengths"])
+
+    @classmethod
+    def build(cls, tokenized_passages: Iterable[list[str]]) -> BM25Index:
+        """Index passages given as token lists, in memory (a corpus file is streamed to disk)."""
+        builder = IndexBuilder()
+        for tokens in tokenized_passages:
+            builder.add(tokens)
+        return cls.from_arrays(builder.finish())
 
     @property
     def num_passages(self) -> int:
@@ -119,89 +165,246 @@ class BM25Index:
     def scores(self, query: str, k1: float, b: float) -> np.ndarray:
         """BM25 score of every passage for `query`, shape (N,), float64 (module docstring)."""
         scores = np.zeros(self.num_passages, dtype=np.float64)
-        if self.num_passages == 0:
-            return scores
-        average_length = max(float(self.passage_lengths.mean()), 1e-9)
         for token in tokenize(query):
-            term = self.term_ids.get(token)
+            term = self.vocabulary.get(token)
             if term is None:
                 continue
-            start, end = self.term_offsets[term], self.term_offsets[term + 1]
+            start, end = int(self.term_offsets[term]), int(self.term_offsets[term + 1])
             passages = self.posting_passages[start:end]
             tf = self.posting_counts[start:end].astype(np.float64)
             df = end - start
             idf = np.log(1.0 + (self.num_passages - df + 0.5) / (df + 0.5))
-            norm = k1 * (1.0 - b + b * self.passage_lengths[passages] / average_length)
+            norm = k1 * (1.0 - b + b * self.passage_lengths[passages] / self.average_length)
             scores[passages] += idf * tf * (k1 + 1.0) / (tf + norm)
         return scores
 
     def search(self, query: str, top_k: int, k1: float, b: float) -> list[tuple[int, float]]:
         """The `top_k` (passage index, score) pairs with score > 0, best first."""
+        if top_k < 1:
+            return []
         scores = self.scores(query, k1, b)
         matching = np.flatnonzero(scores > 0)
+        if len(matching) > top_k:  # keep the top_k-th best score and all above (ties) before sorting
+            kth_best = -np.partition(-scores[matching], top_k - 1)[top_k - 1]
+            matching = matching[scores[matching] >= kth_best]
         # lexsort's last key is primary: highest score first, then corpus order.
         order = matching[np.lexsort((matching, -scores[matching]))][:top_k]
         return [(int(index), float(scores[index])) for index in order]
 
-    def save(self, path: Path, corpus_sha256: str) -> None:
-        """Write the index atomically (a crash never leaves a half-written file)."""
-        vocabulary = np.frombuffer("\n".join(self.vocabulary).encode("utf-8"), dtype=np.uint8)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+
+# ---------------------------------------------------------------------------- building
+class IndexBuilder:
+    """Collects postings passage by passage; full chunks are spilled to `spill_folder` if given."""
+
+    def __init__(self, spill_folder: Path | None = None, chunk_postings: int | None = None) -> None:
+        self.spill_folder = spill_folder
+        self.chunk_postings = chunk_postings or CHUNK_POSTINGS
+        self.term_ids: dict[str, int] = {}               # term -> id in first-seen order
+        self.postings_per_term = np.zeros(0, np.int64)   # (V,) by first-seen id
+        self.chunks: list[dict[str, np.ndarray] | Path] = []
+        self.num_passages = 0
+        self._start_chunk()
+
+    def _start_chunk(self) -> None:
+        self.terms, self.passages, self.counts = array("i"), array("i"), array("i")
+        self.lengths, self.spans = array("i"), array("q")
+
+    def add(self, tokens: list[str], start: int = 0, end: int = 0) -> None:
+        """Index the next passage: its tokens and the byte range [start, end) of its line."""
+        counts = Counter(tokens)
+        term_ids = self.term_ids
+        self.terms.extend([term_ids.setdefault(term, len(term_ids)) for term in counts])
+        self.counts.extend(counts.values())
+        self.passages.extend(repeat(self.num_passages, len(counts)))
+        self.lengths.append(len(tokens))
+        self.spans.extend((start, end))
+        self.num_passages += 1
+        if len(self.terms) >= self.chunk_postings:
+            self._close_chunk(spill=self.spill_folder is not None)
+
+    def _close_chunk(self, spill: bool) -> None:
+        chunk = {"terms": np.frombuffer(self.terms, np.int32),
+                 "passages": np.frombuffer(self.passages, np.int32),
+                 "counts": np.frombuffer(self.counts, np.int32),
+                 "lengths": np.frombuffer(self.lengths, np.int32),
+                 "spans": np.frombuffer(self.spans, np.int64).reshape(-1, 2)}
+        per_term = np.bincount(chunk["terms"], minlength=len(self.term_ids))
+        per_term[: len(self.postings_per_term)] += self.postings_per_term
+        self.postings_per_term = per_term
+        if spill:
+            path = self.spill_folder / f"chunk-{len(self.chunks):05d}.npz"
+            np.savez(path, **chunk)
+            chunk = path
+        self.chunks.append(chunk)
+        self._start_chunk()
+
+    def finish(self, allocate: Callable[..., np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The INDEX_ARRAYS; the large ones come from `allocate(name, shape, dtype)` (np.zeros
+        by default, a memory-mapped .npy file when building on disk). Spilled chunks are deleted."""
+        allocate = allocate or (lambda name, shape, dtype: np.zeros(shape, dtype))
+        self._close_chunk(spill=False)
+        vocabulary, rank = Vocabulary.from_terms(list(self.term_ids))
+        per_term = np.zeros(len(rank), np.int64)
+        per_term[rank] = self.postings_per_term
+        term_offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(per_term)])
+        total, n = int(term_offsets[-1]), self.num_passages
+        arrays = {"vocabulary_bytes": vocabulary.data, "vocabulary_offsets": vocabulary.offsets,
+                  "term_offsets": term_offsets,
+                  "posting_passages": allocate("posting_passages", (total,), np.int32),
+                  "posting_counts": allocate("posting_counts", (total,), np.int32),
+                  "passage_lengths": allocate("passage_lengths", (n,), np.int32),
+                  "passage_spans": allocate("passage_spans", (n, 2), np.int64)}
+        cursor, first = term_offsets[:-1].copy(), 0  # cursor[t]: next free posting slot of term t
+        for chunk in self.chunks:
+            if isinstance(chunk, Path):
+                with np.load(chunk) as saved:
+                    chunk_arrays = dict(saved)
+                chunk.unlink()
+                chunk = chunk_arrays
+            _scatter_postings(chunk, rank, cursor, arrays["posting_passages"], arrays["posting_counts"])
+            last = first + len(chunk["lengths"])
+            arrays["passage_lengths"][first:last] = chunk["lengths"]
+            arrays["passage_spans"][first:last] = chunk["spans"]
+            first = last
+        self.chunks = []
+        return arrays
+
+
+def _scatter_postings(chunk: dict[str, np.ndarray], rank: np.ndarray, cursor: np.ndarray,
+                      posting_passages: np.ndarray, posting_counts: np.ndarray) -> None:
+    """Write one chunk's postings at their CSR slots (counting sort) and advance `cursor`."""
+    terms = rank[chunk["terms"]]
+    order = np.argsort(terms, kind="stable")  # stable: each term's postings stay in passage order
+    terms = terms[order]
+    run_starts = np.flatnonzero(np.diff(terms, prepend=-1))
+    run_lengths = np.diff(np.append(run_starts, len(terms)))
+    run_terms = terms[run_starts]
+    del terms  # the temporaries here are the build's peak memory; keep few alive at once
+    slots = np.repeat(cursor[run_terms] - run_starts, run_lengths)  # slot i = that + i
+    slots += np.arange(len(slots))
+    posting_passages[slots] = chunk["passages"][order]
+    posting_counts[slots] = chunk["counts"][order]
+    cursor[run_terms] += run_lengths
+
+
+def build_index_folder(path: Path, target: Path, progress: bool | None = None) -> None:
+    """Stream corpus `path` into a temporary folder, then rename it to `target` (atomic)."""
+    before = path.stat()
+    temporary = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        builder, digest = IndexBuilder(spill_folder=temporary), hashlib.sha256()
+        for passage, start, end in scan_passages(path, digest.update, progress,
+                                                 description=f"BM25 index of {path.name}"):
+            builder.add(passage_tokens(passage), start, end)  # hashed while read: no extra pass
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise RuntimeError(f"{path} changed while it was being indexed; run again")
+        arrays = builder.finish(lambda name, shape, dtype: np.lib.format.open_memmap(
+            temporary / f"{name}.npy", mode="w+", dtype=dtype, shape=shape))
+        for name, values in arrays.items():
+            if isinstance(values, np.memmap):
+                values.flush()
+            else:
+                np.save(temporary / f"{name}.npy", values)
+        meta = {"format_version": INDEX_FORMAT_VERSION, "corpus_size": before.st_size,
+                "corpus_mtime_ns": before.st_mtime_ns, "corpus_sha256": digest.hexdigest(),
+                "num_passages": builder.num_passages, "num_terms": len(builder.term_ids),
+                "num_postings": int(arrays["term_offsets"][-1])}
+        del arrays
+        (temporary / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks it complete
+        _publish(temporary, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _publish(temporary: Path, target: Path) -> None:
+    """Rename a finished build folder to `target`; a stale folder there is moved aside first."""
+    trash = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.stale-"))
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(target, trash / "index")
         try:
-            with os.fdopen(descriptor, "wb") as file:
-                np.savez(file, version=np.int64(INDEX_FORMAT_VERSION), vocabulary=vocabulary,
-                         corpus_sha256=np.frombuffer(corpus_sha256.encode(), dtype=np.uint8),
-                         term_offsets=self.term_offsets, posting_passages=self.posting_passages,
-                         posting_counts=self.posting_counts, passage_lengths=self.passage_lengths)
-            os.replace(temporary, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-
-    @classmethod
-    def load(cls, path: Path, corpus_sha256: str) -> BM25Index | None:
-        """The saved index, or None if absent, stale, or unreadable (then it is rebuilt)."""
-        try:
-            with np.load(path, allow_pickle=False) as saved:
-                if (int(saved["version"]) != INDEX_FORMAT_VERSION
-                        or saved["corpus_sha256"].tobytes().decode() != corpus_sha256):
-                    return None
-                words = saved["vocabulary"].tobytes().decode("utf-8")
-                return cls(words.split("\n") if words else [], saved["term_offsets"],
-                           saved["posting_passages"], saved["posting_counts"],
-                           saved["passage_lengths"])
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            return None
+            os.rename(temporary, target)
+        except OSError:
+            if not target.is_dir():
+                raise  # else another process published an index of the same corpus first
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's content."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
+# ---------------------------------------------------------------------------- loading
+def corpus_key(path: Path, size: int) -> str:
+    """SHA-256 (hex) of the corpus size and its first and last MiB: names the index folder."""
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as corpus:
+        digest.update(corpus.read(HEAD_TAIL_BYTES))
+        corpus.seek(max(size - HEAD_TAIL_BYTES, 0))
+        digest.update(corpus.read(HEAD_TAIL_BYTES))
     return digest.hexdigest()
 
+def open_index_folder(path: Path, folder: Path) -> tuple[PassageFile, BM25Index] | None:
+    """Corpus `path`'s saved index, memory-mapped; None if absent, stale or unreadable."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        info = path.stat()
+        if meta["format_version"] != INDEX_FORMAT_VERSION or meta["corpus_size"] != info.st_size:
+            return None
+        if meta["corpus_mtime_ns"] != info.st_mtime_ns:
+            if file_sha256(path) != meta["corpus_sha256"]:
+                return None
+            _rewrite_meta(folder, {**meta, "corpus_mtime_ns": info.st_mtime_ns})
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                  for name in INDEX_ARRAYS}
+        sizes = {name: len(values) for name, values in arrays.items()}
+        if not (sizes["passage_lengths"] == sizes["passage_spans"] == meta["num_passages"]
+                and sizes["term_offsets"] == sizes["vocabulary_offsets"] == meta["num_terms"] + 1
+                and sizes["posting_passages"] == sizes["posting_counts"] == meta["num_postings"]):
+            return None
+        return PassageFile(path, arrays["passage_spans"]), BM25Index.from_arrays(arrays)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
-def load_indexed_corpus(corpus_path: str | Path, index_cache_dir: str | Path | None = None
-                        ) -> tuple[list[Passage], BM25Index]:
-    """Passages and their BM25 index, from memory, from a saved index, or built now."""
-    path = Path(corpus_path).resolve()
-    info = path.stat() if path.is_file() else None
-    memory_key = (str(path), info.st_size, info.st_mtime_ns) if info else None
+
+def _rewrite_meta(folder: Path, meta: dict) -> None:
+    """Record a new mtime for an unchanged corpus, so the next load skips hashing it."""
+    with contextlib.suppress(OSError):
+        temporary = folder / "meta.json.tmp"
+        temporary.write_text(json.dumps(meta, indent=1))
+        os.replace(temporary, folder / "meta.json")
+
+
+def _writable_folder(folder: Path) -> Path:
+    """`folder`, or a temporary folder removed at exit when `folder` cannot be written."""
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    temporary = tempfile.mkdtemp(prefix="arpo-bm25-")
+    atexit.register(shutil.rmtree, temporary, True)
+    warnings.warn(f"cannot write the BM25 index to {folder}; building it in {temporary}, which "
+                  "is removed at exit (set tools.search.index_cache_dir to keep it)", stacklevel=3)
+    return Path(temporary)
+
+
+def load_indexed_corpus(corpus_path: str | Path, index_cache_dir: str | Path | None = None,
+                        progress: bool | None = None) -> tuple[PassageFile, BM25Index]:
+    """Passages (read on demand) and their BM25 index: from memory, from disk, or built now.
+
+    `progress`: show a tqdm bar while building; None = only when stderr is a terminal.
+    """
+    path = existing_corpus(corpus_path)
+    info = path.stat()
+    memory_key = (str(path), info.st_size, info.st_mtime_ns)
     with _MEMORY_CACHE_LOCK:
-        if memory_key in _MEMORY_CACHE:
-            return _MEMORY_CACHE[memory_key]
-    passages = load_corpus(path)
-    sha256 = file_sha256(path)
-    folder = Path(index_cache_dir) if index_cache_dir is not None else path.parent
-    index_path = folder / f"{path.name}.bm25-{sha256[:16]}.npz"
-    index = BM25Index.load(index_path, sha256)
-    if index is None or index.num_passages != len(passages):
-        index = BM25Index.build([tokenize(f"{p.title} {p.text}") for p in passages])
-        with contextlib.suppress(OSError):  # a read-only data folder only costs a rebuild
-            folder.mkdir(parents=True, exist_ok=True)
-            index.save(index_path, sha256)
-    with _MEMORY_CACHE_LOCK:
-        _MEMORY_CACHE[memory_key] = (passages, index)
-    return passages, index
+        if memory_key not in _MEMORY_CACHE:
+            folder = Path(index_cache_dir) if index_cache_dir is not None else path.parent
+            name = f"{path.name}.bm25-{corpus_key(path, info.st_size)[:16]}"
+            loaded = open_index_folder(path, folder / name)
+            if loaded is None:
+                folder = _writable_folder(folder)
+                build_index_folder(path, folder / name, progress)
+                loaded = open_index_folder(path, folder / name)
+            if loaded is None:
+                raise RuntimeError(f"the BM25 index just built in {folder / name} cannot be read")
+            _MEMORY_CACHE[memory_key] = loaded
+        return _MEMORY_CACHE[memory_key]

@@ -80,7 +80,8 @@ class PythonToolConfig:
 @dataclass
 class SearchToolConfig:
     corpus_path: str | None = None
-    """Passage corpus for the offline BM25 backend: jsonl, one {"title", "text"[, "id"]} per line."""
+    """Passage corpus for the offline BM25 backend: jsonl, one {"title", "text"[, "id"]} or
+    {"contents"[, "id"]} object per line; millions of lines are fine (indexed once, on disk)."""
     cache_path: str | None = None
     """Query→result JSON cache in the official repository's format (a flat {query: result} object)."""
     cache_miss_policy: Literal["fallback", "no_result"] = "fallback"
@@ -95,7 +96,9 @@ class SearchToolConfig:
     bm25_b: float = 0.75
     """BM25 document-length normalisation b, in [0, 1]."""
     index_cache_dir: str | None = None
-    """Where the built BM25 index is saved; None = next to the corpus file (skipped if read-only)."""
+    """Folder where the BM25 index of the corpus is saved (a `<corpus>.bm25-<key>/` folder of .npy
+    arrays, about the corpus's size); None = next to the corpus file. Not writable = the index is
+    built in a temporary folder at every start."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first out-of-range field."""
@@ -104,6 +107,9 @@ class SearchToolConfig:
                  f"{self.max_snippet_chars}")
         _require(self.bm25_k1 >= 0, f"bm25_k1: must be >= 0, got {self.bm25_k1}; typical 0.9-2.0")
         _require(0.0 <= self.bm25_b <= 1.0, f"bm25_b: must be in [0, 1], got {self.bm25_b}")
+        _require(self.index_cache_dir is None or self.index_cache_dir.strip() != "",
+                 "index_cache_dir: an empty string names no folder; use null for the corpus's "
+                 "folder or give a path")
         _require(self.cache_miss_policy in ("fallback", "no_result"), "cache_miss_policy: must be "
                  f"fallback or no_result, got {self.cache_miss_policy!r}")
         _require(not (self.cache_miss_policy == "fallback" and self.cache_path is not None

@@ -5,7 +5,9 @@ A query is answered, in order:
    format, one flat object mapping the query string to the already formatted result string;
 2. on a cache miss, by `cache_miss_policy`: `fallback` asks the backend, `no_result` returns
    "No search results found." (reproduces a cache-only run exactly);
-3. the default backend is BM25 over a local jsonl corpus (bm25.py). Its top-k passages are
+3. the default backend is BM25 over a local jsonl corpus (bm25.py): indexed once into a folder
+   of memory-mapped arrays, so a Wikipedia-size corpus loads in well under a second, and each
+   hit's passage read back from the corpus file on demand. Its top-k passages are
    formatted as the official tool does: "Page i: snippet" lines, each snippet ("title: text")
    cut to `max_snippet_chars`, one per line; no passages gives
    "No search results found.".
@@ -46,11 +48,13 @@ class SearchBackend(Protocol):
 
 
 class BM25Backend:
-    """Okapi BM25 over a local jsonl corpus (see bm25.py); the index is built once and cached."""
+    """Okapi BM25 over a local jsonl corpus (see bm25.py): the index is built once, saved in
+    `index_cache_dir` (None = next to the corpus) and memory-mapped; passages are read on demand.
+    Thread-safe: scoring only reads the index, and passages are read with os.pread."""
 
     def __init__(self, corpus_path: str | Path, k1: float = 1.2, b: float = 0.75,
-                 index_cache_dir: str | Path | None = None) -> None:
-        self.passages, self.index = load_indexed_corpus(corpus_path, index_cache_dir)
+                 index_cache_dir: str | Path | None = None, progress: bool | None = None) -> None:
+        self.passages, self.index = load_indexed_corpus(corpus_path, index_cache_dir, progress)
         self.k1, self.b = k1, b
 
     def search(self, query: str, top_k: int) -> list[Passage]:
