@@ -6,7 +6,7 @@
 
 For every seed: build the toy world and cold-start one agent (SFT), then train a copy of it with
 each rollout mode for the same number of steps and evaluate it (greedy pass@1 with tools).
-Reported per mode, mean ± standard deviation over seeds: final eval accuracy, tool calls executed
+Reported per mode, mean ± standard deviation over seeds: eval accuracy of the cold start and after RL, tool calls executed
 during training per prompt, generated tokens per prompt, and wall time of the RL stage.
 The settings are the demo's (configs/demo.yaml) unless overridden; nothing is tuned per mode.
 """
@@ -35,7 +35,9 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     out = Path(args.out) / f"seed{seed}"
     agent = cold_start(args.config, [f"seed={seed}", *args.overrides], out, log=lambda *_: None)
     records = load_records(agent.world.eval_path)
-    results = {}
+    before, _ = _evaluate(agent.model, agent.tokenizer, agent.registry, records, agent.config)
+    results = {"cold_start": {"accuracy": before["eval/accuracy"]}}
+    print(f"seed {seed} cold start accuracy={before['eval/accuracy']:.3f}", flush=True)
     for mode, mode_overrides in MODES.items():
         from arpo_ref.config import load_config
 
@@ -64,7 +66,9 @@ def run_seed(seed: int, args) -> dict[str, dict]:
 
 def summarise(per_seed: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
     table = {}
-    for mode in MODES:
+    for mode in ("cold_start", *MODES):
+        if mode not in per_seed[0]:  # results written before the cold start was recorded
+            continue
         table[mode] = {}
         for key in per_seed[0][mode]:
             values = [r[mode][key] for r in per_seed]
@@ -94,7 +98,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for mode, row in table.items():
         cells = [f"{m:.3f} ± {s:.3f}" if k == "accuracy" else f"{m:.1f} ± {s:.1f}" for k, (m, s) in row.items()]
-        print(f"| {mode} | " + " | ".join(cells) + " |")
+        cells += [""] * (5 - len(cells))
+        print(f"| {mode.replace('_', ' ')} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"seeds": args.seeds, "per_seed": per_seed, "summary": table}, indent=2))
 
