@@ -2,6 +2,11 @@
 
     python benchmarks/bench_generation.py            # a table
     python benchmarks/bench_generation.py --json     # the same numbers as JSON
+    python benchmarks/bench_generation.py --arch qwen2.5-0.5b --rows 128 --new-tokens 256   # on a GPU
+
+`--arch` picks the model: a tiny one (`--hidden`, `--layers`) or the exact architecture of a model
+the configs name, with random weights (bfloat16 on a GPU). On a GPU this is the first thing to
+measure: whether a decoding step of ours costs what `model.generate`'s does.
 
 Same tiny random model (built from a config, saved and reloaded), same batch, same number of new
 tokens for both. Our generator records log-prob and entropy for every token; `model.generate`
@@ -25,16 +30,27 @@ from tiny import load_tokenizer  # noqa: E402  (the tests' local tokenizer; noth
 
 from arpo_ref.generation import Generator, SamplingParams  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_train_step import ARCHITECTURES  # noqa: E402  (published sizes of the configs' models)
 
-def build_model(hidden: int, layers: int, vocab: int):
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=max(hidden // 32, 1),
-                         num_key_value_heads=max(hidden // 64, 1), max_position_embeddings=4096)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(hidden: int, layers: int, vocab: int, arch: str = "tiny"):
+    if arch == "tiny":
+        config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=max(hidden // 32, 1),
+                             num_key_value_heads=max(hidden // 64, 1), max_position_embeddings=4096)
+    else:
+        fields = dict(ARCHITECTURES[f"qwen/{arch}-instruct"])
+        fields.pop("model_type")
+        config = Qwen2Config(**fields)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     path = Path(tempfile.mkdtemp()) / "model"
     model.save_pretrained(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" and arch != "tiny" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEVICE).eval()
 
 
 def best_of(repeats: int, *fns) -> list[float]:
@@ -44,6 +60,8 @@ def best_of(repeats: int, *fns) -> list[float]:
         for fn, bucket in zip(fns, times):
             start = time.perf_counter()
             fn()
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
             bucket.append(time.perf_counter() - start)
     return [min(bucket) for bucket in times]
 
@@ -54,7 +72,7 @@ def bench_throughput(model, tokenizer, rows: int, new_tokens: int, repeats: int)
     prompts = [torch.randint(3, len(tokenizer), (int(n),), generator=g).tolist()
                for n in torch.randint(8, 40, (rows,), generator=g)]
     width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=DEVICE)
     mask = (input_ids != 0).long()
     for p, row in zip(prompts, mask, strict=False):
         row[width - len(p):] = 1
@@ -105,6 +123,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--arch", default="tiny", choices=["tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"],
+                        help="tiny (--hidden/--layers) or a real architecture with random weights")
     parser.add_argument("--history", type=int, default=512)
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
@@ -114,11 +134,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer()
-    model = build_model(args.hidden, args.layers, vocab=(len(tokenizer) + 63) // 64 * 64)
+    model = build_model(args.hidden, args.layers, vocab=(len(tokenizer) + 63) // 64 * 64, arch=args.arch)
     with torch.inference_mode():
         result = {
-            "setup": {k: getattr(args, k) for k in ("rows", "new_tokens", "hidden", "layers", "history", "copies")}
-            | {"torch": torch.__version__, "threads": torch.get_num_threads()},
+            "setup": {k: getattr(args, k) for k in ("arch", "rows", "new_tokens", "hidden", "layers", "history", "copies")}
+            | {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(DEVICE)},
             "throughput": bench_throughput(model, tokenizer, args.rows, args.new_tokens, args.repeats),
             "fork": bench_fork(model, tokenizer, args.history, args.copies, 16, args.repeats),
         }
