@@ -241,6 +241,21 @@ def test_tool_call_limit_and_length_budget_end_trajectories():
         assert sum(len(n.token_ids) for n in result.trees[0].response_segments(leaf)) <= 15
 
 
+def test_per_tool_call_limits_end_trajectories_and_carry_over_to_branches():
+    _, result, _ = rollout("grpo", PROMPTS[:1], AFTER, calls=5, max_tool_calls=3, rollout_budget=2,
+                           max_calls_per_tool={"search": 1})
+    assert all(leaf.finish_reason == "tool_limit" and leaf.tool_calls == 1 for leaf in result.trees[0].leaves)
+    _, result, _ = rollout("grpo", PROMPTS[:1], AFTER, calls=5, max_tool_calls=2, rollout_budget=2,
+                           max_calls_per_tool={"python": 0})  # another tool's limit changes nothing
+    assert all(leaf.finish_reason == "tool_limit" and leaf.tool_calls == 2 for leaf in result.trees[0].leaves)
+    _, result, _ = rollout("paper", PROMPTS, AFTER, calls=5, max_tool_calls=4, max_calls_per_tool={"search": 2})
+    leaves = [leaf for tree in result.trees for leaf in tree.leaves]
+    assert any(leaf.origin == "branch" for leaf in leaves)  # branches inherit the parent's count
+    assert all(leaf.finish_reason == "tool_limit" and leaf.tool_calls == 2 for leaf in leaves)
+    with pytest.raises(ValueError, match="max_calls_per_tool.search"):
+        RolloutConfig(max_calls_per_tool={"search": -1}).validate()
+
+
 def test_rollout_on_a_real_tiny_model_records_teacher_forced_logprobs():
     """Sampled paper-mode rollout on a tiny HF model that often writes </search>: every leaf's
     recorded log-probs (through forks and forced results) equal a full forward pass."""

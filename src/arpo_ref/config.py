@@ -132,6 +132,9 @@ class RolloutConfig:
     """Reproduce the official bug: H_initial is never reset across steps (see ARPO.md §2.2)."""
     max_tool_calls: int = 3
     """Tool calls per trajectory; the call over the limit ends it (official: 3 / deep search 6)."""
+    max_calls_per_tool: dict[str, int] = field(default_factory=dict)
+    """Optional limits per tool tag, e.g. {python: 2, search: 4}, on top of max_tool_calls: a call
+    to a tool over its own limit ends the trajectory the same way ('tool_limit'). Empty = none."""
     max_response_tokens: int = 4096
     """Length budget of a trajectory's response (model and tool tokens) after the prompt."""
 
@@ -149,6 +152,9 @@ class RolloutConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_tool_calls < 0:
             raise ValueError("max_tool_calls must be >= 0")
+        for tag, limit in self.max_calls_per_tool.items():
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise ValueError(f"max_calls_per_tool.{tag}: use a whole number >= 0, not {limit!r}")
         if not 0.0 <= self.branch_threshold <= 1.0:
             raise ValueError("branch_threshold (τ) is a probability threshold; use a value in [0, 1]")
         if self.entropy_normaliser < 0:

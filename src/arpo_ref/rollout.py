@@ -25,7 +25,8 @@ Gaps the paper leaves open and how they are filled here:
 * Fill-up samples (paper) are added all at once when a prompt has no live path, and do not
   branch themselves, so the budget is exactly spent.
 * Over the tool-call limit a trajectory ends ('tool_limit') without the official code's
-  appended EOS (see `arpo_ref.episode`).
+  appended EOS (see `arpo_ref.episode`); so does a call over its tool's own limit
+  (`rollout.max_calls_per_tool`, an addition: the official code has one limit for all tools).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Trajectory:
     index: int
     """Creation order across the batch: the official code's entropy-baseline key."""
     tool_calls: int = 0
+    calls_per_tool: dict[str, int] = field(default_factory=dict)
+    """Executed calls by tool tag (for `rollout.max_calls_per_tool`)."""
     response_tokens: int = 0
     initial_entropy: list[float] | None = None
     segment: GeneratedSequence | None = None
@@ -169,13 +172,22 @@ class AdaptiveRollout:
                 t.last_segment_entropy = node_entropy
             if seg.finish_reason != "stop":
                 self._finish(rows, t, seg.finish_reason)
-            elif t.tool_calls >= cfg.max_tool_calls:
+            elif t.tool_calls >= cfg.max_tool_calls or self._over_tool_limit(t):
                 self._finish(rows, t, "tool_limit")
             elif t.response_tokens >= cfg.max_response_tokens:
                 self._finish(rows, t, "length")
             else:
                 calling.append(t)
         return self._run_tools(rows, calling)
+
+    def _over_tool_limit(self, t: Trajectory) -> bool:
+        """Whether the call that ended t's last segment goes to a tool already at its own limit."""
+        limits = self.config.max_calls_per_tool
+        if not limits:
+            return False
+        text = self.generator.tokenizer.decode(t.tree.nodes[t.node_id].token_ids).rstrip()
+        return any(text.endswith(f"</{tag}>") and t.calls_per_tool.get(tag, 0) >= limit
+                   for tag, limit in limits.items())
 
     def _run_tools(self, rows: RowBatch, calling: list[Trajectory]) -> list[Trajectory]:
         if not calling:
@@ -196,6 +208,7 @@ class AdaptiveRollout:
                             step.result.error_kind, step.result.seconds)
             node = t.tree.add_node(t.node_id, "tool", ids, tool_call=call)
             t.node_id, t.response_tokens, t.tool_calls = node.id, t.response_tokens + len(ids), t.tool_calls + 1
+            t.calls_per_tool[step.call.tag] = t.calls_per_tool.get(step.call.tag, 0) + 1
             forced[t.row_id] = ids
             if len(ids) < len(step.result_ids) or t.response_tokens >= self.config.max_response_tokens:
                 self._finish(rows, t, "length")
@@ -296,6 +309,7 @@ class AdaptiveRollout:
         t = Trajectory(tree, row_id, node_id=0, origin=origin, index=len(self.trajectories))
         if parent is not None:  # a branch: same prefix, same counters
             t.node_id, t.tool_calls, t.branch_node = parent.node_id, parent.tool_calls, parent.node_id
+            t.calls_per_tool = dict(parent.calls_per_tool)
             t.response_tokens, t.initial_entropy = parent.response_tokens, parent.initial_entropy
         self.trajectories.append(t)
         return t
