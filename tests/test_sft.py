@@ -269,3 +269,28 @@ def test_accelerator_with_its_own_accumulation_is_refused(tokenizer):
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps=1"):
         supervised_finetune(load_model(), tokenizer, examples, SFTConfig(batch_size=2, micro_batch_size=1),
                             accelerator=Accelerator(cpu=True, gradient_accumulation_steps=2))
+
+
+def test_sft_command_trains_float32_weights_and_lora_saves_merged(tmp_path):
+    """`arpo-ref sft` loads the policy for training (float32 weights; LoRA adapters when enabled)
+    and saves a folder that plain transformers loads."""
+    import json
+    import shutil
+
+    from tiny import model_dir, tokenizer_dir
+    from transformers import AutoModelForCausalLM
+
+    from arpo_ref.cli import main
+
+    shutil.copytree(tokenizer_dir(), tmp_path / "base", dirs_exist_ok=True)
+    shutil.copytree(model_dir("qwen2"), tmp_path / "base", dirs_exist_ok=True)
+    (tmp_path / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DEMOS))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    common = [f"model.name_or_path={tmp_path / 'base'}", "sft.epochs=1", "sft.batch_size=3",
+              "sft.micro_batch_size=3", "sft.learning_rate=1e-3", "data.system_prompt="]
+    for name, extra in (("full", []), ("lora", ["model.lora.enabled=true", "model.lora.rank=2"])):
+        assert main(["sft", "--demos", str(tmp_path / "demos.jsonl"), "--out", str(tmp_path / name), *common, *extra]) == 0
+        trained = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        assert next(trained.parameters()).dtype == torch.float32
+        assert set(trained.state_dict()) == set(base.state_dict())  # merged: no lora_A/lora_B keys
+        assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))

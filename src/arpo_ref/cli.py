@@ -67,27 +67,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _policy(config):
+def _policy(config, training: bool = False):
     import torch
 
     from .train import load_policy
 
-    return load_policy(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return load_policy(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=training)
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     import json
 
+    from .lora import save_pretrained_merged
     from .sft import supervised_finetune, tokenize_demonstrations
     from .train import _system_prompt
 
     config = load_config(args.config, args.overrides)
-    model, tokenizer = _policy(config)
+    model, tokenizer = _policy(config, training=True)  # float32 weights; LoRA adapters when enabled
     demos = [json.loads(line) for line in Path(args.demos).read_text().splitlines() if line.strip()]
     examples = tokenize_demonstrations(tokenizer, demos, _system_prompt(config.data.system_prompt))
     metrics = supervised_finetune(model, tokenizer, examples, config.sft,
                                   log=lambda step, m: print(f"step {step}: loss {m['sft/loss']:.4f}"))
-    model.save_pretrained(args.out)
+    save_pretrained_merged(model, args.out)  # LoRA: merged, loadable without peft
     tokenizer.save_pretrained(args.out)
     print(f"saved to {args.out}: final loss {metrics['sft/loss']:.4f}")
     return 0
