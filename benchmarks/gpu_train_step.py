@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     timer = time.perf_counter()  # one python call: is the sandbox fast on this machine?
     probe = PythonTool(config.tools.python)("print(6 * 7)")
     print(f"python tool probe: {time.perf_counter() - timer:.2f}s -> {probe!r}", flush=True)
-    from arpo_ref.train import load_policy
+    from arpo_ref.policy import load_policy
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_policy(config, device)
     before = snapshot(model)

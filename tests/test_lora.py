@@ -149,7 +149,7 @@ def test_bfloat16_base_keeps_float32_adapters_without_the_precision_warning(tmp_
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
     assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
     messages = []
-    train_module._check_trainable_precision(model, config, messages.append)
+    train_module.check_trainable_precision(model, config, messages.append)
     assert messages == []
 
 

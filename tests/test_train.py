@@ -205,15 +205,15 @@ def test_adamw_steps_of_lr_1e6_vanish_in_bfloat16_weights():
 
 
 def test_training_loads_float32_weights_and_warns_about_16_bit_ones(workspace):
-    from arpo_ref.train import _check_trainable_precision, _mixed_precision, load_policy
+    from arpo_ref.policy import check_trainable_precision, load_policy, mixed_precision_mode
 
     config = load_config(overrides=overrides(workspace, "precision"))
     assert next(load_policy(config, torch.device("cpu"), training=True)[0].parameters()).dtype == torch.float32
-    assert _mixed_precision("auto", cpu=True) == "no" and _mixed_precision("bf16", cpu=True) == "bf16"
+    assert mixed_precision_mode("auto", cpu=True) == "no" and mixed_precision_mode("bf16", cpu=True) == "bf16"
     messages = []
     config = load_config(overrides=overrides(workspace, "precision", **{"model.dtype": "bfloat16"}))
     model = load_policy(config, torch.device("cpu"), training=True)[0]
-    _check_trainable_precision(model, config, messages.append)
+    check_trainable_precision(model, config, messages.append)
     assert next(model.parameters()).dtype == torch.bfloat16 and "model.dtype=float32" in messages[0]
-    _check_trainable_precision(model.float(), config, messages.append)
+    check_trainable_precision(model.float(), config, messages.append)
     assert len(messages) == 1

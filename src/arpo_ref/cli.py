@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _policy(config, training: bool = False):
     import torch
 
-    from .train import load_policy
+    from .policy import load_policy
 
     return load_policy(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=training)
 

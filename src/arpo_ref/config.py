@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .lora import LoRAConfig
 from .rewards import RewardConfig
 from .sft import SFTConfig
 from .tools.config import ToolsConfig
@@ -37,38 +38,6 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------- sections
-@dataclass
-class LoRAConfig:
-    """Low-rank adapters W = W₀ + (α/r)·B·A on the policy (arpo_ref.lora; needs `pip install arpo_ref[lora]`)."""
-
-    enabled: bool = False
-    """Train LoRA adapters instead of every weight; the base weights W₀ stay frozen. The run's
-    final/ folder holds the merged model (W₀ + (α/r)·B·A), loadable without peft."""
-    rank: int = 16
-    """r: rank of the update B·A (A is r × d_in, B is d_out × r)."""
-    alpha: float = 32.0
-    """α: the update is scaled by α / r."""
-    dropout: float = 0.0
-    """Dropout on the adapters' input during the update; 0 keeps the first mini-batch's ratio
-    π/π_old at exactly 1, as the rollout and log π_old run without dropout."""
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Names of the linear layers to adapt, matched at the end of module paths (e.g. [q_proj, v_proj]);
-    [all-linear] = every linear layer but the output head."""
-
-    def validate(self) -> None:
-        if self.rank < 1:
-            raise ValueError("rank (r) must be >= 1")
-        if self.alpha <= 0:
-            raise ValueError("alpha (α) must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError("dropout must be in [0, 1); 0 = off")
-        if not self.target_modules:
-            raise ValueError("target_modules is empty; name the layers to adapt, or use [all-linear]")
-        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
-            raise ValueError("target_modules: 'all-linear' already names every linear layer; "
-                             "use [all-linear] alone or list the layer names")
-
-
 @dataclass
 class ModelConfig:
     name_or_path: str = ""

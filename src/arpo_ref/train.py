@@ -41,9 +41,10 @@ from .data import Record, load_records
 from .episode import render_prompt, system_prompt
 from .evaluate import evaluate
 from .generation import Generator
-from .lora import AdaptersOff, apply_lora, has_lora, save_pretrained_merged
+from .lora import AdaptersOff, has_lora, save_pretrained_merged
 from .loss import policy_loss
-from .memory import estimate_memory, pack_by_tokens
+from .memory import pack_by_tokens
+from .policy import check_trainable_precision, load_policy, memory_line, mixed_precision_mode
 from .rollout import AdaptiveRollout
 from .tools.registry import ToolRegistry
 from .tree import RolloutBatch, RolloutTree, to_batch
@@ -68,20 +69,9 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     cfg = config.train
     run_dir = Path(cfg.output_dir)
     accelerator = Accelerator(cpu=cfg.cpu, log_with=cfg.trackers or None, project_dir=str(run_dir),
-                              mixed_precision=_mixed_precision(cfg.mixed_precision, cfg.cpu))
+                              mixed_precision=mixed_precision_mode(cfg.mixed_precision, cfg.cpu))
     set_seed(config.seed)
-    if model is None or tokenizer is None:
-        model, tokenizer = load_policy(config, accelerator.device, training=True)
-    _check_trainable_precision(model, config, log)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    reference = None
-    if cfg.kl_coef > 0:  # π_ref; with LoRA, the same weights with the adapters off (no second copy)
-        reference = AdaptersOff(model) if has_lora(model) else load_policy(config, accelerator.device)[0]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, tokenizer, reference, optimizer, scheduler = _prepare_policy(config, accelerator, model, tokenizer, log)
     registry = ToolRegistry.from_config(config.tools)
     train_records = load_records(config.data.train_path, config.data.question_field, config.data.answer_field)
     eval_records = _eval_records(config)
@@ -93,7 +83,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
                               seed=config.seed + 1000 * accelerator.process_index)
     per_process = _prompts_per_process(cfg, accelerator.num_processes)
     if accelerator.is_main_process:
-        log(_memory_line(policy, config, per_process, str(accelerator.mixed_precision)))
+        log(memory_line(policy, config, per_process, str(accelerator.mixed_precision)))
     state = TrainState()
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         state = _restore(load_checkpoint(checkpoint), accelerator, model, optimizer, scheduler, rollout,
@@ -167,47 +157,24 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     return metrics
 
 
-# ---------------------------------------------------------------------------- loading
-def load_policy(config: Config, device, training: bool = False):
-    """The model and tokenizer of `config.model`; `training` resolves dtype auto to float32 and
-    adds the LoRA adapters of `model.lora` when enabled (arpo_ref.lora)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    name = config.model.name_or_path
-    if not name:
-        raise ValueError("model.name_or_path is empty; set it to a hub name or a local model folder")
-    dtype = config.model.dtype
-    if dtype == "auto":
-        dtype = "float32" if training or not _bf16_gpu() else "bfloat16"
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype),
-                                                 trust_remote_code=config.model.trust_remote_code)
-    if training:  # before eval(): the adapters' dropout layers must follow the model's mode
-        model = apply_lora(model, config.model.lora)
-    return model.to(device).eval(), tokenizer
-
-
-def _bf16_gpu() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def _mixed_precision(value: str, cpu: bool) -> str:
-    if value != "auto":
-        return value
-    return "bf16" if _bf16_gpu() and not cpu else "no"
-
-
-def _check_trainable_precision(model, config: Config, log) -> None:
-    """Warn when the trained weights are 16-bit: AdamW's steps (≈ lr) fall below their spacing.
-
-    Measured with benchmarks/gpu_train_step.py --tiny at lr 1e-6: one update changed 28% of the
-    float32 weights and 0.6% of the bfloat16 ones (the rest rounded back to the old value).
-    """
-    dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)  # LoRA: the adapters'
-    if dtype in (torch.bfloat16, torch.float16):
-        log(f"warning: training {dtype} weights: AdamW steps of about lr = {config.train.learning_rate:g} "
-            "are mostly rounded away in 16-bit weights; use model.dtype=float32 (the default, auto) and "
-            "train.mixed_precision=bf16 for 16-bit compute")
+# ---------------------------------------------------------------------------- inputs
+def _prepare_policy(config: Config, accelerator, model, tokenizer, log):
+    """The policy (loaded unless passed in), π_ref when the KL coefficient is non-zero, and AdamW
+    with its warm-up schedule (ARPO.md §4), prepared by Accelerate."""
+    cfg = config.train
+    if model is None or tokenizer is None:
+        model, tokenizer = load_policy(config, accelerator.device, training=True)
+    check_trainable_precision(model, config, log)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    reference = None
+    if cfg.kl_coef > 0:  # π_ref; with LoRA, the same weights with the adapters off (no second copy)
+        reference = AdaptersOff(model) if has_lora(model) else load_policy(config, accelerator.device)[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return model, tokenizer, reference, optimizer, scheduler
 
 
 def _system_prompt(value: str) -> str | None:
@@ -386,17 +353,6 @@ class _null_context:
 
 
 # ---------------------------------------------------------------------------- bookkeeping
-def _memory_line(policy, config: Config, per_process: int, mixed_precision: str) -> str:
-    dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
-    compute = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, dtype)
-    per_process = min(per_process, config.train.rollout_batch_prompts or per_process)  # live in the KV cache
-    estimate = estimate_memory(policy.config, sum(p.numel() for p in policy.parameters()), dtype, per_process,
-                               config.rollout.rollout_budget, 512, config.rollout.max_response_tokens,
-                               config.train.micro_batch_leaves, config.train.gradient_checkpointing, compute,
-                               sum(p.numel() for p in policy.parameters() if p.requires_grad))
-    return estimate.describe() + " (prompts assumed ≤ 512 tokens)"
-
-
 def _world_size() -> int:
     """Processes in the torch.distributed group (1 when it is not initialised)."""
     dist = torch.distributed
