@@ -1,6 +1,7 @@
 """Every shipped config loads, and each paper config runs one training step on CPU with its model
 and data swapped for tiny local stand-ins: a tiny model of the same architecture family saved
-with save_pretrained, and a few rows in the official ARPO parquet layout."""
+with save_pretrained, and a few rows in the official ARPO parquet layout. Configs that shard the
+model (train.fsdp) run in two processes, as sharding needs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from distributed import train_two_processes
 from tiny import model_dir, tokenizer_dir
 
 from arpo_ref.config import load_config
@@ -70,8 +72,14 @@ def test_paper_config_runs_one_step_on_tiny_stand_ins(path, stand_ins, tmp_path)
         f"rollout.num_global={budget if config.rollout.mode == 'grpo' else budget // 2}",
         "rollout.max_response_tokens=24", "train.cpu=true",
     ]
-    metrics = train(load_config(path, overrides), log=lambda *_: None)
-    assert metrics["train/step"] == 1 and metrics["train/updates"] == config.train.mini_batches
+    if config.train.fsdp:  # sharded over processes: two CPU processes, each with one mini-batch of prompts
+        overrides.append(f"train.prompts_per_step={2 * config.train.mini_batches}")
+        ranks = train_two_processes(tmp_path / "report", "--config", path, *overrides)
+        assert all(r["world"] == 2 and r["step"] == 1 for r in ranks)
+        assert ranks[0]["updates"] == config.train.mini_batches
+    else:
+        metrics = train(load_config(path, overrides), log=lambda *_: None)
+        assert metrics["train/step"] == 1 and metrics["train/updates"] == config.train.mini_batches
     assert (tmp_path / "run" / "final" / "config.json").is_file()
 
 

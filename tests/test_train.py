@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed import train_two_processes
 from tiny import model_dir, tokenizer_dir
 from transformers import AutoModelForCausalLM
 
@@ -103,21 +101,42 @@ def test_recomputed_old_logprobs_equal_the_generators(workspace):
         assert metrics["loss/approx_kl"] == pytest.approx(0.0, abs=1e-6)
 
 
+def torchrun(workspace: Path, run: str, *args: str, **extra) -> list[dict]:
+    """Train in two CPU processes (tests/dist_train.py); each process's report."""
+    return train_two_processes(workspace / f"{run}_report", *args, *overrides(workspace, run, **extra))
+
+
 def test_two_processes_train_in_lockstep(workspace):
-    out = workspace / "dist"
-    out.mkdir()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
-               str(Path(__file__).parent / "dist_train.py"), str(out),
-               *overrides(workspace, "dist_run", **{"train.prompts_per_step": 4})]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun(workspace, "dist_run", **{"train.prompts_per_step": 4})
     assert all(r["world"] == 2 and r["processes"] == 2 for r in ranks)
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6, abs=1e-6)
     initial = [float(p.double().sum()) for p in AutoModelForCausalLM.from_pretrained(workspace / "model").parameters()]
     assert ranks[0]["checksum"] != pytest.approx(initial, rel=1e-9, abs=1e-9)
+
+
+def test_fsdp_trains_like_ddp_saves_and_resumes(workspace):
+    """FSDP-sharded training makes DDP's updates: rollouts on gathered weights, micro-batch counts
+    that differ between processes padded, full-state checkpoints and final model, and resuming."""
+    varied = workspace / "varied.jsonl"  # prompt lengths vary, so packed micro-batch counts do
+    varied.write_text("".join(json.dumps({**row, "question": row["question"] + " Think it through." * (3 * i)}) + "\n"
+                              for i, row in enumerate(ROWS)))
+    common = {"train.prompts_per_step": 4, "train.micro_batch_tokens": 100, "train.save_every": 1,
+              "train.keep_checkpoints": 3, "data.train_path": varied}
+    torchrun(workspace, "ddp3", **common, **{"train.steps": 3})
+    fsdp = torchrun(workspace, "fsdp2", **common, **{"train.steps": 2, "train.fsdp": "true"})
+    assert fsdp[0]["padding"] > 0, "the test should make processes pad their micro-batches"
+    assert fsdp[0]["checksum"] == pytest.approx(fsdp[1]["checksum"], rel=1e-6, abs=1e-6)
+    after_two = torch.load(workspace / "ddp3" / "checkpoints" / "step-000002" / "state.pt", weights_only=False)["model"]
+    assert fsdp[0]["checksum"] == pytest.approx([float(p.double().sum()) for p in after_two.values()], rel=1e-5, abs=1e-5)
+    saved = json.loads((workspace / "fsdp2" / "final" / "config.json").read_text())
+    assert saved["architectures"] == ["Qwen2ForCausalLM"]
+    for a, b in zip(final_parameters(workspace / "fsdp2"), after_two.values()):
+        assert torch.allclose(a, b, atol=1e-5)
+    resumed = torch.load(workspace / "fsdp2" / "checkpoints" / "step-000002" / "state.pt", weights_only=False)
+    assert resumed["sharded"] and set(resumed["model"]) == set(after_two)
+    torchrun(workspace, "fsdp2", "--resume", **common, **{"train.steps": 3, "train.fsdp": "true"})
+    for a, b in zip(final_parameters(workspace / "fsdp2"), final_parameters(workspace / "ddp3")):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_bad_inputs_fail_clearly(workspace):
@@ -129,6 +148,10 @@ def test_bad_inputs_fail_clearly(workspace):
     broken.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"question": "no answer here"}) + "\n")
     with pytest.raises(DataError, match=r"broken.jsonl, row 1: missing field 'answer'"):
         train(load_config(overrides=overrides(workspace, "bad", **{"data.train_path": broken})))
+    with pytest.raises(ConfigError, match="train.fsdp and model.lora.enabled cannot be combined"):
+        load_config(overrides=overrides(workspace, "bad", **{"train.fsdp": "true", "model.lora.enabled": "true"}))
+    with pytest.raises(RuntimeError, match="train.fsdp needs torch.distributed: launch with torchrun"):
+        train(load_config(overrides=overrides(workspace, "bad", **{"train.fsdp": "true"})), log=lambda *_: None)
 
 
 def test_token_budget_micro_batches_and_checkpointing_give_the_same_gradient():

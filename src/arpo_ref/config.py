@@ -205,6 +205,10 @@ class TrainConfig:
     auto = bf16 on a GPU that supports it, no on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory, ~30% more update time."""
+    fsdp: bool = False
+    """Shard weights, gradients and AdamW state across processes with FSDP2 (arpo_ref.sharding):
+    for models whose float32 training state does not fit on one GPU (from ~3B on 80 GB). Needs
+    several processes (configs/accelerate/fsdp.yaml); the rollout gathers the full weights."""
     micro_batch_tokens: int = 0
     """Pack micro-batches by padded size (rows × longest row ≤ this); 0 = fixed `micro_batch_leaves`."""
     rollout_batch_prompts: int = 0
@@ -265,6 +269,9 @@ class Config:
     """Cold-start supervised fine-tuning before RL (`arpo-ref sft`, the demo)."""
 
     def validate(self) -> None:
+        if self.train.fsdp and self.model.lora.enabled:
+            raise ConfigError("train.fsdp and model.lora.enabled cannot be combined: LoRA's frozen base and "
+                              "small adapters fit one GPU without sharding; turn one of them off")
         if self.rollout.mode == "grpo" and self.rollout.num_global != self.rollout.rollout_budget:
             raise ConfigError(
                 f"rollout.mode=grpo samples every leaf from scratch, so rollout.num_global "

@@ -2,7 +2,9 @@
 run fits, and the token-budget packing of micro-batches.
 
 The estimate is per process (one GPU) and deliberately simple — an order of magnitude, printed
-with its assumptions:
+with its assumptions. The peak is the larger of two phases, since the rollout's KV cache is freed
+before the update: rollout = weights + AdamW state + KV cache (+ gathered weights when sharded),
+update = weights + AdamW state + gradients + activations + logits. The parts:
 * weights: parameters × bytes of the weights dtype; gradients the same;
 * AdamW: two fp32 moments per parameter (plus an fp32 master copy when the weights are not fp32
   and mixed precision keeps one — not assumed here);
@@ -10,7 +12,9 @@ with its assumptions:
   prompts per process × M × (prompt + response tokens) × layers × 2 × kv_heads × head_dim × bytes;
 * update activations of one micro-batch: leaves × tokens × hidden × layers × ~16 bytes (about 4
   saved fp32 tensors per layer; gradient checkpointing keeps ~1), plus the fp32 logits
-  leaves × tokens × vocab × 4 bytes × 2 (log-softmax and its gradient).
+  leaves × tokens × vocab × 4 bytes × 2 (log-softmax and its gradient);
+* sharded (FSDP over N processes): weights, gradients and AdamW state divided by N, plus the full
+  weights in the compute dtype that the rollout gathers ("gathered").
 """
 
 from __future__ import annotations
@@ -30,27 +34,42 @@ class MemoryEstimate:
     kv_cache: float
     activations: float
     logits: float
+    gathered: float = 0.0
+
+    @property
+    def rollout(self) -> float:
+        """Peak of the rollout phase: the kept state, the gathered weights and the KV cache."""
+        return self.weights + self.optimizer + self.gathered + self.kv_cache
+
+    @property
+    def update(self) -> float:
+        """Peak of the update phase: the kept state, gradients, one micro-batch's activations and logits."""
+        return self.weights + self.optimizer + self.gradients + self.activations + self.logits
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.kv_cache + max(self.activations + self.logits, 0)
+        """The larger phase: the KV cache and gathered weights are freed before the update."""
+        return max(self.rollout, self.update)
 
     def describe(self) -> str:
         gib = 2**30
-        parts = ", ".join(f"{name} {getattr(self, name) / gib:.2f}" for name in
-                          ("weights", "gradients", "optimizer", "kv_cache", "activations", "logits"))
-        return f"estimated peak memory per process ≈ {self.total / gib:.2f} GiB ({parts}; GiB)"
+        names = ("weights", "gradients", "optimizer") + (("gathered",) if self.gathered else ()) + (
+            "kv_cache", "activations", "logits")
+        parts = ", ".join(f"{name} {getattr(self, name) / gib:.2f}" for name in names)
+        return (f"estimated peak memory per process ≈ {self.total / gib:.2f} GiB (rollout {self.rollout / gib:.2f}, "
+                f"update {self.update / gib:.2f}; {parts}; GiB)")
 
 
 def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_process: int,
                     rollout_budget: int, prompt_tokens: int, response_tokens: int, micro_batch_leaves: int,
                     gradient_checkpointing: bool = False, compute_dtype: str | None = None,
-                    trainable_parameters: int | None = None) -> MemoryEstimate:
+                    trainable_parameters: int | None = None, shards: int = 1) -> MemoryEstimate:
     """Order-of-magnitude memory of one training process (see the module docstring).
 
     `dtype` is the weights' dtype; `compute_dtype` the autocast dtype (default: the weights'),
     which sizes the KV cache: under bf16 autocast the keys and values are bf16.
     `trainable_parameters` (default: all) size the gradients and AdamW state (LoRA: the adapters).
+    `shards` > 1: FSDP over that many processes (arpo_ref.sharding).
     """
     trainable = num_parameters if trainable_parameters is None else trainable_parameters
     size = BYTES.get(dtype, 4)
@@ -67,8 +86,9 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
     per_layer = 4 if gradient_checkpointing else 16
     activations = micro_batch_leaves * tokens * hidden * layers * per_layer
     logits = micro_batch_leaves * tokens * vocab * 4 * 2
-    return MemoryEstimate(weights=num_parameters * size, gradients=trainable * size,
-                          optimizer=trainable * 8, kv_cache=kv, activations=activations, logits=logits)
+    return MemoryEstimate(weights=num_parameters * size / shards, gradients=trainable * size / shards,
+                          optimizer=trainable * 8 / shards, kv_cache=kv, activations=activations, logits=logits,
+                          gathered=num_parameters * compute_size if shards > 1 else 0.0)
 
 
 def pack_by_tokens(lengths: torch.Tensor, max_tokens: int, max_rows: int) -> list[list[int]]:

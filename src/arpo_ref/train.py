@@ -13,7 +13,9 @@ Processes: one CPU process by default; under `torchrun` / `accelerate launch` ev
 out its own prompts (a group never spans processes, so advantages are per process) and DDP
 averages gradients. Token counts used to normalise the loss are summed over processes, and each
 process's loss is multiplied by the number of processes, so the update equals the one a single
-process would make on all prompts.
+process would make on all prompts. With `train.fsdp` the weights, gradients and AdamW state are
+sharded instead of replicated (arpo_ref.sharding): the rollout gathers the full weights, and the
+update pads every process to the same number of micro-batches.
 
 Deviation: the official code takes one optimizer step per mini-batch of 16 prompts; so do we
 (`train.mini_batches`), but mini-batches are formed from whole prompts of the step, in order.
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from .advantages import get_estimator
@@ -46,6 +48,15 @@ from .loss import policy_loss
 from .memory import pack_by_tokens
 from .policy import check_trainable_precision, load_policy, memory_line, mixed_precision_mode
 from .rollout import AdaptiveRollout
+from .sharding import (
+    full_state,
+    gathered,
+    is_sharded,
+    load_full_state,
+    micro_batch_padding,
+    save_full_pretrained,
+    shard_policy,
+)
 from .tools.registry import ToolRegistry
 from .tree import RolloutBatch, RolloutTree, to_batch
 
@@ -83,7 +94,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
                               seed=config.seed + 1000 * accelerator.process_index)
     per_process = _prompts_per_process(cfg, accelerator.num_processes)
     if accelerator.is_main_process:
-        log(memory_line(policy, config, per_process, str(accelerator.mixed_precision)))
+        log(memory_line(policy, config, per_process, str(accelerator.mixed_precision),
+                        accelerator.num_processes if cfg.fsdp else 1))
     state = TrainState()
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         state = _restore(load_checkpoint(checkpoint), accelerator, model, optimizer, scheduler, rollout,
@@ -107,7 +119,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         # 2. adaptive rollout (ARPO §3.2)
         model.eval()
         timer = time.perf_counter()
-        result = rollout_in_chunks(rollout, prompts, records, cfg.rollout_batch_prompts)
+        with gathered(model):  # FSDP: full weights, so processes may decode for different numbers of steps
+            result = rollout_in_chunks(rollout, prompts, records, cfg.rollout_batch_prompts)
         times = {"time/rollout": time.perf_counter() - timer}
         if torch.cuda.is_available():  # the rollout's KV cache is gone: give its memory back
             torch.cuda.empty_cache()
@@ -119,7 +132,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         # 5. old log-probs
         timer = time.perf_counter()
         if cfg.old_logprobs == "recompute":
-            batch.old_logprobs = recompute_logprobs(policy, batch, tokenizer, cfg.micro_batch_leaves)
+            with gathered(model):
+                batch.old_logprobs = recompute_logprobs(policy, batch, tokenizer, cfg.micro_batch_leaves)
         reference_logprobs = (recompute_logprobs(reference, batch, tokenizer, cfg.micro_batch_leaves)
                               if reference is not None else None)
         times["time/old_logprobs"] = time.perf_counter() - timer
@@ -139,8 +153,9 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         metrics = _mean_over_processes(accelerator, metrics)
         last = state.step == cfg.steps
         if eval_records and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
-            eval_metrics, _ = evaluate(Generator(policy, tokenizer), registry, eval_records, config.rollout,
-                                       system, reward_fn)
+            with gathered(model):
+                eval_metrics, _ = evaluate(Generator(policy, tokenizer), registry, eval_records, config.rollout,
+                                           system, reward_fn)
             metrics.update(eval_metrics)
         if accelerator.is_main_process:
             _log_metrics(accelerator, run_dir, metrics, log if progress.disable else tqdm.write)
@@ -149,9 +164,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         if last or (cfg.save_every and state.step % cfg.save_every == 0):
             _save(accelerator, run_dir, model, optimizer, scheduler, rollout, state, cfg.keep_checkpoints)
     progress.close()
-    if accelerator.is_main_process:
-        save_pretrained_merged(policy, run_dir / "final")  # LoRA: merged, loadable without peft
-        tokenizer.save_pretrained(run_dir / "final")
+    _save_final(accelerator, policy, tokenizer, run_dir / "final")
     accelerator.end_training()
     registry.close()
     return metrics
@@ -167,12 +180,20 @@ def _prepare_policy(config: Config, accelerator, model, tokenizer, log):
     check_trainable_precision(model, config, log)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(f"launched with Accelerate's {accelerator.distributed_type.value} plugin, which arpo_ref "
+                         "does not use: launch with configs/accelerate/fsdp.yaml and set train.fsdp=true to shard "
+                         "the model (the rollout needs arpo_ref's own handling of the shards)")
+    if cfg.fsdp:
+        model = shard_policy(model, accelerator.device, accelerator.mixed_precision)
     reference = None
     if cfg.kl_coef > 0:  # π_ref; with LoRA, the same weights with the adapters off (no second copy)
         reference = AdaptersOff(model) if has_lora(model) else load_policy(config, accelerator.device)[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    if cfg.fsdp:  # sharded by arpo_ref.sharding, not wrapped by Accelerate
+        return model, tokenizer, reference, optimizer, scheduler
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return model, tokenizer, reference, optimizer, scheduler
 
@@ -314,10 +335,14 @@ def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
         chunks = [leaves[group] for group in pack_by_tokens(lengths, cfg.micro_batch_tokens, cfg.micro_batch_leaves)]
     else:
         chunks = list(leaves.split(cfg.micro_batch_leaves))
-    sums: dict[str, float] = {}
+    real = len(chunks)
+    sharded = is_sharded(model)
+    if sharded:  # FSDP gathers and reduces per micro-batch, so every process runs as many: pad with
+        chunks += [chunks[0][:1]] * micro_batch_padding(real, device)  # zero-weight micro-batches
+    sums: dict[str, float] = {"train/padding_micro_batches": float(len(chunks) - real)} if sharded else {}
     for i, rows in enumerate(chunks):
         width = int(batch.attention_mask[rows].sum(1).max())  # drop columns that are padding in every row
-        sync = accelerator.no_sync(model) if i < len(chunks) - 1 else _null_context()
+        sync = accelerator.no_sync(model) if i < len(chunks) - 1 and not sharded else _null_context()
         with sync:
             def take(tensor, rows=rows, width=width):
                 return tensor[rows, :width].to(device)
@@ -331,13 +356,17 @@ def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
                 kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, entropy=entropy, entropy_coef=cfg.entropy_coef,
                 num_tokens=num_tokens, num_sequences=num_sequences,
                 max_response_length=config.rollout.max_response_tokens)
-            accelerator.backward(loss * accelerator.num_processes)
+            accelerator.backward(loss * (accelerator.num_processes if i < real else 0.0))
+        if i >= real:
+            continue
         weight = len(rows) / len(leaves)
         for k, v in metrics.items():
             if k != "loss/total" and "max" not in k and "min" not in k:
                 sums[k] = sums.get(k, 0.0) + v * weight
     if cfg.max_grad_norm:
-        sums["train/grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        clip = torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_
+        norm = clip(model.parameters(), cfg.max_grad_norm)
+        sums["train/grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -380,22 +409,44 @@ def _save(accelerator, run_dir, model, optimizer, scheduler, rollout, state: Tra
     # Every process's rollout RNG differs; gather them so a resumed run continues each stream.
     rollout_rng = {"token": rollout.token_rng.get_state(), "draw": rollout.draw_rng.getstate(),
                    "baselines": dict(rollout.stale_baselines)}
-    gathered = [rollout_rng]
+    rngs = [rollout_rng]
     if accelerator.num_processes > 1:
         import torch.distributed as dist
 
-        gathered = [None] * accelerator.num_processes
-        dist.all_gather_object(gathered, rollout_rng)
+        rngs = [None] * accelerator.num_processes
+        dist.all_gather_object(rngs, rollout_rng)
+    if is_sharded(model):  # full state dicts, gathered on process 0
+        model_state, optimizer_state = full_state(model, optimizer)
+    else:
+        model_state, optimizer_state = accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
     if accelerator.is_main_process:
         save_checkpoint(run_dir, state.step, {
-            "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "state": vars(state).copy(), "rollout": gathered}, keep)
+            "model": model_state, "optimizer": optimizer_state, "sharded": is_sharded(model),
+            "scheduler": scheduler.state_dict(), "state": vars(state).copy(), "rollout": rngs}, keep)
+    accelerator.wait_for_everyone()
+
+
+def _save_final(accelerator, policy, tokenizer, path: Path) -> None:
+    """The trained model as a `from_pretrained` folder (LoRA: merged, loadable without peft)."""
+    model_state = full_state(policy)[0] if is_sharded(policy) else None  # every process gathers
+    if accelerator.is_main_process:
+        if model_state is not None:
+            save_full_pretrained(policy, path, model_state)
+        else:
+            save_pretrained_merged(policy, path)
+        tokenizer.save_pretrained(path)
     accelerator.wait_for_everyone()
 
 
 def _restore(payload, accelerator, model, optimizer, scheduler, rollout, rank: int) -> TrainState:
-    accelerator.unwrap_model(model).load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    if payload.get("sharded", False) != is_sharded(model):
+        raise ValueError(f"this checkpoint was written with train.fsdp={payload.get('sharded', False)}; "
+                         f"resume with the same setting (the optimizer state is stored differently)")
+    if is_sharded(model):
+        load_full_state(model, optimizer, payload["model"], payload["optimizer"])
+    else:
+        accelerator.unwrap_model(model).load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     saved = payload["rollout"][rank]
     rollout.token_rng.set_state(saved["token"])

@@ -1,0 +1,74 @@
+"""The start-up memory estimate (arpo_ref.memory) against measured sizes: the KV cache the
+generator actually holds, AdamW's actual state, and the split across FSDP shards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import model_dir, tokenizer_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from arpo_ref.generation import Generator
+from arpo_ref.memory import estimate_memory
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AutoModelForCausalLM.from_pretrained(model_dir("qwen2")).eval()
+
+
+def estimate(model, **kwargs):
+    settings = dict(model_config=model.config, num_parameters=sum(p.numel() for p in model.parameters()),
+                    dtype="float32", prompts_per_process=3, rollout_budget=1, prompt_tokens=7, response_tokens=0,
+                    micro_batch_leaves=2)
+    return estimate_memory(**(settings | kwargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_estimate_equals_the_generators_cache(model, dtype):
+    generator = Generator(model.to(dtype), AutoTokenizer.from_pretrained(tokenizer_dir()))
+    rows = generator.prefill([[5, 6, 7, 8, 9, 10, 11]] * 3)
+    measured = tensor_bytes(t for layer in rows.cache.layers for t in (layer.keys, layer.values))
+    assert measured > 0
+    # A prompt's last token is pending (fed with the first decoding step): 6 of 7 are cached.
+    got = estimate(model, compute_dtype=str(dtype).removeprefix("torch."), prompt_tokens=6)
+    assert got.kv_cache == measured
+    model.float()
+
+
+def test_weights_gradients_and_adamw_state_estimates_equal_measured_bytes(model):
+    trained = AutoModelForCausalLM.from_pretrained(model_dir("qwen2"))
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-3)
+    trained(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    optimizer.step()
+    moments = [v for state in optimizer.state.values() for k, v in state.items() if k != "step"]
+    got = estimate(trained)
+    assert got.weights == tensor_bytes(trained.parameters())
+    assert got.gradients == tensor_bytes(p.grad for p in trained.parameters())
+    assert got.optimizer == tensor_bytes(moments)
+
+
+def test_the_peak_is_the_larger_phase(model):
+    rollout_heavy = estimate(model, prompts_per_process=400, micro_batch_leaves=1)
+    update_heavy = estimate(model, prompts_per_process=1, micro_batch_leaves=400)
+    assert rollout_heavy.total == rollout_heavy.rollout > rollout_heavy.update
+    assert update_heavy.total == update_heavy.update > update_heavy.rollout
+    kept = rollout_heavy.weights + rollout_heavy.optimizer
+    assert rollout_heavy.rollout == kept + rollout_heavy.kv_cache
+    assert update_heavy.update == kept + update_heavy.gradients + update_heavy.activations + update_heavy.logits
+
+
+def test_sharding_divides_the_training_state_and_adds_the_gathered_weights(model):
+    whole, sharded = estimate(model, compute_dtype="bfloat16"), estimate(model, compute_dtype="bfloat16", shards=4)
+    parameters = sum(p.numel() for p in model.parameters())
+    for name in ("weights", "gradients", "optimizer"):
+        assert getattr(sharded, name) == getattr(whole, name) / 4
+    assert sharded.gathered == parameters * 2 and whole.gathered == 0
+    assert sharded.rollout == pytest.approx(whole.rollout - 0.75 * (whole.weights + whole.optimizer) + parameters * 2)
+    assert sharded.update == pytest.approx(whole.update - 0.75 * (whole.weights + whole.optimizer + whole.gradients))
+    assert sharded.total == max(sharded.rollout, sharded.update)
+    assert "gathered" in sharded.describe() and "gathered" not in whole.describe()
