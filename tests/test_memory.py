@@ -72,3 +72,38 @@ def test_sharding_divides_the_training_state_and_adds_the_gathered_weights(model
     assert sharded.update == pytest.approx(whole.update - 0.75 * (whole.weights + whole.optimizer + whole.gradients))
     assert sharded.total == max(sharded.rollout, sharded.update)
     assert "gathered" in sharded.describe() and "gathered" not in whole.describe()
+
+
+def test_memory_command_prints_the_estimate_training_prints(tmp_path, capsys):
+    """`arpo-ref memory` builds the model on the meta device; its line equals the one training
+    logs at start-up after loading the weights (and LoRA / FSDP change it as they should)."""
+    import json
+    import shutil
+
+    from arpo_ref.cli import main
+    from arpo_ref.config import load_config
+    from arpo_ref.policy import load_policy, memory_line
+
+    shutil.copytree(tokenizer_dir(), tmp_path / "model", dirs_exist_ok=True)
+    shutil.copytree(model_dir("qwen2"), tmp_path / "model", dirs_exist_ok=True)
+    (tmp_path / "data.jsonl").write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")
+    overrides = [f"model.name_or_path={tmp_path / 'model'}", "train.prompts_per_step=8", "train.mini_batches=2",
+                 "rollout.max_response_tokens=64", "train.micro_batch_leaves=2"]
+
+    def planned(*args: str) -> str:
+        assert main(["memory", *args, *overrides]) == 0
+        return capsys.readouterr().out.strip().split(": ", 1)[1]
+
+    config = load_config(overrides=overrides)
+    loaded = load_policy(config, torch.device("cpu"), training=True)[0]
+    assert planned("--mixed-precision", "no") == memory_line(loaded, config, 8, "no")
+    assert planned("--processes", "2", "--mixed-precision", "bf16") == memory_line(loaded, config, 4, "bf16")
+    sharded = planned("--processes", "2", "--mixed-precision", "bf16", "train.fsdp=true")
+    assert sharded == memory_line(loaded, config, 4, "bf16", shards=2) and "gathered" in sharded
+    pytest.importorskip("peft")
+    lora = load_config(overrides=overrides + ["model.lora.enabled=true", "model.lora.rank=4"])
+    with_adapters = load_policy(lora, torch.device("cpu"), training=True)[0]
+    assert planned("--mixed-precision", "no", "model.lora.enabled=true", "model.lora.rank=4") == \
+        memory_line(with_adapters, lora, 8, "no")
+    assert main(["memory", "--processes", "3", *overrides]) == 2
+    assert "divisible" in capsys.readouterr().err

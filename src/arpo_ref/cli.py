@@ -6,6 +6,7 @@
     arpo-ref eval     --config FILE [--data FILE ...] [--samples K] pass@1 / pass@k with tools, table
     arpo-ref rollout  --config FILE --question TEXT [--json FILE]   one adaptive rollout, printed
     arpo-ref config   [--config FILE] [key=value ...] [--explain]   resolve and print a config
+    arpo-ref memory   --config FILE [--processes N] [key=value ...] estimated GPU memory, no weights loaded
     arpo-ref generate --model DIR --prompt TEXT [...]               sample with per-token entropy
 """
 
@@ -28,6 +29,24 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     print(explain(config) if args.explain else yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from .policy import planned_memory_line
+
+    if args.processes < 1:
+        print("arpo-ref memory: --processes must be >= 1", file=sys.stderr)
+        return 2
+    config = load_config(args.config, args.overrides)
+    mixed = args.mixed_precision or ("bf16" if config.train.mixed_precision == "auto" else config.train.mixed_precision)
+    try:
+        line = planned_memory_line(config, args.processes, mixed)
+    except (OSError, ValueError) as e:
+        print(f"arpo-ref memory: {e}", file=sys.stderr)
+        return 2
+    sharded = f", sharded over {args.processes}" if config.train.fsdp and args.processes > 1 else ""
+    print(f"{config.model.name_or_path}, {args.processes} process(es){sharded}, compute {mixed}: {line}")
     return 0
 
 
@@ -163,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--explain", action="store_true", help="print every field with its documentation")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("memory", help="estimate the memory per GPU of a training config (reads only config.json)")
+    _add_config_args(p)
+    p.add_argument("--processes", type=int, default=1, help="processes (GPUs) the run will use (default 1)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                   help="compute precision (default: train.mixed_precision, auto = bf16 as on a GPU)")
+    p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("demo", help="toy world -> cold-start SFT -> ARPO -> evaluation, on a CPU, offline")
     p.add_argument("--config", default="configs/demo.yaml", help="demo config (default: configs/demo.yaml)")

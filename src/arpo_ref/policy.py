@@ -70,3 +70,25 @@ def memory_line(policy, config: Config, per_process: int, mixed_precision: str, 
                                config.train.micro_batch_leaves, config.train.gradient_checkpointing, compute,
                                sum(p.numel() for p in policy.parameters() if p.requires_grad), shards)
     return estimate.describe() + " (prompts assumed ≤ 512 tokens)"
+
+
+def planned_memory_line(config: Config, processes: int, mixed_precision: str) -> str:
+    """`memory_line` for a run of `processes` processes, without loading any weights: the model is
+    built from its config.json on the meta device (with its LoRA adapters when enabled), so a
+    user can size a run before starting it (`arpo-ref memory`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = config.model.name_or_path
+    if not name:
+        raise ValueError("model.name_or_path is empty; set it to a hub name or a local model folder")
+    if config.train.prompts_per_step % (processes * config.train.mini_batches):
+        raise ValueError(f"train.prompts_per_step ({config.train.prompts_per_step}) must be divisible by "
+                         f"processes × mini_batches ({processes} × {config.train.mini_batches})")
+    dtype = "float32" if config.model.dtype == "auto" else config.model.dtype  # as training loads it
+    model_config = AutoConfig.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, dtype),
+                                                 trust_remote_code=config.model.trust_remote_code)
+        model = apply_lora(model, config.model.lora)
+    shards = processes if config.train.fsdp else 1
+    return memory_line(model, config, config.train.prompts_per_step // processes, mixed_precision, shards)
