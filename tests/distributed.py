@@ -20,3 +20,30 @@ def train_two_processes(out: Path, *args: str) -> list[dict]:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _mean_metrics_worker(rank: int, port: int, reported: list[dict], out: Path) -> None:
+    import torch.distributed as dist
+
+    from arpo_ref.train import _mean_over_processes
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(reported))
+    try:
+        (out / f"rank{rank}.json").write_text(json.dumps(_mean_over_processes(reported[rank], "cpu")))
+    finally:
+        dist.destroy_process_group()
+
+
+def mean_metrics_in_processes(reported: list[dict], out: Path) -> list[dict]:
+    """`train._mean_over_processes` run by len(reported) gloo processes, process r reporting
+    reported[r]; each process's result."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_mean_metrics_worker, args=(port, reported, out), nprocs=len(reported))
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(len(reported))]

@@ -52,25 +52,37 @@ def test_weights_gradients_and_adamw_state_estimates_equal_measured_bytes(model)
     assert got.optimizer == tensor_bytes(moments)
 
 
-def test_the_peak_is_the_larger_phase(model):
+def test_the_peak_is_the_largest_phase(model):
     rollout_heavy = estimate(model, prompts_per_process=400, micro_batch_leaves=1)
     update_heavy = estimate(model, prompts_per_process=1, micro_batch_leaves=400)
     assert rollout_heavy.total == rollout_heavy.rollout > rollout_heavy.update
     assert update_heavy.total == update_heavy.update > update_heavy.rollout
     kept = rollout_heavy.weights + rollout_heavy.optimizer
     assert rollout_heavy.rollout == kept + rollout_heavy.kv_cache
+    assert update_heavy.old_logprobs == kept + update_heavy.logits
     assert update_heavy.update == kept + update_heavy.gradients + update_heavy.activations + update_heavy.logits
 
 
+def test_ddp_keeps_gradients_all_run(model):
+    single, ddp = estimate(model), estimate(model, processes=2)
+    assert ddp.gradients == single.gradients and ddp.update == single.update
+    assert ddp.rollout == single.rollout + single.gradients  # the buckets outlive the update
+
+
 def test_sharding_divides_the_training_state_and_adds_the_gathered_weights(model):
-    whole, sharded = estimate(model, compute_dtype="bfloat16"), estimate(model, compute_dtype="bfloat16", shards=4)
+    whole = estimate(model, compute_dtype="bfloat16")
+    sharded = estimate(model, compute_dtype="bfloat16", processes=4, sharded=True)
     parameters = sum(p.numel() for p in model.parameters())
     for name in ("weights", "gradients", "optimizer"):
         assert getattr(sharded, name) == getattr(whole, name) / 4
     assert sharded.gathered == parameters * 2 and whole.gathered == 0
+    text = model.config
+    tables = 1 if text.tie_word_embeddings else 2
+    assert sharded.embeddings == text.vocab_size * text.hidden_size * tables * 2 and whole.embeddings == 0
     assert sharded.rollout == pytest.approx(whole.rollout - 0.75 * (whole.weights + whole.optimizer) + parameters * 2)
-    assert sharded.update == pytest.approx(whole.update - 0.75 * (whole.weights + whole.optimizer + whole.gradients))
-    assert sharded.total == max(sharded.rollout, sharded.update)
+    assert sharded.update == pytest.approx(whole.update - 0.75 * (whole.weights + whole.optimizer + whole.gradients)
+                                           + sharded.embeddings)
+    assert sharded.total == max(sharded.rollout, sharded.old_logprobs, sharded.update)
     assert "gathered" in sharded.describe() and "gathered" not in whole.describe()
 
 
@@ -97,9 +109,10 @@ def test_memory_command_prints_the_estimate_training_prints(tmp_path, capsys):
     config = load_config(overrides=overrides)
     loaded = load_policy(config, torch.device("cpu"), training=True)[0]
     assert planned("--mixed-precision", "no") == memory_line(loaded, config, 8, "no")
-    assert planned("--processes", "2", "--mixed-precision", "bf16") == memory_line(loaded, config, 4, "bf16")
+    assert planned("--processes", "2", "--mixed-precision", "bf16") == memory_line(loaded, config, 4, "bf16", 2)
     sharded = planned("--processes", "2", "--mixed-precision", "bf16", "train.fsdp=true")
-    assert sharded == memory_line(loaded, config, 4, "bf16", shards=2) and "gathered" in sharded
+    fsdp = load_config(overrides=overrides + ["train.fsdp=true"])
+    assert sharded == memory_line(loaded, fsdp, 4, "bf16", 2) and "gathered" in sharded
     pytest.importorskip("peft")
     lora = load_config(overrides=overrides + ["model.lora.enabled=true", "model.lora.rank=4"])
     with_adapters = load_policy(lora, torch.device("cpu"), training=True)[0]

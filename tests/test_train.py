@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import train_two_processes
+from distributed import mean_metrics_in_processes, train_two_processes
 from tiny import model_dir, tokenizer_dir
 from transformers import AutoModelForCausalLM
 
@@ -112,6 +112,15 @@ def test_two_processes_train_in_lockstep(workspace):
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6, abs=1e-6)
     initial = [float(p.double().sum()) for p in AutoModelForCausalLM.from_pretrained(workspace / "model").parameters()]
     assert ranks[0]["checksum"] != pytest.approx(initial, rel=1e-9, abs=1e-9)
+
+
+def test_metrics_are_averaged_over_the_processes_that_report_them(tmp_path):
+    """A process whose rows called no python tool has no tools/calls/python: the processes'
+    key sets differ, and every key is averaged over the processes that have it."""
+    reported = [{"reward/mean": 1.0, "tools/calls": 0.0},
+                {"reward/mean": 0.5, "tools/calls": 2.0, "tools/calls/python": 2.0, "tools/error_rate": 0.5}]
+    for result in mean_metrics_in_processes(reported, tmp_path):
+        assert result == {"reward/mean": 0.75, "tools/calls": 1.0, "tools/calls/python": 2.0, "tools/error_rate": 0.5}
 
 
 def test_fsdp_trains_like_ddp_saves_and_resumes(workspace):

@@ -54,7 +54,8 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint and restore the global random-number generators it recorded."""
-    payload = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+    # Memory-mapped: tensors are read from disk when used (with FSDP only process 0 reads the model).
+    payload = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False, mmap=True)
     restore_rng(payload["rng"])
     return payload
 

@@ -212,9 +212,14 @@ class TrainConfig:
     """Pack micro-batches by padded size (rows × longest row ≤ this); 0 = fixed `micro_batch_leaves`."""
     rollout_batch_prompts: int = 0
     """Roll out this process's prompts in chunks of this many (bounds the KV cache); 0 = all at once."""
+    distributed_timeout_minutes: int = 120
+    """How long a process waits in a collective for the others (several processes only). A step's
+    rollout may take one process much longer than another (long responses, slow tools), and
+    NCCL's default of 10 minutes would then abort the run."""
 
     def validate(self) -> None:
-        for name in ("steps", "prompts_per_step", "mini_batches", "micro_batch_leaves", "ppo_epochs"):
+        for name in ("steps", "prompts_per_step", "mini_batches", "micro_batch_leaves", "ppo_epochs",
+                     "distributed_timeout_minutes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.prompts_per_step % self.mini_batches:

@@ -2,9 +2,12 @@
 run fits, and the token-budget packing of micro-batches.
 
 The estimate is per process (one GPU) and deliberately simple — an order of magnitude, printed
-with its assumptions. The peak is the larger of two phases, since the rollout's KV cache is freed
-before the update: rollout = weights + AdamW state + KV cache (+ gathered weights when sharded),
-update = weights + AdamW state + gradients + activations + logits. The parts:
+with its assumptions. The peak is the largest of three phases, since the rollout's KV cache is
+freed before the update:
+  rollout      = kept + KV cache (+ gathered weights when sharded),
+  old log-probs = kept + one micro-batch's logits (+ gathered weights when sharded),
+  update       = kept + gradients + activations + logits (+ the FSDP root's gathered embeddings),
+where kept = weights + AdamW state (+ gradients under DDP, whose buckets hold them all run). The parts:
 * weights: parameters × bytes of the weights dtype; gradients the same;
 * AdamW: two fp32 moments per parameter (plus an fp32 master copy when the weights are not fp32
   and mixed precision keeps one — not assumed here);
@@ -14,7 +17,8 @@ update = weights + AdamW state + gradients + activations + logits. The parts:
   saved fp32 tensors per layer; gradient checkpointing keeps ~1), plus the fp32 logits
   leaves × tokens × vocab × 4 bytes × 2 (log-softmax and its gradient);
 * sharded (FSDP over N processes): weights, gradients and AdamW state divided by N, plus the full
-  weights in the compute dtype that the rollout gathers ("gathered").
+  weights in the compute dtype that the rollout gathers ("gathered"), and the root module's
+  embedding and output tables, which stay gathered through the update ("embeddings").
 """
 
 from __future__ import annotations
@@ -35,43 +39,61 @@ class MemoryEstimate:
     activations: float
     logits: float
     gathered: float = 0.0
+    """FSDP: the full weights in the compute dtype, gathered for the rollout and old log-probs."""
+    embeddings: float = 0.0
+    """FSDP: the root module (embeddings, output layer) stays gathered through forward and backward."""
+    gradients_kept: bool = False
+    """DDP: gradients live in its communication buckets for the whole run, not only in the update."""
+
+    @property
+    def kept(self) -> float:
+        """What every phase holds: weights, AdamW state (and DDP's gradient buckets)."""
+        return self.weights + self.optimizer + (self.gradients if self.gradients_kept else 0.0)
 
     @property
     def rollout(self) -> float:
-        """Peak of the rollout phase: the kept state, the gathered weights and the KV cache."""
-        return self.weights + self.optimizer + self.gathered + self.kv_cache
+        """Peak of the rollout: the kept state, the gathered weights and the KV cache."""
+        return self.kept + self.gathered + self.kv_cache
+
+    @property
+    def old_logprobs(self) -> float:
+        """Peak of recomputing log π_old: the kept state, the gathered weights, one micro-batch's logits."""
+        return self.kept + self.gathered + self.logits
 
     @property
     def update(self) -> float:
-        """Peak of the update phase: the kept state, gradients, one micro-batch's activations and logits."""
-        return self.weights + self.optimizer + self.gradients + self.activations + self.logits
+        """Peak of the update: the kept state, gradients, one micro-batch's activations and logits."""
+        gradients = 0.0 if self.gradients_kept else self.gradients
+        return self.kept + gradients + self.embeddings + self.activations + self.logits
 
     @property
     def total(self) -> float:
-        """The larger phase: the KV cache and gathered weights are freed before the update."""
-        return max(self.rollout, self.update)
+        """The largest phase: the KV cache and gathered weights are freed before the update."""
+        return max(self.rollout, self.old_logprobs, self.update)
 
     def describe(self) -> str:
         gib = 2**30
-        names = ("weights", "gradients", "optimizer") + (("gathered",) if self.gathered else ()) + (
+        names = ("weights", "gradients", "optimizer") + tuple(n for n in ("gathered", "embeddings") if getattr(self, n)) + (
             "kv_cache", "activations", "logits")
         parts = ", ".join(f"{name} {getattr(self, name) / gib:.2f}" for name in names)
         return (f"estimated peak memory per process ≈ {self.total / gib:.2f} GiB (rollout {self.rollout / gib:.2f}, "
-                f"update {self.update / gib:.2f}; {parts}; GiB)")
+                f"old log-probs {self.old_logprobs / gib:.2f}, update {self.update / gib:.2f}; {parts}; GiB)")
 
 
 def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_process: int,
                     rollout_budget: int, prompt_tokens: int, response_tokens: int, micro_batch_leaves: int,
                     gradient_checkpointing: bool = False, compute_dtype: str | None = None,
-                    trainable_parameters: int | None = None, shards: int = 1) -> MemoryEstimate:
+                    trainable_parameters: int | None = None, processes: int = 1,
+                    sharded: bool = False) -> MemoryEstimate:
     """Order-of-magnitude memory of one training process (see the module docstring).
 
     `dtype` is the weights' dtype; `compute_dtype` the autocast dtype (default: the weights'),
     which sizes the KV cache: under bf16 autocast the keys and values are bf16.
     `trainable_parameters` (default: all) size the gradients and AdamW state (LoRA: the adapters).
-    `shards` > 1: FSDP over that many processes (arpo_ref.sharding).
+    `processes` > 1: DDP, or FSDP over that many processes when `sharded` (arpo_ref.sharding).
     """
     trainable = num_parameters if trainable_parameters is None else trainable_parameters
+    shards = processes if sharded else 1
     size = BYTES.get(dtype, 4)
     compute_size = BYTES.get(compute_dtype or dtype, 4)
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
@@ -86,9 +108,12 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
     per_layer = 4 if gradient_checkpointing else 16
     activations = micro_batch_leaves * tokens * hidden * layers * per_layer
     logits = micro_batch_leaves * tokens * vocab * 4 * 2
+    embedding_tables = 1 if getattr(text, "tie_word_embeddings", False) else 2
     return MemoryEstimate(weights=num_parameters * size / shards, gradients=trainable * size / shards,
                           optimizer=trainable * 8 / shards, kv_cache=kv, activations=activations, logits=logits,
-                          gathered=num_parameters * compute_size if shards > 1 else 0.0)
+                          gathered=num_parameters * compute_size if shards > 1 else 0.0,
+                          embeddings=vocab * hidden * embedding_tables * compute_size if shards > 1 else 0.0,
+                          gradients_kept=processes > 1 and not sharded)
 
 
 def pack_by_tokens(lengths: torch.Tensor, max_tokens: int, max_rows: int) -> list[list[int]]:

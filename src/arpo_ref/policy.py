@@ -59,16 +59,17 @@ def check_trainable_precision(model, config: Config, log) -> None:
             "train.mixed_precision=bf16 for 16-bit compute")
 
 
-def memory_line(policy, config: Config, per_process: int, mixed_precision: str, shards: int = 1) -> str:
-    """The start-up memory estimate of one process (arpo_ref.memory), as a log line; `shards`:
-    processes the weights are sharded over (FSDP)."""
+def memory_line(policy, config: Config, per_process: int, mixed_precision: str, processes: int = 1) -> str:
+    """The start-up memory estimate of one of `processes` processes (arpo_ref.memory), as a log
+    line; with `train.fsdp` the training state is sharded over the processes."""
     dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
     compute = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, dtype)
     per_process = min(per_process, config.train.rollout_batch_prompts or per_process)  # live in the KV cache
     estimate = estimate_memory(policy.config, sum(p.numel() for p in policy.parameters()), dtype, per_process,
                                config.rollout.rollout_budget, 512, config.rollout.max_response_tokens,
                                config.train.micro_batch_leaves, config.train.gradient_checkpointing, compute,
-                               sum(p.numel() for p in policy.parameters() if p.requires_grad), shards)
+                               sum(p.numel() for p in policy.parameters() if p.requires_grad), processes,
+                               sharded=config.train.fsdp)
     return estimate.describe() + " (prompts assumed ≤ 512 tokens)"
 
 
@@ -90,5 +91,4 @@ def planned_memory_line(config: Config, processes: int, mixed_precision: str) ->
         model = AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, dtype),
                                                  trust_remote_code=config.model.trust_remote_code)
         model = apply_lora(model, config.model.lora)
-    shards = processes if config.train.fsdp else 1
-    return memory_line(model, config, config.train.prompts_per_step // processes, mixed_precision, shards)
+    return memory_line(model, config, config.train.prompts_per_step // processes, mixed_precision, processes)

@@ -29,11 +29,17 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    InitProcessGroupKwargs,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
 from .advantages import get_estimator
@@ -80,7 +86,10 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     cfg = config.train
     run_dir = Path(cfg.output_dir)
     accelerator = Accelerator(cpu=cfg.cpu, log_with=cfg.trackers or None, project_dir=str(run_dir),
-                              mixed_precision=mixed_precision_mode(cfg.mixed_precision, cfg.cpu))
+                              mixed_precision=mixed_precision_mode(cfg.mixed_precision, cfg.cpu), kwargs_handlers=[
+                                  InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed_timeout_minutes)),
+                                  # DDP: gradients are views into its buckets instead of a second copy
+                                  DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
     set_seed(config.seed)
     model, tokenizer, reference, optimizer, scheduler = _prepare_policy(config, accelerator, model, tokenizer, log)
     registry = ToolRegistry.from_config(config.tools)
@@ -94,8 +103,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
                               seed=config.seed + 1000 * accelerator.process_index)
     per_process = _prompts_per_process(cfg, accelerator.num_processes)
     if accelerator.is_main_process:
-        log(memory_line(policy, config, per_process, str(accelerator.mixed_precision),
-                        accelerator.num_processes if cfg.fsdp else 1))
+        log(memory_line(policy, config, per_process, str(accelerator.mixed_precision), accelerator.num_processes))
     state = TrainState()
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         state = _restore(load_checkpoint(checkpoint), accelerator, model, optimizer, scheduler, rollout,
@@ -150,7 +158,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         metrics = {**result.metrics, **reward_metrics, **update_metrics, **times, "train/step": state.step,
                    "train/lr": scheduler.get_last_lr()[0], "time/step": time.perf_counter() - started,
                    "train/processes": accelerator.num_processes, "train/world_size": _world_size()}
-        metrics = _mean_over_processes(accelerator, metrics)
+        metrics = _mean_over_processes(metrics, accelerator.device)
         last = state.step == cfg.steps
         if eval_records and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
             with gathered(model):
@@ -308,12 +316,13 @@ def ppo_update(accelerator, model, optimizer, scheduler, batch: RolloutBatch, ad
     """PPO epochs × mini-batches of whole prompts; each mini-batch is one optimizer step."""
     cfg = config.train
     groups = batch.group_ids.unique(sorted=True)
-    per_mini = max(len(groups) // cfg.mini_batches, 1)
+    if len(groups) < cfg.mini_batches:  # every process must take as many optimizer steps
+        raise RuntimeError(f"{len(groups)} prompts with leaves for {cfg.mini_batches} mini-batches")
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(cfg.ppo_epochs):
-        for start in range(0, len(groups), per_mini):
-            leaves = torch.isin(batch.group_ids, groups[start: start + per_mini]).nonzero().squeeze(1)
+        for mini_batch in torch.tensor_split(groups, cfg.mini_batches):
+            leaves = torch.isin(batch.group_ids, mini_batch).nonzero().squeeze(1)
             step_metrics = _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
                                            reference_logprobs, leaves, config, vocab_size)
             for k, v in step_metrics.items():
@@ -388,13 +397,19 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
-    if accelerator.num_processes == 1:
+def _mean_over_processes(metrics: dict[str, float], device) -> dict[str, float]:
+    """Each metric's mean over the processes that report it. Processes may report different keys
+    (tools/calls/python is absent where no row called python), so the key sets are merged first."""
+    if _world_size() == 1:
         return metrics
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
-    values = accelerator.reduce(values, reduction="mean")
-    return dict(zip(keys, values.tolist()))
+    dist = torch.distributed
+    key_sets = [None] * dist.get_world_size()
+    dist.all_gather_object(key_sets, sorted(metrics))
+    keys = sorted(set().union(*key_sets))
+    sums = torch.tensor([[float(metrics.get(k, 0.0)), float(k in metrics)] for k in keys], dtype=torch.float64,
+                        device=device)
+    dist.all_reduce(sums)
+    return {k: total / count for k, (total, count) in zip(keys, sums.tolist())}
 
 
 def _log_metrics(accelerator, run_dir: Path, metrics: dict[str, float], log) -> None:
@@ -442,7 +457,7 @@ def _restore(payload, accelerator, model, optimizer, scheduler, rollout, rank: i
     if payload.get("sharded", False) != is_sharded(model):
         raise ValueError(f"this checkpoint was written with train.fsdp={payload.get('sharded', False)}; "
                          f"resume with the same setting (the optimizer state is stored differently)")
-    if is_sharded(model):
+    if is_sharded(model):  # process 0's tensors are sent to the others, whose copies stay unread
         load_full_state(model, optimizer, payload["model"], payload["optimizer"])
     else:
         accelerator.unwrap_model(model).load_state_dict(payload["model"])
