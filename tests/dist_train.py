@@ -29,4 +29,5 @@ with open(os.path.join(out_dir, f"rank{os.environ.get('RANK', '0')}.json"), "w")
     json.dump({"world": metrics["train/world_size"], "processes": metrics["train/processes"],
                "state_processes": PartialState().num_processes, "checksum": checksum,
                "padding": metrics.get("train/padding_micro_batches", 0.0), "step": metrics["train/step"],
-               "updates": metrics["train/updates"]}, handle)
+               "updates": metrics["train/updates"], "eval": {k: v for k, v in metrics.items() if k.startswith("eval/")}},
+              handle)

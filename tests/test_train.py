@@ -114,6 +114,24 @@ def test_two_processes_train_in_lockstep(workspace):
     assert ranks[0]["checksum"] != pytest.approx(initial, rel=1e-9, abs=1e-9)
 
 
+def test_evaluation_split_across_processes_equals_one_process(workspace):
+    """Two processes evaluate alternate records (3 and 2 of 5) and weight their means by their
+    question counts: the metrics equal one process evaluating all 5 (lr 1e-30 leaves the model
+    unchanged, so both evaluate the same model, greedily)."""
+    evaluation = workspace / "eval5.jsonl"
+    evaluation.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:5]))
+    extra = {"train.steps": 1, "train.prompts_per_step": 4, "train.learning_rate": "1e-30",
+             "data.eval_path": evaluation, "rollout.max_response_tokens": 16,
+             "reward.mode": "toy_rewards:gold_value_reward"}
+    single = train(load_config(overrides=overrides(workspace, "eval_single", **extra)), log=lambda *_: None)
+    ranks = torchrun(workspace, "eval_two", **extra)
+    assert single["eval/questions"] == 5 and ranks[0]["eval"]["eval/questions"] == 5
+    assert single["eval/reward"] == pytest.approx(sum(float(r["answer"]) for r in ROWS[:5]) / 5)
+    for key, value in single.items():
+        if key.startswith("eval/"):
+            assert ranks[0]["eval"][key] == pytest.approx(value, rel=1e-9), key
+
+
 def test_metrics_are_averaged_over_the_processes_that_report_them(tmp_path):
     """A process whose rows called no python tool has no tools/calls/python: the processes'
     key sets differ, and every key is averaged over the processes that have it."""
@@ -173,7 +191,7 @@ def test_token_budget_micro_batches_and_checkpointing_give_the_same_gradient():
     from tiny import load_model, load_tokenizer
 
     from arpo_ref.testing import make_batch
-    from arpo_ref.train import ppo_update
+    from arpo_ref.update import ppo_update
 
     batch = make_batch([[[(0, 6), (1, 9)], [(0, 6), (2, 3)], [(0, 6), (3, 20)]], [[(4, 4), (5, 12)], [(4, 4), (6, 2)]]],
                        rewards=[1.0, 0.0, 0.5, 0.2, 0.9])

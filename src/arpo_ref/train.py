@@ -17,6 +17,8 @@ process would make on all prompts. With `train.fsdp` the weights, gradients and 
 sharded instead of replicated (arpo_ref.sharding): the rollout gathers the full weights, and the
 update pads every process to the same number of micro-batches.
 
+The update itself (step 6) is in arpo_ref.update.
+
 Deviation: the official code takes one optimizer step per mini-batch of 16 prompts; so do we
 (`train.mini_batches`), but mini-batches are formed from whole prompts of the step, in order.
 """
@@ -50,8 +52,6 @@ from .episode import render_prompt, system_prompt
 from .evaluate import evaluate
 from .generation import Generator
 from .lora import AdaptersOff, has_lora, save_pretrained_merged
-from .loss import policy_loss
-from .memory import pack_by_tokens
 from .policy import check_trainable_precision, load_policy, memory_line, mixed_precision_mode
 from .rollout import AdaptiveRollout
 from .sharding import (
@@ -59,12 +59,12 @@ from .sharding import (
     gathered,
     is_sharded,
     load_full_state,
-    micro_batch_padding,
     save_full_pretrained,
     shard_policy,
 )
 from .tools.registry import ToolRegistry
-from .tree import RolloutBatch, RolloutTree, to_batch
+from .tree import RolloutTree, to_batch
+from .update import ppo_update, recompute_logprobs, token_logprobs  # noqa: F401  (token_logprobs: public here too)
 
 PROGRESS_KEYS = ("reward/mean", "rollout/branches", "rollout/tool_calls_executed", "loss/clipfrac", "eval/accuracy")
 
@@ -162,9 +162,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         last = state.step == cfg.steps
         if eval_records and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
             with gathered(model):
-                eval_metrics, _ = evaluate(Generator(policy, tokenizer), registry, eval_records, config.rollout,
-                                           system, reward_fn)
-            metrics.update(eval_metrics)
+                metrics.update(_evaluate_shared(policy, tokenizer, registry, eval_records, config, system, reward_fn,
+                                                accelerator.device))
         if accelerator.is_main_process:
             _log_metrics(accelerator, run_dir, metrics, log if progress.disable else tqdm.write)
             progress.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in PROGRESS_KEYS if k in metrics})
@@ -278,118 +277,6 @@ def score_leaves(trees: list[RolloutTree], records: list[Record], tokenizer, rew
             "reward/groups_all_equal": sum(len(set(g)) == 1 for g in groups) / len(groups)}
 
 
-# ---------------------------------------------------------------------------- the update
-def token_logprobs(model, input_ids, attention_mask, vocab_size: int, with_entropy: bool = False):
-    """log π(token_t | tokens_<t) for every column t (0 at t = 0), and optionally the entropy.
-
-    Ids >= vocab_size (padded model vocabularies) are masked as in the generator, so recomputed
-    and recorded log-probs agree. Shapes: input_ids/attention_mask (B, T) -> (B, T).
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
-    if vocab_size < logits.shape[-1]:
-        logits[..., vocab_size:] = float("-inf")
-    log_probs = torch.log_softmax(logits, dim=-1)
-    chosen = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    chosen = torch.nn.functional.pad(chosen, (1, 0))  # (B, T)
-    if not with_entropy:
-        return chosen, None
-    probs = log_probs.exp()
-    entropy = -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
-    return chosen, torch.nn.functional.pad(entropy, (1, 0))
-
-
-@torch.no_grad()
-def recompute_logprobs(model, batch: RolloutBatch, tokenizer, micro: int) -> torch.Tensor:
-    """log π_old of every trained token by a forward pass (0 elsewhere), micro-batched: (L, T)."""
-    device = next(model.parameters()).device
-    out = torch.zeros_like(batch.loss_mask)
-    for start in range(0, batch.num_leaves, micro):
-        rows = slice(start, start + micro)
-        lp, _ = token_logprobs(model, batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device),
-                               len(tokenizer))
-        out[rows] = lp.cpu() * batch.loss_mask[rows]
-    return out
-
-
-def ppo_update(accelerator, model, optimizer, scheduler, batch: RolloutBatch, advantages: torch.Tensor,
-               reference_logprobs, config: Config, vocab_size: int) -> dict[str, float]:
-    """PPO epochs × mini-batches of whole prompts; each mini-batch is one optimizer step."""
-    cfg = config.train
-    groups = batch.group_ids.unique(sorted=True)
-    if len(groups) < cfg.mini_batches:  # every process must take as many optimizer steps
-        raise RuntimeError(f"{len(groups)} prompts with leaves for {cfg.mini_batches} mini-batches")
-    sums: dict[str, float] = {}
-    updates = 0
-    for _ in range(cfg.ppo_epochs):
-        for mini_batch in torch.tensor_split(groups, cfg.mini_batches):
-            leaves = torch.isin(batch.group_ids, mini_batch).nonzero().squeeze(1)
-            step_metrics = _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
-                                           reference_logprobs, leaves, config, vocab_size)
-            for k, v in step_metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            updates += 1
-    return {k: v / updates for k, v in sums.items()} | {"train/updates": float(updates)}
-
-
-def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages, reference_logprobs,
-                    leaves, config: Config, vocab_size: int) -> dict[str, float]:
-    cfg = config.train
-    device = accelerator.device
-    mask = batch.loss_mask[leaves]
-    # Normalisers summed over processes, so accumulation and DDP give the big-batch gradient.
-    counts = torch.tensor([mask.sum(), (mask.sum(1) > 0).sum()], dtype=torch.float64, device=device)
-    num_tokens, num_sequences = accelerator.reduce(counts, reduction="sum").tolist()
-    lengths = batch.attention_mask[leaves].sum(1)
-    if cfg.micro_batch_tokens:
-        chunks = [leaves[group] for group in pack_by_tokens(lengths, cfg.micro_batch_tokens, cfg.micro_batch_leaves)]
-    else:
-        chunks = list(leaves.split(cfg.micro_batch_leaves))
-    real = len(chunks)
-    sharded = is_sharded(model)
-    if sharded:  # FSDP gathers and reduces per micro-batch, so every process runs as many: pad with
-        chunks += [chunks[0][:1]] * micro_batch_padding(real, device)  # zero-weight micro-batches
-    sums: dict[str, float] = {"train/padding_micro_batches": float(len(chunks) - real)} if sharded else {}
-    for i, rows in enumerate(chunks):
-        width = int(batch.attention_mask[rows].sum(1).max())  # drop columns that are padding in every row
-        sync = accelerator.no_sync(model) if i < len(chunks) - 1 and not sharded else _null_context()
-        with sync:
-            def take(tensor, rows=rows, width=width):
-                return tensor[rows, :width].to(device)
-            logprobs, entropy = token_logprobs(model, take(batch.input_ids), take(batch.attention_mask), vocab_size,
-                                               with_entropy=cfg.entropy_coef > 0)
-            loss, metrics = policy_loss(
-                logprobs, take(batch.old_logprobs), take(advantages), take(batch.loss_mask),
-                clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                dual_clip=cfg.dual_clip or None, agg=cfg.loss_aggregation,
-                ref_logprobs=take(reference_logprobs) if reference_logprobs is not None else None,
-                kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, entropy=entropy, entropy_coef=cfg.entropy_coef,
-                num_tokens=num_tokens, num_sequences=num_sequences,
-                max_response_length=config.rollout.max_response_tokens)
-            accelerator.backward(loss * (accelerator.num_processes if i < real else 0.0))
-        if i >= real:
-            continue
-        weight = len(rows) / len(leaves)
-        for k, v in metrics.items():
-            if k != "loss/total" and "max" not in k and "min" not in k:
-                sums[k] = sums.get(k, 0.0) + v * weight
-    if cfg.max_grad_norm:
-        clip = torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_
-        norm = clip(model.parameters(), cfg.max_grad_norm)
-        sums["train/grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return sums
-
-
-class _null_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *args):
-        return False
-
-
 # ---------------------------------------------------------------------------- bookkeeping
 def _world_size() -> int:
     """Processes in the torch.distributed group (1 when it is not initialised)."""
@@ -397,19 +284,32 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _mean_over_processes(metrics: dict[str, float], device) -> dict[str, float]:
-    """Each metric's mean over the processes that report it. Processes may report different keys
-    (tools/calls/python is absent where no row called python), so the key sets are merged first."""
+def _mean_over_processes(metrics: dict[str, float], device, weight: float = 1.0) -> dict[str, float]:
+    """Each metric's mean over the processes that report it, weighted by each process's `weight`.
+    Processes may report different keys (tools/calls/python is absent where no row called
+    python), so the key sets are merged first."""
     if _world_size() == 1:
         return metrics
     dist = torch.distributed
     key_sets = [None] * dist.get_world_size()
     dist.all_gather_object(key_sets, sorted(metrics))
     keys = sorted(set().union(*key_sets))
-    sums = torch.tensor([[float(metrics.get(k, 0.0)), float(k in metrics)] for k in keys], dtype=torch.float64,
-                        device=device)
+    sums = torch.tensor([[float(metrics.get(k, 0.0)) * weight, weight * (k in metrics)] for k in keys],
+                        dtype=torch.float64, device=device)
     dist.all_reduce(sums)
-    return {k: total / count for k, (total, count) in zip(keys, sums.tolist())}
+    return {k: total / count if count else 0.0 for k, (total, count) in zip(keys, sums.tolist())}
+
+
+def _evaluate_shared(policy, tokenizer, registry, records: list[Record], config: Config, system, reward_fn,
+                     device) -> dict[str, float]:
+    """Periodic evaluation with the records split across processes (each evaluates every
+    world-size-th record); the metrics, means over questions, are combined weighted by each
+    process's number of questions."""
+    rank = torch.distributed.get_rank() if _world_size() > 1 else 0
+    mine = records[rank::_world_size()]
+    metrics, _ = evaluate(Generator(policy, tokenizer), registry, mine, config.rollout, system, reward_fn)
+    metrics = _mean_over_processes(metrics, device, weight=float(len(mine)))
+    return metrics | {"eval/questions": float(len(records))}
 
 
 def _log_metrics(accelerator, run_dir: Path, metrics: dict[str, float], log) -> None:
