@@ -69,6 +69,14 @@ def test_ddp_keeps_gradients_all_run(model):
     assert ddp.rollout == single.rollout + single.gradients  # the buckets outlive the update
 
 
+def test_a_kl_reference_model_is_kept_in_the_compute_dtype(model):
+    without, with_reference = estimate(model, compute_dtype="bfloat16"), estimate(model, compute_dtype="bfloat16",
+                                                                                  reference=True)
+    assert with_reference.reference == sum(p.numel() for p in model.parameters()) * 2
+    assert with_reference.rollout == without.rollout + with_reference.reference
+    assert with_reference.update == without.update + with_reference.reference
+
+
 def test_sharding_divides_the_training_state_and_adds_the_gathered_weights(model):
     whole = estimate(model, compute_dtype="bfloat16")
     sharded = estimate(model, compute_dtype="bfloat16", processes=4, sharded=True)

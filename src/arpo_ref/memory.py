@@ -7,7 +7,8 @@ freed before the update:
   rollout      = kept + KV cache (+ gathered weights when sharded),
   old log-probs = kept + one micro-batch's logits (+ gathered weights when sharded),
   update       = kept + gradients + activations + logits (+ the FSDP root's gathered embeddings),
-where kept = weights + AdamW state (+ gradients under DDP, whose buckets hold them all run). The parts:
+where kept = weights + AdamW state (+ gradients under DDP, whose buckets hold them all run; + the
+frozen reference model when the KL penalty is on). The parts:
 * weights: parameters × bytes of the weights dtype; gradients the same;
 * AdamW: two fp32 moments per parameter (plus an fp32 master copy when the weights are not fp32
   and mixed precision keeps one — not assumed here);
@@ -44,11 +45,13 @@ class MemoryEstimate:
     """FSDP: the root module (embeddings, output layer) stays gathered through forward and backward."""
     gradients_kept: bool = False
     """DDP: gradients live in its communication buckets for the whole run, not only in the update."""
+    reference: float = 0.0
+    """The frozen reference model of the KL penalty (train.kl_coef > 0, without LoRA)."""
 
     @property
     def kept(self) -> float:
-        """What every phase holds: weights, AdamW state (and DDP's gradient buckets)."""
-        return self.weights + self.optimizer + (self.gradients if self.gradients_kept else 0.0)
+        """What every phase holds: weights, AdamW state, the KL reference (and DDP's gradient buckets)."""
+        return self.weights + self.optimizer + self.reference + (self.gradients if self.gradients_kept else 0.0)
 
     @property
     def rollout(self) -> float:
@@ -73,7 +76,8 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         gib = 2**30
-        names = ("weights", "gradients", "optimizer") + tuple(n for n in ("gathered", "embeddings") if getattr(self, n)) + (
+        optional = ("reference", "gathered", "embeddings")
+        names = ("weights", "gradients", "optimizer") + tuple(n for n in optional if getattr(self, n)) + (
             "kv_cache", "activations", "logits")
         parts = ", ".join(f"{name} {getattr(self, name) / gib:.2f}" for name in names)
         return (f"estimated peak memory per process ≈ {self.total / gib:.2f} GiB (rollout {self.rollout / gib:.2f}, "
@@ -84,13 +88,14 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
                     rollout_budget: int, prompt_tokens: int, response_tokens: int, micro_batch_leaves: int,
                     gradient_checkpointing: bool = False, compute_dtype: str | None = None,
                     trainable_parameters: int | None = None, processes: int = 1,
-                    sharded: bool = False) -> MemoryEstimate:
+                    sharded: bool = False, reference: bool = False) -> MemoryEstimate:
     """Order-of-magnitude memory of one training process (see the module docstring).
 
     `dtype` is the weights' dtype; `compute_dtype` the autocast dtype (default: the weights'),
     which sizes the KV cache: under bf16 autocast the keys and values are bf16.
     `trainable_parameters` (default: all) size the gradients and AdamW state (LoRA: the adapters).
     `processes` > 1: DDP, or FSDP over that many processes when `sharded` (arpo_ref.sharding).
+    `reference`: a frozen copy of the model in the compute dtype for the KL penalty.
     """
     trainable = num_parameters if trainable_parameters is None else trainable_parameters
     shards = processes if sharded else 1
@@ -113,7 +118,8 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
                           optimizer=trainable * 8 / shards, kv_cache=kv, activations=activations, logits=logits,
                           gathered=num_parameters * compute_size if shards > 1 else 0.0,
                           embeddings=vocab * hidden * embedding_tables * compute_size if shards > 1 else 0.0,
-                          gradients_kept=processes > 1 and not sharded)
+                          gradients_kept=processes > 1 and not sharded,
+                          reference=num_parameters * compute_size if reference else 0.0)
 
 
 def pack_by_tokens(lengths: torch.Tensor, max_tokens: int, max_rows: int) -> list[list[int]]:

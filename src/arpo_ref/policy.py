@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .config import Config
-from .lora import apply_lora
+from .lora import apply_lora, has_lora
 from .memory import estimate_memory
 
 
@@ -69,7 +69,7 @@ def memory_line(policy, config: Config, per_process: int, mixed_precision: str, 
                                config.rollout.rollout_budget, 512, config.rollout.max_response_tokens,
                                config.train.micro_batch_leaves, config.train.gradient_checkpointing, compute,
                                sum(p.numel() for p in policy.parameters() if p.requires_grad), processes,
-                               sharded=config.train.fsdp)
+                               sharded=config.train.fsdp, reference=config.train.kl_coef > 0 and not has_lora(policy))
     return estimate.describe() + " (prompts assumed ≤ 512 tokens)"
 
 
