@@ -303,3 +303,16 @@ def test_prefill_saved_counts_exactly_the_histories_forks_reused(mode):
         if mode == "paper" and "fill_up" in origins:  # all fill-ups spawned at once from one read
             expected += (origins.count("fill_up") - 1) * prompt_length
     assert result.metrics["rollout/prefill_tokens_saved"] == expected
+
+
+def test_decode_steps_are_counted_per_column_and_bounded_by_the_longest_path():
+    """GRPO with a deterministic agent: every row writes the same three segments (two calls, an
+    answer), so each turn lasts one segment and the decoding steps equal the longest path. In
+    paper mode look-aheads, branches and fill-ups start later and add steps beyond it."""
+    _, result, _ = rollout("grpo", PROMPTS, AFTER)
+    path = 2 * len(CALL) + len(ANSWER) + 1  # + EOS
+    assert result.metrics["rollout/longest_path_tokens"] == path
+    assert result.metrics["rollout/decode_steps"] == path
+    assert result.metrics["rollout/generated_tokens"] == path * 6 * len(PROMPTS)
+    _, result, _ = rollout("paper", PROMPTS, AFTER)
+    assert result.metrics["rollout/decode_steps"] > result.metrics["rollout/longest_path_tokens"] == path

@@ -108,6 +108,9 @@ class RowBatch:
     """Tokens sampled so far (all rows); prefill and forced tokens are not counted."""
     forward_tokens: int = 0
     """Real (unmasked) tokens fed through the model so far: what compute was spent on."""
+    decode_steps: int = 0
+    """Decoding forward passes so far (one per sampled column, whatever the number of rows): on a
+    GPU, where a step of a small batch costs about the same as a step of a large one, the time."""
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -278,6 +281,7 @@ class Generator:
             logits = self._step_logits(rows, active)  # (A, V)
             tokens, logprobs, entropies, top = sample_next(logits, sampling, rng, self.vocab_size)
             rows.generated_tokens += len(active)
+            rows.decode_steps += 1
             still_active = []
             # One device->host copy per step, not one per row.
             tokens, logprobs, entropies = tokens.tolist(), logprobs.tolist(), entropies.tolist()

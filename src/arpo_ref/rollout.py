@@ -355,6 +355,12 @@ class AdaptiveRollout:
         metrics["rollout/tool_calls_executed"] = len(self.tool_results) / prompts
         metrics["rollout/tool_calls_in_leaves"] = sum(leaf.tool_calls for leaf in leaves) / prompts
         metrics["rollout/generated_tokens"] = float(rows.generated_tokens)
+        # Turn by turn, a turn lasts as long as its slowest row; the longest single path is the
+        # floor any schedule would need (every row continuing as soon as its tool result is in).
+        metrics["rollout/decode_steps"] = float(rows.decode_steps)
+        metrics["rollout/longest_path_tokens"] = float(max((
+            sum(len(n.token_ids) for n in tree.response_segments(leaf) if n.kind == "model")
+            for tree in trees for leaf in tree.leaves), default=0))
         metrics["rollout/response_tokens_mean"] = sum(
             sum(len(n.token_ids) for n in tree.response_segments(leaf)) for tree in trees for leaf in tree.leaves
         ) / max(len(leaves), 1)

@@ -254,9 +254,10 @@ def rollout_in_chunks(rollout: AdaptiveRollout, prompts: list[list[int]], record
             trees.append(tree)
     weights = [len(p.trees) / len(prompts) for p in parts]
     metrics = {}
-    for key in parts[0].metrics:
+    for key in dict.fromkeys(k for part in parts for k in part.metrics):  # a tool may be called in one part only
         values = [p.metrics.get(key, 0.0) for p in parts]
         summed = key.startswith("time/") or key in ("rollout/generated_tokens", "rollout/prefill_tokens_saved",
+                                                     "rollout/decode_steps", "rollout/longest_path_tokens",
                                                      "rollout/branch_decisions", "rollout/branches",
                                                      "rollout/branch_declined") or key.startswith("tools/calls") or key.startswith("tools/errors")
         metrics[key] = sum(values) if summed else sum(v * w for v, w in zip(values, weights))
