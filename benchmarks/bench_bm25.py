@@ -12,7 +12,11 @@ temporary folder that is deleted at the end. Reported:
 - load: wall time of `load_indexed_corpus` in a new process (the saved index, memory-mapped;
   the files are in the page cache, as on a second run on the same machine);
 - query latency over --queries queries of 2-6 words from the same distribution, each a full
-  `BM25Backend.search` (scoring, top-k, reading the hit passages from the corpus file).
+  `BM25Backend.search` (scoring, top-k, reading the hit passages from the corpus file);
+- top-k latency of `BM25Index.search` (the pruned, exact top-k of bm25_query) next to
+  `BM25Index.search_dense` (scores of all N passages, then top-k: the path before pruning) on
+  the same queries in the same process, the order of the two alternating from query to query,
+  and their ratio (dense / pruned); the two results are checked to be identical.
 The build and the load each run in a fresh child process, so their RSS is theirs alone.
 """
 
@@ -86,9 +90,27 @@ def child_query(corpus: Path, index_dir: Path, args: argparse.Namespace) -> dict
         start = time.perf_counter()
         backend.search(query, args.top_k)
         latencies.append(time.perf_counter() - start)
-    return {"load_s": load_s, "query_mean_ms": 1000 * statistics.mean(latencies),
-            "query_median_ms": 1000 * statistics.median(latencies),
-            "query_max_ms": 1000 * max(latencies), "query_process_peak_rss_mb": peak_rss_mb()}
+    index, k1, b = backend.index, backend.k1, backend.b
+    timings: dict[str, list[float]] = {"search": [], "search_dense": []}
+    for number, query in enumerate(queries):
+        results = {}
+        for name in ("search", "search_dense")[:: 1 if number % 2 else -1]:
+            start = time.perf_counter()
+            results[name] = getattr(index, name)(query, args.top_k, k1, b)
+            timings[name].append(time.perf_counter() - start)
+        if results["search"] != results["search_dense"]:
+            raise AssertionError(f"pruned and dense top-k differ for {query!r}")
+    result = {"load_s": load_s, "query_mean_ms": 1000 * statistics.mean(latencies),
+              "query_median_ms": 1000 * statistics.median(latencies),
+              "query_max_ms": 1000 * max(latencies)}
+    for name, label in (("search_dense", "topk_dense"), ("search", "topk_pruned")):
+        result[f"{label}_mean_ms"] = 1000 * statistics.mean(timings[name])
+        result[f"{label}_median_ms"] = 1000 * statistics.median(timings[name])
+        result[f"{label}_max_ms"] = 1000 * max(timings[name])
+    result["topk_speedup_mean"] = statistics.mean(timings["search_dense"]) / statistics.mean(timings["search"])
+    result["topk_speedup_median"] = (statistics.median(timings["search_dense"])
+                                     / statistics.median(timings["search"]))
+    return {**result, "query_process_peak_rss_mb": peak_rss_mb()}
 
 
 def run_child(stage: str, corpus: Path, index_dir: Path, args: argparse.Namespace) -> dict:

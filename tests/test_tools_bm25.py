@@ -16,7 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from arpo_ref.tools import BM25Index, Passage, SearchTool, SearchToolConfig, load_corpus, tokenize
+from arpo_ref.tools import (
+    BM25Index,
+    Passage,
+    SearchTool,
+    SearchToolConfig,
+    bm25_query,
+    load_corpus,
+    tokenize,
+)
 from arpo_ref.tools import bm25 as bm25_module
 from arpo_ref.tools.bm25 import INDEX_ARRAYS, Vocabulary, load_indexed_corpus
 
@@ -130,6 +138,65 @@ def test_ties_are_broken_by_corpus_order_across_the_top_k_cut():
         assert [position for position, _ in index.search("a", top_k, 1.2, 0.75)] == ranking(expected, top_k)
 
 
+def zipf_documents(rng: random.Random, count: int) -> list[str]:
+    """Passages over 400 Zipf-distributed words; every 5th a copy of an earlier one and every
+    9th a single common word, so that many scores tie."""
+    words = [f"z{rank}" for rank in range(400)]
+    weights = [1.0 / (rank + 1) for rank in range(400)]
+    documents = []
+    for number in range(count):
+        if number % 5 == 4:
+            documents.append(documents[rng.randrange(len(documents))])
+        elif number % 9 == 8:
+            documents.append(rng.choice(words[:3]))
+        else:
+            documents.append(" ".join(rng.choices(words, weights, k=rng.randint(0, 40))))
+    return documents
+
+
+@pytest.mark.parametrize("dense_fraction", [0.125, 10.0, 0.0])  # default, never dense, always
+def test_pruned_top_k_equals_sorted_dense_scores(monkeypatch, dense_fraction):
+    """search() (MaxScore pruning, bm25_query) returns exactly the top k of all dense scores by
+    (score descending, corpus order), with bitwise equal scores, for many random queries."""
+    monkeypatch.setattr(bm25_module, "CHUNK_POSTINGS", 1000)  # bounds merged over many chunks
+    monkeypatch.setattr(bm25_query, "DENSE_FRACTION", dense_fraction)
+    rng = random.Random(3)
+    documents = zipf_documents(rng, 3000)
+    index = BM25Index.build([tokenize(document) for document in documents])
+    for term in range(len(index.vocabulary)):  # the stored bounds, from the postings themselves
+        start, end = index.term_offsets[term], index.term_offsets[term + 1]
+        counts = index.posting_counts[start:end]
+        lengths = index.passage_lengths[index.posting_passages[start:end]]
+        assert index.term_max_counts[term] == counts.max()
+        assert index.term_min_lengths_per_count[term] == (lengths / counts).min()
+    words = [f"z{rank}" for rank in range(400)]
+    weights = [1.0 / (rank + 1) for rank in range(400)]
+    queries = ["z0", "z0 z1 z2", "z0 z0 z0 z1", "z399 z0", "unknown", "unknown z0 nothing", "",
+               "z0 z1 z2 z3 z4 z5 z6 z7 z8 z9", "z250 z250 z1 z0 z0"]
+    for number in range(300):
+        query = rng.choices(words, weights, k=rng.randint(1, 6))
+        if number % 3 == 0:
+            query.append(rng.choice(query))  # a repeated word
+        if number % 4 == 0:
+            query.insert(rng.randrange(len(query) + 1), "nosuchword")
+        if number % 5 == 0:
+            query = rng.choices(words[:6], k=rng.randint(1, 4))  # very common words only
+        queries.append(" ".join(query))
+    checked_ties = checked_short = 0
+    for number, query in enumerate(queries):
+        k1, b = [(1.2, 0.75), (2.0, 0.0), (0.5, 1.0), (0.0, 0.3)][number % 4]
+        scores = index.scores(query, k1, b)
+        ranked = [i for i in np.argsort(-scores, kind="stable") if scores[i] > 0]
+        for top_k in (1, 3, 10, 40, 5000):
+            expected = [(int(i), float(scores[i])) for i in ranked[:top_k]]
+            assert index.search(query, top_k, k1, b) == expected, (query, top_k, k1, b)
+            assert index.search_dense(query, top_k, k1, b) == expected
+            checked_short += len(ranked) < top_k
+            checked_ties += 0 < top_k < len(ranked) and scores[ranked[top_k - 1]] == scores[ranked[top_k]]
+    assert checked_ties > 100 and checked_short > 100  # the cases this test is about did occur
+    assert index.search("z0", 0, 1.2, 0.75) == [] and index.search("unknown", 5, 1.2, 0.75) == []
+
+
 def test_vocabulary_finds_terms_by_binary_search_in_byte_order():
     terms = ["b", "a", "é", "日本", "z9", "ab"]
     vocabulary, rank = Vocabulary.from_terms(terms)
@@ -199,6 +266,20 @@ def test_same_size_edit_in_the_middle_is_rebuilt(tmp_path, monkeypatch):
     assert passages[9].text == "zebra beta gamma"
     assert len(list(tmp_path.glob("corpus.jsonl.bm25-*"))) == 1  # the same folder, replaced
     assert not list(tmp_path.glob(".corpus.jsonl.bm25-*"))  # no temporary or stale folder left
+
+
+def test_index_of_an_older_format_is_rebuilt(corpus, tmp_path, monkeypatch):
+    """A folder saved by an older version (format 2: no pruning bounds) is replaced by a new build."""
+    expected = load_indexed_corpus(corpus)[1].search("the city", 5, 1.2, 0.75)
+    (folder,) = tmp_path.glob("corpus.jsonl.bm25-*")
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "format_version": 2}))
+    for name in ("term_max_counts", "term_min_lengths_per_count"):
+        (folder / f"{name}.npy").unlink()
+    monkeypatch.setattr(bm25_module, "_MEMORY_CACHE", {})
+    assert load_indexed_corpus(corpus)[1].search("the city", 5, 1.2, 0.75) == expected
+    assert json.loads((folder / "meta.json").read_text())["format_version"] == bm25_module.INDEX_FORMAT_VERSION
+    assert (folder / "term_max_counts.npy").is_file() and not list(tmp_path.glob(".corpus.jsonl.bm25-*"))
 
 
 @pytest.mark.parametrize("damage", ["truncate postings", "garbage meta", "no meta"])

@@ -12,6 +12,16 @@ with N passages and df(q) passages containing q. This idf is the Lucene variant 
 Spärck Jones idf: it is never negative, so a very common word cannot push a passage down.
 Tokens are lower-cased `\\w+` runs of "title text". Ties are broken by corpus order.
 
+Querying (bm25_query.py): `BM25Index.search` returns exactly the top k of the scores of all
+passages (same passages, order and float64 scores as `search_dense`, which scores all N
+passages in O(N + Σ df)), but reads only the postings it needs, by MaxScore pruning: from a
+per-term upper bound of the term's contribution (stored below) it finds a score θ that the
+final k-th best reaches, reads in full only the postings of the rarest terms whose bounds
+could lift a passage outside them to θ, and looks the surviving candidates up in the other
+(common) terms' postings by binary search. A typical query then costs the postings of its rarer
+words, not O(N); a query of only very common words still costs about a dense scoring.
+`scores` gives the dense (N,) scores.
+
 The index is built once per corpus and saved as a folder of `.npy` arrays that are memory-mapped
 when loaded, so a Wikipedia-size corpus (millions of passages) loads in well under a second and
 neither the index nor the passage text is held in memory:
@@ -24,6 +34,8 @@ neither the index nor the passage text is held in memory:
         posting_counts.npy      (P,) int32       tf of the term in that passage
         passage_lengths.npy     (N,) int32       tokens per passage
         passage_spans.npy       (N, 2) int64     byte range [start, end) of each passage's line
+        term_max_counts.npy     (V,) int32       largest tf of each term (bounds for pruning)
+        term_min_lengths_per_count.npy  (V,) float64  smallest |D| / tf over each term's postings
         meta.json               format version, corpus size / mtime / SHA-256, N, V, P
 
 The build streams the corpus once (corpus.scan_passages; a tqdm bar on a terminal); postings
@@ -63,11 +75,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import bm25_query
 from .corpus import Passage, PassageFile, existing_corpus, file_sha256, scan_passages
 from .corpus import load_corpus as load_corpus  # re-exported: callers import it from here
 from .corpus import parse_passage as parse_passage
 
-INDEX_FORMAT_VERSION = 2
+INDEX_FORMAT_VERSION = 3
 """Bumped whenever tokenisation or the saved layout changes, so old index folders are rebuilt."""
 CHUNK_POSTINGS = 1 << 21
 """Postings collected in memory before a chunk is spilled to disk (2M postings: 24 MB, and about
@@ -75,7 +88,8 @@ CHUNK_POSTINGS = 1 << 21
 HEAD_TAIL_BYTES = 1 << 20
 """Bytes of the corpus's start and end hashed into the index folder's key."""
 INDEX_ARRAYS = ("vocabulary_bytes", "vocabulary_offsets", "term_offsets", "posting_passages",
-                "posting_counts", "passage_lengths", "passage_spans")
+                "posting_counts", "passage_lengths", "passage_spans", "term_max_counts",
+                "term_min_lengths_per_count")
 _TOKEN = re.compile(r"\w+")
 _MEMORY_CACHE: dict[tuple, tuple[PassageFile, BM25Index]] = {}
 _MEMORY_CACHE_LOCK = threading.Lock()  # held through a build: two threads never build one index
@@ -96,7 +110,8 @@ class Vocabulary:
     """Sorted terms as one UTF-8 byte array plus offsets; a term's id is its rank in that order."""
 
     def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
-        self.data, self.offsets = data, offsets  # (bytes,) uint8, (V + 1,) int64
+        # (bytes,) uint8, (V + 1,) int64, as plain views: indexing a np.memmap is slower
+        self.data, self.offsets = np.asarray(data), np.asarray(offsets)
 
     @classmethod
     def from_terms(cls, terms: list[str]) -> tuple[Vocabulary, np.ndarray]:
@@ -135,20 +150,27 @@ class BM25Index:
 
     def __init__(self, vocabulary: Vocabulary, term_offsets: np.ndarray,
                  posting_passages: np.ndarray, posting_counts: np.ndarray,
-                 passage_lengths: np.ndarray) -> None:
+                 passage_lengths: np.ndarray, term_max_counts: np.ndarray,
+                 term_min_lengths_per_count: np.ndarray) -> None:
         self.vocabulary = vocabulary
         self.term_offsets = term_offsets          # (V + 1,) postings of term t: [o[t], o[t+1])
         self.posting_passages = posting_passages  # (P,) passage index of each posting
         self.posting_counts = posting_counts      # (P,) tf of the term in that passage
         self.passage_lengths = passage_lengths    # (N,) tokens per passage
+        self.term_max_counts = term_max_counts    # (V,) largest tf of each term
+        self.term_min_lengths_per_count = term_min_lengths_per_count  # (V,) smallest |D| / tf
         self.average_length = max(float(passage_lengths.mean()), 1e-9) if len(passage_lengths) else 1e-9
+        self.query_arrays = bm25_query.QueryArrays.of(
+            term_offsets, posting_passages, posting_counts, passage_lengths, term_max_counts,
+            term_min_lengths_per_count, average_length=self.average_length)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> BM25Index:
         """The index over arrays named as in INDEX_ARRAYS (in memory or memory-mapped)."""
         return cls(Vocabulary(arrays["vocabulary_bytes"], arrays["vocabulary_offsets"]),
                    arrays["term_offsets"], arrays["posting_passages"], arrays["posting_counts"],
-                   arrays["passage_lengths"])
+                   arrays["passage_lengths"], arrays["term_max_counts"],
+                   arrays["term_min_lengths_per_count"])
 
     @classmethod
     def build(cls, tokenized_passages: Iterable[list[str]]) -> BM25Index:
@@ -162,34 +184,22 @@ class BM25Index:
     def num_passages(self) -> int:
         return len(self.passage_lengths)
 
+    def query_terms(self, query: str) -> list[int]:
+        """Term ids of the query's tokens in order, repeats kept, unknown tokens dropped."""
+        return [term for term in map(self.vocabulary.get, tokenize(query)) if term is not None]
+
     def scores(self, query: str, k1: float, b: float) -> np.ndarray:
         """BM25 score of every passage for `query`, shape (N,), float64 (module docstring)."""
-        scores = np.zeros(self.num_passages, dtype=np.float64)
-        for token in tokenize(query):
-            term = self.vocabulary.get(token)
-            if term is None:
-                continue
-            start, end = int(self.term_offsets[term]), int(self.term_offsets[term + 1])
-            passages = self.posting_passages[start:end]
-            tf = self.posting_counts[start:end].astype(np.float64)
-            df = end - start
-            idf = np.log(1.0 + (self.num_passages - df + 0.5) / (df + 0.5))
-            norm = k1 * (1.0 - b + b * self.passage_lengths[passages] / self.average_length)
-            scores[passages] += idf * tf * (k1 + 1.0) / (tf + norm)
-        return scores
+        return bm25_query.dense_scores(self.query_arrays, self.query_terms(query), k1, b)
 
     def search(self, query: str, top_k: int, k1: float, b: float) -> list[tuple[int, float]]:
-        """The `top_k` (passage index, score) pairs with score > 0, best first."""
-        if top_k < 1:
-            return []
-        scores = self.scores(query, k1, b)
-        matching = np.flatnonzero(scores > 0)
-        if len(matching) > top_k:  # keep the top_k-th best score and all above (ties) before sorting
-            kth_best = -np.partition(-scores[matching], top_k - 1)[top_k - 1]
-            matching = matching[scores[matching] >= kth_best]
-        # lexsort's last key is primary: highest score first, then corpus order.
-        order = matching[np.lexsort((matching, -scores[matching]))][:top_k]
-        return [(int(index), float(scores[index])) for index in order]
+        """The `top_k` (passage index, score) pairs with score > 0, best first, ties in corpus
+        order; exact, reading only the postings it needs (bm25_query.top_k)."""
+        return bm25_query.top_k(self.query_arrays, self.query_terms(query), top_k, k1, b)
+
+    def search_dense(self, query: str, top_k: int, k1: float, b: float) -> list[tuple[int, float]]:
+        """The same as `search`, from the scores of all N passages (the reference; slower)."""
+        return bm25_query.dense_top_k(self.query_arrays, self.query_terms(query), top_k, k1, b)
 
 
 # ---------------------------------------------------------------------------- building
@@ -253,7 +263,9 @@ class IndexBuilder:
                   "posting_passages": allocate("posting_passages", (total,), np.int32),
                   "posting_counts": allocate("posting_counts", (total,), np.int32),
                   "passage_lengths": allocate("passage_lengths", (n,), np.int32),
-                  "passage_spans": allocate("passage_spans", (n, 2), np.int64)}
+                  "passage_spans": allocate("passage_spans", (n, 2), np.int64),
+                  "term_max_counts": np.zeros(len(rank), np.int32),
+                  "term_min_lengths_per_count": np.full(len(rank), np.inf)}
         cursor, first = term_offsets[:-1].copy(), 0  # cursor[t]: next free posting slot of term t
         for chunk in self.chunks:
             if isinstance(chunk, Path):
@@ -261,7 +273,7 @@ class IndexBuilder:
                     chunk_arrays = dict(saved)
                 chunk.unlink()
                 chunk = chunk_arrays
-            _scatter_postings(chunk, rank, cursor, arrays["posting_passages"], arrays["posting_counts"])
+            _scatter_postings(chunk, rank, cursor, first, arrays)
             last = first + len(chunk["lengths"])
             arrays["passage_lengths"][first:last] = chunk["lengths"]
             arrays["passage_spans"][first:last] = chunk["spans"]
@@ -271,8 +283,9 @@ class IndexBuilder:
 
 
 def _scatter_postings(chunk: dict[str, np.ndarray], rank: np.ndarray, cursor: np.ndarray,
-                      posting_passages: np.ndarray, posting_counts: np.ndarray) -> None:
-    """Write one chunk's postings at their CSR slots (counting sort) and advance `cursor`."""
+                      first: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write one chunk (its first passage: `first`) of postings at their CSR slots (counting
+    sort), advance `cursor`, and update the per-term bounds that bm25_query prunes with."""
     terms = rank[chunk["terms"]]
     order = np.argsort(terms, kind="stable")  # stable: each term's postings stay in passage order
     terms = terms[order]
@@ -282,9 +295,16 @@ def _scatter_postings(chunk: dict[str, np.ndarray], rank: np.ndarray, cursor: np
     del terms  # the temporaries here are the build's peak memory; keep few alive at once
     slots = np.repeat(cursor[run_terms] - run_starts, run_lengths)  # slot i = that + i
     slots += np.arange(len(slots))
-    posting_passages[slots] = chunk["passages"][order]
-    posting_counts[slots] = chunk["counts"][order]
+    passages, counts = chunk["passages"][order], chunk["counts"][order]
+    arrays["posting_passages"][slots] = passages
+    arrays["posting_counts"][slots] = counts
     cursor[run_terms] += run_lengths
+    del slots, order
+    if len(run_starts):  # bounds: largest tf and smallest |D| / tf of each term
+        max_counts, min_ratios = arrays["term_max_counts"], arrays["term_min_lengths_per_count"]
+        max_counts[run_terms] = np.maximum(max_counts[run_terms], np.maximum.reduceat(counts, run_starts))
+        ratios = chunk["lengths"][passages - first] / counts
+        min_ratios[run_terms] = np.minimum(min_ratios[run_terms], np.minimum.reduceat(ratios, run_starts))
 
 
 def build_index_folder(path: Path, target: Path, progress: bool | None = None) -> None:
@@ -358,7 +378,8 @@ def open_index_folder(path: Path, folder: Path) -> tuple[PassageFile, BM25Index]
         sizes = {name: len(values) for name, values in arrays.items()}
         if not (sizes["passage_lengths"] == sizes["passage_spans"] == meta["num_passages"]
                 and sizes["term_offsets"] == sizes["vocabulary_offsets"] == meta["num_terms"] + 1
-                and sizes["posting_passages"] == sizes["posting_counts"] == meta["num_postings"]):
+                and sizes["posting_passages"] == sizes["posting_counts"] == meta["num_postings"]
+                and sizes["term_max_counts"] == sizes["term_min_lengths_per_count"] == meta["num_terms"]):
             return None
         return PassageFile(path, arrays["passage_spans"]), BM25Index.from_arrays(arrays)
     except (OSError, ValueError, KeyError, TypeError):
