@@ -115,7 +115,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import SamplingConfig
-    from .data import load_records
+    from .data import records_for
     from .evaluate import (
         accuracy_by_kind,
         evaluate,
@@ -136,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = {}
     with ToolRegistry.from_config(config.tools) as registry:
         for path in args.data or [config.data.eval_path]:
-            records = load_records(path, config.data.question_field, config.data.answer_field)
+            records = records_for(config.data, path)
             if config.data.max_eval_prompts:
                 records = records[: config.data.max_eval_prompts]
             name = Path(path).stem

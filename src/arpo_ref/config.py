@@ -141,10 +141,24 @@ class DataConfig:
     """Field holding the question text (official ARPO parquet: handled automatically)."""
     answer_field: str = "answer"
     """Field holding the gold answer (a string or a list of acceptable strings)."""
+    answer_pattern: str = ""
+    """A regular expression whose last match in the answer field is the gold answer (its first
+    group if it has one), for answer fields holding more than the answer; 'gsm8k' names
+    '####\\s*(.+?)\\s*$' (GSM8K's worked solutions ending "#### 72"). Empty = the field as is."""
+    skip_malformed: bool = False
+    """Skip rows that fail the checks (their count and the first reason are logged) instead of
+    stopping at the first one."""
     system_prompt: str = "reasoning"
     """'reasoning' or 'search' (packaged prompts describing the tools), or the prompt text itself."""
     max_eval_prompts: int = 0
     """Evaluate on at most this many prompts; 0 = all."""
+
+    def validate(self) -> None:
+        from .data import compile_answer_pattern
+
+        compile_answer_pattern(self.answer_pattern)  # a bad expression fails at load, not at the first row
+        if self.max_eval_prompts < 0:
+            raise ValueError("max_eval_prompts must be >= 0")
 
 
 @dataclass

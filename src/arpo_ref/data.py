@@ -11,7 +11,13 @@ Supported inputs:
   `datasets.load_dataset(owner/name, config, split=split)`; the split defaults to `train` and may
   be a slice (`hf://openai/gsm8k/main:test[:100]`).
 Every row of every input goes through the same checks (either layout above). A malformed row is
-an error naming the source, the row index and the missing or bad field; nothing is dropped silently.
+an error naming the source, the row index and the missing or bad field; nothing is dropped silently:
+with `skip_malformed` such rows are skipped and counted in the log, with the first one's reason.
+
+An answer field that holds more than the answer (GSM8K's worked solution ending "#### 72") is cut
+down by `answer_pattern`, a regular expression whose last match is the gold answer (its first
+group if it has one); `ANSWER_PATTERNS` names ready ones ("gsm8k"). A row whose answer does not
+match is malformed.
 
 `datasets` is imported only for the last two inputs: importing it takes seconds.
 """
@@ -25,6 +31,8 @@ from pathlib import Path
 
 HUB_PREFIX = "hf://"
 HUB_SYNTAX = "hf://owner/name[/config][:split], e.g. hf://openai/gsm8k/main:test"
+ANSWER_PATTERNS = {"gsm8k": r"####\s*(.+?)\s*$"}
+"""Named answer patterns (data.answer_pattern=gsm8k)."""
 
 
 class DataError(ValueError):
@@ -42,10 +50,12 @@ class Record:
     extra: dict = field(default_factory=dict)
 
 
-def load_records(path: str | Path, question_field: str = "question", answer_field: str = "answer") -> list[Record]:
+def load_records(path: str | Path, question_field: str = "question", answer_field: str = "answer",
+                 answer_pattern: str = "", skip_malformed: bool = False, log=print) -> list[Record]:
     """Read every row of `path` (a file, a saved dataset folder or `hf://…`) into a `Record`,
-    failing clearly on any malformed row."""
+    failing clearly on any malformed row (or skipping it and logging the count, `skip_malformed`)."""
     source = str(path)
+    pattern = compile_answer_pattern(answer_pattern)
     if not source:
         raise DataError(f"no data path given; set data.train_path / data.eval_path to a file, "
                         f"a saved dataset folder or a hub dataset ({HUB_SYNTAX})")
@@ -59,7 +69,31 @@ def load_records(path: str | Path, question_field: str = "question", answer_fiel
         rows = _saved_dataset_rows(path) if path.is_dir() else _read_rows(path)
     if not rows:
         raise DataError(f"data file {source} has no rows")
-    return [_to_record(row, i, source, question_field, answer_field) for i, row in enumerate(rows)]
+    records, skipped = [], []
+    for index, row in enumerate(rows):
+        try:
+            records.append(_to_record(row, index, source, question_field, answer_field, pattern))
+        except DataError as e:
+            if not skip_malformed:
+                raise
+            skipped.append(str(e))
+    if skipped:
+        log(f"data: skipped {len(skipped)} of {len(rows)} rows of {source} as malformed (data.skip_malformed); "
+            f"the first: {skipped[0]}")
+    if not records:
+        raise DataError(f"{source}: all {len(rows)} rows are malformed; the first: {skipped[0]}")
+    return records
+
+
+def compile_answer_pattern(pattern: str) -> re.Pattern | None:
+    """`data.answer_pattern` (a name in ANSWER_PATTERNS or a regular expression) compiled; None if empty."""
+    if not pattern:
+        return None
+    try:
+        return re.compile(ANSWER_PATTERNS.get(pattern, pattern), re.MULTILINE)
+    except re.error as e:
+        raise DataError(f"data.answer_pattern {pattern!r} is not a valid regular expression ({e}); "
+                        f"named patterns: {sorted(ANSWER_PATTERNS)}") from None
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -139,13 +173,21 @@ def _hub_hint(source: str) -> str:
     return ""
 
 
+def records_for(data, path: str | Path, log=print) -> list[Record]:
+    """`load_records` with the settings of a `DataConfig` (field names, answer pattern, skipping)."""
+    return load_records(path, data.question_field, data.answer_field, data.answer_pattern, data.skip_malformed, log)
+
+
 # ---------------------------------------------------------------------------- row checks
-def _to_record(row, index: int, source: str, question_field: str, answer_field: str) -> Record:
+def _to_record(row, index: int, source: str, question_field: str, answer_field: str,
+               pattern: re.Pattern | None = None) -> Record:
     where = f"{source}, row {index}"
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
     if question_field not in row and "prompt" in row and "reward_model" in row:
-        return _official_record(row, where)
+        record = _official_record(row, where)
+        record.answer = _cut_answer(record.answer, pattern, where)
+        return record
     for name in (question_field, answer_field):
         if name not in row:
             raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(row)}); "
@@ -156,7 +198,24 @@ def _to_record(row, index: int, source: str, question_field: str, answer_field: 
     if not _is_answer(answer):
         raise DataError(f"{where}: field {answer_field!r} must be a string or a list of strings, got {answer!r}")
     extra = {k: v for k, v in row.items() if k not in (question_field, answer_field)}
+    answer = _cut_answer(answer, pattern, where)
     return Record(question, answer, str(row.get("data_source", row.get("kind", ""))), extra)
+
+
+def _cut_answer(answer: str | list[str], pattern: re.Pattern | None, where: str) -> str | list[str]:
+    """The gold answer inside `answer` by `pattern` (see the module docstring); unchanged if None."""
+    if pattern is None:
+        return answer
+    if isinstance(answer, list):
+        return [_cut_answer(a, pattern, where) for a in answer]
+    matches = list(pattern.finditer(answer))
+    if not matches:
+        raise DataError(f"{where}: the answer {answer[-80:]!r} does not match data.answer_pattern {pattern.pattern!r}")
+    last = matches[-1]
+    cut = (last.group(1) if pattern.groups else last.group(0)).strip()
+    if not cut:
+        raise DataError(f"{where}: data.answer_pattern {pattern.pattern!r} matched an empty answer")
+    return cut
 
 
 def _official_record(row: dict, where: str) -> Record:

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from .advantages import get_estimator
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
-from .data import Record, load_records
+from .data import Record, records_for
 from .episode import render_prompt, system_prompt
 from .evaluate import evaluate
 from .generation import Generator
@@ -93,8 +93,9 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     set_seed(config.seed)
     model, tokenizer, reference, optimizer, scheduler = _prepare_policy(config, accelerator, model, tokenizer, log)
     registry = ToolRegistry.from_config(config.tools)
-    train_records = load_records(config.data.train_path, config.data.question_field, config.data.answer_field)
-    eval_records = _eval_records(config)
+    quiet = log if accelerator.is_main_process else (lambda *_: None)  # every process reads the data
+    train_records = records_for(config.data, config.data.train_path, quiet)
+    eval_records = _eval_records(config, quiet)
     system = _system_prompt(config.data.system_prompt)
     reward_fn = config.reward.build_reward_fn()
     estimator = get_estimator(cfg.estimator)
@@ -211,10 +212,10 @@ def _system_prompt(value: str) -> str | None:
     return system_prompt(value) if value in ("reasoning", "search") else value
 
 
-def _eval_records(config: Config) -> list[Record]:
+def _eval_records(config: Config, log) -> list[Record]:
     if not config.data.eval_path:
         return []
-    records = load_records(config.data.eval_path, config.data.question_field, config.data.answer_field)
+    records = records_for(config.data, config.data.eval_path, log)
     return records[: config.data.max_eval_prompts] if config.data.max_eval_prompts else records
 
 
