@@ -19,7 +19,8 @@ resume = "--resume" in overrides
 path = overrides[overrides.index("--config") + 1] if "--config" in overrides else None
 overrides = [o for o in overrides if o not in ("--resume", "--config", path)]
 config = load_config(path, overrides=overrides + ["train.cpu=true"])
-model, tokenizer = load_policy(config, torch.device("cpu"))
+# Sharded runs load their model themselves (each process builds only its shard); others get it passed.
+model, tokenizer = (None, None) if config.train.fsdp else load_policy(config, torch.device("cpu"))
 metrics = train(config, resume=resume, model=model, tokenizer=tokenizer, log=lambda *_: None)
 if config.train.fsdp:
     model = AutoModelForCausalLM.from_pretrained(os.path.join(config.train.output_dir, "final"))

@@ -29,7 +29,7 @@ def _mean_metrics_worker(rank: int, port: int, reported: list[dict], out: Path) 
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(reported))
     try:
-        (out / f"rank{rank}.json").write_text(json.dumps(_mean_over_processes(reported[rank], "cpu")))
+        (out / f"rank{rank}.json").write_text(json.dumps(_mean_over_processes(reported[rank])))
     finally:
         dist.destroy_process_group()
 

@@ -69,10 +69,11 @@ def test_ddp_keeps_gradients_all_run(model):
     assert ddp.rollout == single.rollout + single.gradients  # the buckets outlive the update
 
 
-def test_a_kl_reference_model_is_kept_in_the_compute_dtype(model):
-    without, with_reference = estimate(model, compute_dtype="bfloat16"), estimate(model, compute_dtype="bfloat16",
-                                                                                  reference=True)
+def test_a_kl_reference_model_is_kept_in_its_own_dtype(model):
+    without = estimate(model, compute_dtype="bfloat16")
+    with_reference = estimate(model, compute_dtype="bfloat16", reference_dtype="bfloat16")
     assert with_reference.reference == sum(p.numel() for p in model.parameters()) * 2
+    assert estimate(model, compute_dtype="bfloat16", reference_dtype="float32").reference == 2 * with_reference.reference
     assert with_reference.rollout == without.rollout + with_reference.reference
     assert with_reference.update == without.update + with_reference.reference
 

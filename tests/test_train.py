@@ -132,13 +132,27 @@ def test_evaluation_split_across_processes_equals_one_process(workspace):
             assert ranks[0]["eval"][key] == pytest.approx(value, rel=1e-9), key
 
 
-def test_metrics_are_averaged_over_the_processes_that_report_them(tmp_path):
-    """A process whose rows called no python tool has no tools/calls/python: the processes'
-    key sets differ, and every key is averaged over the processes that have it."""
-    reported = [{"reward/mean": 1.0, "tools/calls": 0.0},
-                {"reward/mean": 0.5, "tools/calls": 2.0, "tools/calls/python": 2.0, "tools/error_rate": 0.5}]
+def test_metrics_are_combined_over_processes_by_kind(tmp_path):
+    """A process whose rows called no python tool has no tools/calls/python nor tools/error_rate:
+    the processes' key sets differ. Counts count 0 there, rates are averaged where they exist,
+    maxima and minima stay maxima and minima."""
+    reported = [{"reward/mean": 1.0, "reward/max": 1.0, "reward/min": 1.0, "tools/calls": 0.0},
+                {"reward/mean": 0.5, "reward/max": 2.0, "reward/min": -1.0, "tools/calls": 2.0,
+                 "tools/calls/python": 2.0, "tools/error_rate": 0.5}]
+    expected = {"reward/mean": 0.75, "reward/max": 2.0, "reward/min": -1.0, "tools/calls": 1.0,
+                "tools/calls/python": 1.0, "tools/error_rate": 0.5}
     for result in mean_metrics_in_processes(reported, tmp_path):
-        assert result == {"reward/mean": 0.75, "tools/calls": 1.0, "tools/calls/python": 2.0, "tools/error_rate": 0.5}
+        assert result == expected
+
+
+def test_rollout_chunks_sum_counters_and_weight_means_by_prompts():
+    from arpo_ref.train import _summed_over_chunks, combine_metrics
+
+    chunks = [({"rollout/decode_steps": 10.0, "reward/mean": 1.0, "tools/error_rate": 0.25, "rollout/longest_path_tokens": 7.0}, 3),
+              ({"rollout/decode_steps": 5.0, "reward/mean": 0.0, "tools/calls/python": 4.0, "rollout/longest_path_tokens": 9.0}, 1)]
+    combined = combine_metrics(chunks, summed=_summed_over_chunks)
+    assert combined == {"rollout/decode_steps": 15.0, "reward/mean": 0.75, "tools/error_rate": 0.25,
+                        "rollout/longest_path_tokens": 16.0, "tools/calls/python": 4.0}
 
 
 def test_fsdp_trains_like_ddp_saves_and_resumes(workspace):

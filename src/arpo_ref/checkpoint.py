@@ -52,10 +52,14 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint and restore the global random-number generators it recorded."""
-    # Memory-mapped: tensors are read from disk when used (with FSDP only process 0 reads the model).
-    payload = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False, mmap=True)
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """Read a checkpoint and restore the global random-number generators it recorded.
+
+    `mmap`: map the file instead of reading it; tensors are read from disk when used (a sharded
+    resume reads the model on process 0 only). Copy-on-write, so the file is never changed, but a
+    tensor kept from it keeps the file mapped, and its disk space taken, until the process ends.
+    """
+    payload = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False, mmap=mmap)
     restore_rng(payload["rng"])
     return payload
 

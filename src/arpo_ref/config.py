@@ -142,8 +142,9 @@ class DataConfig:
     answer_field: str = "answer"
     """Field holding the gold answer (a string or a list of acceptable strings)."""
     answer_pattern: str = ""
-    """A regular expression whose last match in the answer field is the gold answer (its first
-    group if it has one), for answer fields holding more than the answer; 'gsm8k' names
+    """A regular expression (multi-line: ^ and $ match at every line) whose last match in the
+    answer field is the gold answer (its first group if it has one), for answer fields holding
+    more than the answer; applies to every data file of the run. 'gsm8k' names
     '####\\s*(.+?)\\s*$' (GSM8K's worked solutions ending "#### 72"). Empty = the field as is."""
     skip_malformed: bool = False
     """Skip rows that fail the checks (their count and the first reason are logged) instead of

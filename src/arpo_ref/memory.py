@@ -88,14 +88,14 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
                     rollout_budget: int, prompt_tokens: int, response_tokens: int, micro_batch_leaves: int,
                     gradient_checkpointing: bool = False, compute_dtype: str | None = None,
                     trainable_parameters: int | None = None, processes: int = 1,
-                    sharded: bool = False, reference: bool = False) -> MemoryEstimate:
+                    sharded: bool = False, reference_dtype: str | None = None) -> MemoryEstimate:
     """Order-of-magnitude memory of one training process (see the module docstring).
 
     `dtype` is the weights' dtype; `compute_dtype` the autocast dtype (default: the weights'),
     which sizes the KV cache: under bf16 autocast the keys and values are bf16.
     `trainable_parameters` (default: all) size the gradients and AdamW state (LoRA: the adapters).
     `processes` > 1: DDP, or FSDP over that many processes when `sharded` (arpo_ref.sharding).
-    `reference`: a frozen copy of the model in the compute dtype for the KL penalty.
+    `reference_dtype`: the dtype of a frozen copy of the model for the KL penalty (None: no copy).
     """
     trainable = num_parameters if trainable_parameters is None else trainable_parameters
     shards = processes if sharded else 1
@@ -119,7 +119,7 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
                           gathered=num_parameters * compute_size if shards > 1 else 0.0,
                           embeddings=vocab * hidden * embedding_tables * compute_size if shards > 1 else 0.0,
                           gradients_kept=processes > 1 and not sharded,
-                          reference=num_parameters * compute_size if reference else 0.0)
+                          reference=num_parameters * BYTES.get(reference_dtype, 4) if reference_dtype else 0.0)
 
 
 def pack_by_tokens(lengths: torch.Tensor, max_tokens: int, max_rows: int) -> list[list[int]]:

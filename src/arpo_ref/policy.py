@@ -8,11 +8,14 @@ paper's lr 1e-6 a bf16 weight mostly rounds back to its old value (tests/test_tr
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .config import Config
 from .lora import apply_lora, has_lora
 from .memory import estimate_memory
+from .sharding import shard_policy
 
 
 def load_policy(config: Config, device, training: bool = False):
@@ -20,18 +23,61 @@ def load_policy(config: Config, device, training: bool = False):
     adds the LoRA adapters of `model.lora` when enabled (arpo_ref.lora)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = config.model.name_or_path
-    if not name:
-        raise ValueError("model.name_or_path is empty; set it to a hub name or a local model folder")
-    dtype = config.model.dtype
-    if dtype == "auto":
-        dtype = "float32" if training or not bf16_gpu() else "bfloat16"
+    name, dtype = _name(config), _weights_dtype(config, training)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype),
-                                                 trust_remote_code=config.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=config.model.trust_remote_code)
     if training:  # before eval(): the adapters' dropout layers must follow the model's mode
         model = apply_lora(model, config.model.lora)
     return model.to(device).eval(), tokenizer
+
+
+def load_sharded_policy(config: Config, device, mixed_precision: str):
+    """The model (FSDP-sharded over the processes, arpo_ref.sharding) and tokenizer of
+    `config.model`, for `train.fsdp`, without a full copy of the weights on every process: each
+    builds the model on the meta device and shards it, and process 0 alone reads the checkpoint
+    and sends each tensor to the others, which keep their shard. Host memory: one full float32
+    copy on process 0 instead of one per process; device memory: the shard only."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    name, dtype, remote = _name(config), _weights_dtype(config, training=True), config.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name, trust_remote_code=remote),
+                                                 dtype=dtype, trust_remote_code=remote)
+    with contextlib.suppress(OSError):  # the checkpoint's EOS ids, as from_pretrained would read them
+        model.generation_config = GenerationConfig.from_pretrained(name)
+    shard_policy(model, device, mixed_precision)
+    model.to_empty(device=device)
+    state, buffers = {}, None
+    if dist.get_rank() == 0:
+        full = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=remote)
+        state = full.state_dict()
+        # Buffers outside the state dict (e.g. rotary frequencies) are computed at construction;
+        # on the meta device they were not, so they are sent too.
+        buffers = {k: v for k, v in full.named_buffers() if k not in state}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    sent = [buffers]
+    dist.broadcast_object_list(sent, src=0)
+    for key, buffer in model.named_buffers():
+        if key in sent[0]:
+            buffer.copy_(sent[0][key])
+    return model.eval(), tokenizer
+
+
+def _name(config: Config) -> str:
+    if not config.model.name_or_path:
+        raise ValueError("model.name_or_path is empty; set it to a hub name or a local model folder")
+    return config.model.name_or_path
+
+
+def _weights_dtype(config: Config, training: bool) -> torch.dtype:
+    """model.dtype; auto = float32 for training (and on CPUs), bfloat16 for inference on a GPU."""
+    dtype = config.model.dtype
+    if dtype == "auto":
+        dtype = "float32" if training or not bf16_gpu() else "bfloat16"
+    return getattr(torch, dtype)
 
 
 def bf16_gpu() -> bool:
@@ -69,8 +115,18 @@ def memory_line(policy, config: Config, per_process: int, mixed_precision: str, 
                                config.rollout.rollout_budget, 512, config.rollout.max_response_tokens,
                                config.train.micro_batch_leaves, config.train.gradient_checkpointing, compute,
                                sum(p.numel() for p in policy.parameters() if p.requires_grad), processes,
-                               sharded=config.train.fsdp, reference=config.train.kl_coef > 0 and not has_lora(policy))
+                               sharded=config.train.fsdp, reference_dtype=_reference_dtype(policy, config, mixed_precision))
     return estimate.describe() + " (prompts assumed ≤ 512 tokens)"
+
+
+def _reference_dtype(policy, config: Config, mixed_precision: str) -> str | None:
+    """The dtype π_ref loads in (load_policy for inference: auto = bf16 on a bf16 GPU, which bf16
+    compute stands for here); None when there is no separate reference (no KL, or LoRA)."""
+    if config.train.kl_coef <= 0 or has_lora(policy):
+        return None
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    return "bfloat16" if mixed_precision == "bf16" else "float32"
 
 
 def planned_memory_line(config: Config, processes: int, mixed_precision: str) -> str:
@@ -79,16 +135,13 @@ def planned_memory_line(config: Config, processes: int, mixed_precision: str) ->
     user can size a run before starting it (`arpo-ref memory`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    name = config.model.name_or_path
-    if not name:
-        raise ValueError("model.name_or_path is empty; set it to a hub name or a local model folder")
+    name = _name(config)
     if config.train.prompts_per_step % (processes * config.train.mini_batches):
         raise ValueError(f"train.prompts_per_step ({config.train.prompts_per_step}) must be divisible by "
                          f"processes × mini_batches ({processes} × {config.train.mini_batches})")
-    dtype = "float32" if config.model.dtype == "auto" else config.model.dtype  # as training loads it
     model_config = AutoConfig.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, dtype),
+        model = AutoModelForCausalLM.from_config(model_config, dtype=_weights_dtype(config, training=True),
                                                  trust_remote_code=config.model.trust_remote_code)
         model = apply_lora(model, config.model.lora)
     return memory_line(model, config, config.train.prompts_per_step // processes, mixed_precision, processes)

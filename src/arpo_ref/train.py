@@ -52,7 +52,13 @@ from .episode import render_prompt, system_prompt
 from .evaluate import evaluate
 from .generation import Generator
 from .lora import AdaptersOff, has_lora, save_pretrained_merged
-from .policy import check_trainable_precision, load_policy, memory_line, mixed_precision_mode
+from .policy import (
+    check_trainable_precision,
+    load_policy,
+    load_sharded_policy,
+    memory_line,
+    mixed_precision_mode,
+)
 from .rollout import AdaptiveRollout
 from .sharding import (
     full_state,
@@ -107,7 +113,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         log(memory_line(policy, config, per_process, str(accelerator.mixed_precision), accelerator.num_processes))
     state = TrainState()
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
-        state = _restore(load_checkpoint(checkpoint), accelerator, model, optimizer, scheduler, rollout,
+        state = _restore(load_checkpoint(checkpoint, mmap=cfg.fsdp), accelerator, model, optimizer, scheduler, rollout,
                          accelerator.process_index)
         log(f"resumed from {checkpoint} at step {state.step}")
     if accelerator.is_main_process:
@@ -159,12 +165,11 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         metrics = {**result.metrics, **reward_metrics, **update_metrics, **times, "train/step": state.step,
                    "train/lr": scheduler.get_last_lr()[0], "time/step": time.perf_counter() - started,
                    "train/processes": accelerator.num_processes, "train/world_size": _world_size()}
-        metrics = _mean_over_processes(metrics, accelerator.device)
+        metrics = _mean_over_processes(metrics)
         last = state.step == cfg.steps
         if eval_records and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
             with gathered(model):
-                metrics.update(_evaluate_shared(policy, tokenizer, registry, eval_records, config, system, reward_fn,
-                                                accelerator.device))
+                metrics.update(_evaluate_shared(policy, tokenizer, registry, eval_records, config, system, reward_fn))
         if accelerator.is_main_process:
             _log_metrics(accelerator, run_dir, metrics, log if progress.disable else tqdm.write)
             progress.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in PROGRESS_KEYS if k in metrics})
@@ -183,16 +188,19 @@ def _prepare_policy(config: Config, accelerator, model, tokenizer, log):
     """The policy (loaded unless passed in), π_ref when the KL coefficient is non-zero, and AdamW
     with its warm-up schedule (ARPO.md §4), prepared by Accelerate."""
     cfg = config.train
-    if model is None or tokenizer is None:
-        model, tokenizer = load_policy(config, accelerator.device, training=True)
-    check_trainable_precision(model, config, log)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError(f"launched with Accelerate's {accelerator.distributed_type.value} plugin, which arpo_ref "
                          "does not use: launch with configs/accelerate/fsdp.yaml and set train.fsdp=true to shard "
                          "the model (the rollout needs arpo_ref's own handling of the shards)")
-    if cfg.fsdp:
+    if model is None or tokenizer is None:
+        if cfg.fsdp and _world_size() > 1:  # each process builds and keeps only its shard
+            model, tokenizer = load_sharded_policy(config, accelerator.device, accelerator.mixed_precision)
+        else:
+            model, tokenizer = load_policy(config, accelerator.device, training=True)
+    check_trainable_precision(model, config, log)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.fsdp and not is_sharded(model):  # a model passed in, or a single process (an error)
         model = shard_policy(model, accelerator.device, accelerator.mixed_precision)
     reference = None
     if cfg.kl_coef > 0:  # π_ref; with LoRA, the same weights with the adapters off (no second copy)
@@ -243,7 +251,8 @@ def _take_prompts(records: list[Record], state: TrainState, per_step: int, seed:
 
 def rollout_in_chunks(rollout: AdaptiveRollout, prompts: list[list[int]], records: list[Record], chunk: int):
     """Roll out `prompts` at once, or `chunk` prompts at a time (a smaller KV cache); metrics are
-    summed for counters and times and averaged for per-prompt means."""
+    summed for counters, times and decoding steps (chunks run one after another) and averaged,
+    weighted by prompts, for per-prompt means (`combine_metrics`)."""
     metadata = [{"question": r.question, "answer": r.answer} for r in records]
     if not chunk or chunk >= len(prompts):
         return rollout(prompts, metadata)
@@ -253,16 +262,43 @@ def rollout_in_chunks(rollout: AdaptiveRollout, prompts: list[list[int]], record
         for tree in part.trees:
             tree.prompt_index = len(trees)
             trees.append(tree)
-    weights = [len(p.trees) / len(prompts) for p in parts]
-    metrics = {}
-    for key in dict.fromkeys(k for part in parts for k in part.metrics):  # a tool may be called in one part only
-        values = [p.metrics.get(key, 0.0) for p in parts]
-        summed = key.startswith("time/") or key in ("rollout/generated_tokens", "rollout/prefill_tokens_saved",
-                                                     "rollout/decode_steps", "rollout/longest_path_tokens",
-                                                     "rollout/branch_decisions", "rollout/branches",
-                                                     "rollout/branch_declined") or key.startswith("tools/calls") or key.startswith("tools/errors")
-        metrics[key] = sum(values) if summed else sum(v * w for v, w in zip(values, weights))
+    metrics = combine_metrics([(p.metrics, len(p.trees)) for p in parts], summed=_summed_over_chunks)
     return type(parts[0])(trees, metrics)
+
+
+def _summed_over_chunks(key: str) -> bool:
+    return key.startswith(("time/", "tools/calls", "tools/errors")) or key in (
+        "rollout/generated_tokens", "rollout/prefill_tokens_saved", "rollout/decode_steps",
+        "rollout/longest_path_tokens", "rollout/branch_decisions", "rollout/branches", "rollout/branch_declined")
+
+
+MAX_KEYS = frozenset({"reward/max", "rollout/longest_path_tokens", "tools/seconds_max"})
+MIN_KEYS = frozenset({"reward/min"})
+
+
+def combine_metrics(parts: list[tuple[dict[str, float], float]], summed=lambda key: False) -> dict[str, float]:
+    """One metrics dict from several parts' (processes' or rollout chunks'), each with a weight.
+
+    A key that only some parts report is handled by its kind: counts (tools/calls…, tools/errors…)
+    are 0 where absent; `summed(key)` keys are summed; maxima and minima (MAX_KEYS, MIN_KEYS) stay
+    maxima and minima; every other key is a mean, weighted over the parts that report it (a rate
+    such as tools/error_rate is absent where there was nothing to rate).
+    """
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for metrics, _ in parts for k in metrics):
+        present = [(m[key], w) for m, w in parts if key in m]
+        if summed(key):
+            out[key] = sum(v for v, _ in present)
+        elif key in MAX_KEYS:
+            out[key] = max(v for v, _ in present)
+        elif key in MIN_KEYS:
+            out[key] = min(v for v, _ in present)
+        else:
+            if key.startswith(("tools/calls", "tools/errors")):  # a count: 0 where absent
+                present = [(m.get(key, 0.0), w) for m, w in parts]
+            total = sum(w for _, w in present)
+            out[key] = sum(v * w for v, w in present) / total if total else 0.0
+    return out
 
 
 # ---------------------------------------------------------------------------- rewards
@@ -286,31 +322,27 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _mean_over_processes(metrics: dict[str, float], device, weight: float = 1.0) -> dict[str, float]:
-    """Each metric's mean over the processes that report it, weighted by each process's `weight`.
-    Processes may report different keys (tools/calls/python is absent where no row called
-    python), so the key sets are merged first."""
+def _mean_over_processes(metrics: dict[str, float], weight: float = 1.0) -> dict[str, float]:
+    """The processes' metrics combined (`combine_metrics`), each process weighted by `weight`;
+    every process gets the same result."""
     if _world_size() == 1:
         return metrics
-    dist = torch.distributed
-    key_sets = [None] * dist.get_world_size()
-    dist.all_gather_object(key_sets, sorted(metrics))
-    keys = sorted(set().union(*key_sets))
-    sums = torch.tensor([[float(metrics.get(k, 0.0)) * weight, weight * (k in metrics)] for k in keys],
-                        dtype=torch.float64, device=device)
-    dist.all_reduce(sums)
-    return {k: total / count if count else 0.0 for k, (total, count) in zip(keys, sums.tolist())}
+    parts = [None] * _world_size()
+    torch.distributed.all_gather_object(parts, (metrics, weight))
+    return combine_metrics(parts)
 
 
-def _evaluate_shared(policy, tokenizer, registry, records: list[Record], config: Config, system, reward_fn,
-                     device) -> dict[str, float]:
+def _evaluate_shared(policy, tokenizer, registry, records: list[Record], config: Config, system,
+                     reward_fn) -> dict[str, float]:
     """Periodic evaluation with the records split across processes (each evaluates every
     world-size-th record); the metrics, means over questions, are combined weighted by each
     process's number of questions."""
     rank = torch.distributed.get_rank() if _world_size() > 1 else 0
     mine = records[rank::_world_size()]
-    metrics, _ = evaluate(Generator(policy, tokenizer), registry, mine, config.rollout, system, reward_fn)
-    metrics = _mean_over_processes(metrics, device, weight=float(len(mine)))
+    rows = config.train.rollout_batch_prompts * config.rollout.rollout_budget or 64  # as many rows as a rollout
+    metrics, _ = evaluate(Generator(policy, tokenizer), registry, mine, config.rollout, system, reward_fn,
+                          batch_size=rows)
+    metrics = _mean_over_processes(metrics, weight=float(len(mine)))
     return metrics | {"eval/questions": float(len(records))}
 
 

@@ -123,7 +123,10 @@ def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
         sums["train/grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     optimizer.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    # DDP: keep the gradients as views into its buckets (set to None, the next backward would
+    # allocate a second full copy beside the buckets); otherwise free them until the next update.
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    optimizer.zero_grad(set_to_none=not ddp)
     return sums
 
 
