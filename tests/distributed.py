@@ -25,17 +25,17 @@ def train_two_processes(out: Path, *args: str) -> list[dict]:
 def _mean_metrics_worker(rank: int, port: int, reported: list[dict], out: Path) -> None:
     import torch.distributed as dist
 
-    from arpo_ref.train import _mean_over_processes
+    from arpo_ref.metrics import mean_over_processes
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(reported))
     try:
-        (out / f"rank{rank}.json").write_text(json.dumps(_mean_over_processes(reported[rank])))
+        (out / f"rank{rank}.json").write_text(json.dumps(mean_over_processes(reported[rank])))
     finally:
         dist.destroy_process_group()
 
 
 def mean_metrics_in_processes(reported: list[dict], out: Path) -> list[dict]:
-    """`train._mean_over_processes` run by len(reported) gloo processes, process r reporting
+    """`metrics.mean_over_processes` run by len(reported) gloo processes, process r reporting
     reported[r]; each process's result."""
     import socket
 

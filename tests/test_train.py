@@ -146,11 +146,11 @@ def test_metrics_are_combined_over_processes_by_kind(tmp_path):
 
 
 def test_rollout_chunks_sum_counters_and_weight_means_by_prompts():
-    from arpo_ref.train import _summed_over_chunks, combine_metrics
+    from arpo_ref.metrics import combine_metrics, summed_over_chunks
 
     chunks = [({"rollout/decode_steps": 10.0, "reward/mean": 1.0, "tools/error_rate": 0.25, "rollout/longest_path_tokens": 7.0}, 3),
               ({"rollout/decode_steps": 5.0, "reward/mean": 0.0, "tools/calls/python": 4.0, "rollout/longest_path_tokens": 9.0}, 1)]
-    combined = combine_metrics(chunks, summed=_summed_over_chunks)
+    combined = combine_metrics(chunks, summed=summed_over_chunks)
     assert combined == {"rollout/decode_steps": 15.0, "reward/mean": 0.75, "tools/error_rate": 0.25,
                         "rollout/longest_path_tokens": 16.0, "tools/calls/python": 4.0}
 

@@ -52,6 +52,7 @@ from .episode import render_prompt, system_prompt
 from .evaluate import evaluate
 from .generation import Generator
 from .lora import AdaptersOff, has_lora, save_pretrained_merged
+from .metrics import combine_metrics, mean_over_processes, summed_over_chunks, world_size
 from .policy import (
     check_trainable_precision,
     load_policy,
@@ -164,8 +165,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         # 7. log, evaluate, checkpoint
         metrics = {**result.metrics, **reward_metrics, **update_metrics, **times, "train/step": state.step,
                    "train/lr": scheduler.get_last_lr()[0], "time/step": time.perf_counter() - started,
-                   "train/processes": accelerator.num_processes, "train/world_size": _world_size()}
-        metrics = _mean_over_processes(metrics)
+                   "train/processes": accelerator.num_processes, "train/world_size": world_size()}
+        metrics = mean_over_processes(metrics)
         last = state.step == cfg.steps
         if eval_records and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
             with gathered(model):
@@ -193,7 +194,7 @@ def _prepare_policy(config: Config, accelerator, model, tokenizer, log):
                          "does not use: launch with configs/accelerate/fsdp.yaml and set train.fsdp=true to shard "
                          "the model (the rollout needs arpo_ref's own handling of the shards)")
     if model is None or tokenizer is None:
-        if cfg.fsdp and _world_size() > 1:  # each process builds and keeps only its shard
+        if cfg.fsdp and world_size() > 1:  # each process builds and keeps only its shard
             model, tokenizer = load_sharded_policy(config, accelerator.device, accelerator.mixed_precision)
         else:
             model, tokenizer = load_policy(config, accelerator.device, training=True)
@@ -252,7 +253,7 @@ def _take_prompts(records: list[Record], state: TrainState, per_step: int, seed:
 def rollout_in_chunks(rollout: AdaptiveRollout, prompts: list[list[int]], records: list[Record], chunk: int):
     """Roll out `prompts` at once, or `chunk` prompts at a time (a smaller KV cache); metrics are
     summed for counters, times and decoding steps (chunks run one after another) and averaged,
-    weighted by prompts, for per-prompt means (`combine_metrics`)."""
+    weighted by prompts, for per-prompt means (`metrics.combine_metrics`)."""
     metadata = [{"question": r.question, "answer": r.answer} for r in records]
     if not chunk or chunk >= len(prompts):
         return rollout(prompts, metadata)
@@ -262,43 +263,8 @@ def rollout_in_chunks(rollout: AdaptiveRollout, prompts: list[list[int]], record
         for tree in part.trees:
             tree.prompt_index = len(trees)
             trees.append(tree)
-    metrics = combine_metrics([(p.metrics, len(p.trees)) for p in parts], summed=_summed_over_chunks)
+    metrics = combine_metrics([(p.metrics, len(p.trees)) for p in parts], summed=summed_over_chunks)
     return type(parts[0])(trees, metrics)
-
-
-def _summed_over_chunks(key: str) -> bool:
-    return key.startswith(("time/", "tools/calls", "tools/errors")) or key in (
-        "rollout/generated_tokens", "rollout/prefill_tokens_saved", "rollout/decode_steps",
-        "rollout/longest_path_tokens", "rollout/branch_decisions", "rollout/branches", "rollout/branch_declined")
-
-
-MAX_KEYS = frozenset({"reward/max", "rollout/longest_path_tokens", "tools/seconds_max"})
-MIN_KEYS = frozenset({"reward/min"})
-
-
-def combine_metrics(parts: list[tuple[dict[str, float], float]], summed=lambda key: False) -> dict[str, float]:
-    """One metrics dict from several parts' (processes' or rollout chunks'), each with a weight.
-
-    A key that only some parts report is handled by its kind: counts (tools/calls…, tools/errors…)
-    are 0 where absent; `summed(key)` keys are summed; maxima and minima (MAX_KEYS, MIN_KEYS) stay
-    maxima and minima; every other key is a mean, weighted over the parts that report it (a rate
-    such as tools/error_rate is absent where there was nothing to rate).
-    """
-    out: dict[str, float] = {}
-    for key in dict.fromkeys(k for metrics, _ in parts for k in metrics):
-        present = [(m[key], w) for m, w in parts if key in m]
-        if summed(key):
-            out[key] = sum(v for v, _ in present)
-        elif key in MAX_KEYS:
-            out[key] = max(v for v, _ in present)
-        elif key in MIN_KEYS:
-            out[key] = min(v for v, _ in present)
-        else:
-            if key.startswith(("tools/calls", "tools/errors")):  # a count: 0 where absent
-                present = [(m.get(key, 0.0), w) for m, w in parts]
-            total = sum(w for _, w in present)
-            out[key] = sum(v * w for v, w in present) / total if total else 0.0
-    return out
 
 
 # ---------------------------------------------------------------------------- rewards
@@ -316,33 +282,17 @@ def score_leaves(trees: list[RolloutTree], records: list[Record], tokenizer, rew
 
 
 # ---------------------------------------------------------------------------- bookkeeping
-def _world_size() -> int:
-    """Processes in the torch.distributed group (1 when it is not initialised)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _mean_over_processes(metrics: dict[str, float], weight: float = 1.0) -> dict[str, float]:
-    """The processes' metrics combined (`combine_metrics`), each process weighted by `weight`;
-    every process gets the same result."""
-    if _world_size() == 1:
-        return metrics
-    parts = [None] * _world_size()
-    torch.distributed.all_gather_object(parts, (metrics, weight))
-    return combine_metrics(parts)
-
-
 def _evaluate_shared(policy, tokenizer, registry, records: list[Record], config: Config, system,
                      reward_fn) -> dict[str, float]:
     """Periodic evaluation with the records split across processes (each evaluates every
     world-size-th record); the metrics, means over questions, are combined weighted by each
     process's number of questions."""
-    rank = torch.distributed.get_rank() if _world_size() > 1 else 0
-    mine = records[rank::_world_size()]
+    rank = torch.distributed.get_rank() if world_size() > 1 else 0
+    mine = records[rank::world_size()]
     rows = config.train.rollout_batch_prompts * config.rollout.rollout_budget or 64  # as many rows as a rollout
     metrics, _ = evaluate(Generator(policy, tokenizer), registry, mine, config.rollout, system, reward_fn,
                           batch_size=rows)
-    metrics = _mean_over_processes(metrics, weight=float(len(mine)))
+    metrics = mean_over_processes(metrics, weight=float(len(mine)))
     return metrics | {"eval/questions": float(len(records))}
 
 
