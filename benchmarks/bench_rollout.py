@@ -3,6 +3,7 @@
     python benchmarks/bench_rollout.py                     # builds/uses a cold start in runs/bench_rollout
     python benchmarks/bench_rollout.py --agent runs/demo   # reuse the demo's world and SFT model
     python benchmarks/bench_rollout.py --json
+    python benchmarks/bench_rollout.py --turn-end-fraction 0.5   # turns end when half the rows stopped
 
 The agent is the toy world's tiny model after cold-start SFT, calling the real python sandbox and
 the offline search tool. For each mode the same prompts are rolled out --repeats times (different
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--budget", type=int, default=8, help="M")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--turn-end-fraction", type=float, default=1.0,
+                        help="rollout.turn_end_fraction (1 = turns wait for their slowest row)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     folder, world, model, tokenizer = load_agent(args)
@@ -63,7 +66,8 @@ def main() -> None:
     with ToolRegistry.from_config(config.tools) as registry:
         for mode, num_global in (("grpo", args.budget), ("paper", args.budget // 2), ("official", args.budget // 2)):
             rollout = config.rollout.__class__(**{**vars(config.rollout), "mode": mode, "rollout_budget": args.budget,
-                                                   "num_global": num_global})
+                                                   "num_global": num_global,
+                                                   "turn_end_fraction": args.turn_end_fraction})
             runs = []
             for seed in range(args.repeats):
                 engine = AdaptiveRollout(Generator(model, tokenizer), registry, rollout, config.sampling, seed=seed)

@@ -233,3 +233,36 @@ def test_sampler_draws_from_exactly_the_filtered_distribution(top_k, top_p):
     expected = torch.softmax(filter_top_k_top_p(logits[:1], top_k, top_p), -1)[0]
     assert torch.all(empirical[expected == 0] == 0)
     assert torch.allclose(empirical, expected, atol=0.015)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_paused_decoding_resumes_exactly_where_it_stopped(arch):
+    """decode(pause_after=1) returns when the first row stops; while it is paused another row
+    gets forced tokens; resuming the rest with `resume` gives, token for token and log-prob for
+    log-prob, what one uninterrupted call gives (greedy, real model, KV cache with holes)."""
+    tokenizer, model = load_tokenizer(), load_model(arch)
+    prompts = encode(tokenizer, PROMPTS[:3])
+    limits = {0: 3, 1: 12, 2: 9}  # row 0 stops first
+
+    def run(pause: bool):
+        generator = Generator(model, tokenizer, eos_token_ids=[])
+        rows = generator.prefill(prompts)
+        greedy = SamplingParams(temperature=0, max_new_tokens=20)
+        ids = {i: rows.row_ids[i] for i in range(3)}
+        limit = {ids[i]: n for i, n in limits.items()}
+        if not pause:
+            return generator.decode(rows, greedy, max_new_tokens=limit)
+        first = generator.decode(rows, greedy, max_new_tokens=limit, pause_after=1)
+        assert first[ids[0]].finish_reason == "length" and len(first[ids[0]].token_ids) == 3
+        assert first[ids[1]].finish_reason is None and first[ids[2]].finish_reason is None
+        assert len(first[ids[1]].token_ids) == 3
+        generator.append(rows, {ids[0]: encode(tokenizer, [" <result> 42 </result>"])[0]})
+        rest = {r: limit[r] - len(first[r].token_ids) for r in (ids[1], ids[2])}
+        second = generator.decode(rows, greedy, row_ids=list(rest), max_new_tokens=rest,
+                                  resume={r: first[r] for r in rest})
+        return {ids[0]: first[ids[0]], **second}
+
+    straight, paused = run(pause=False), run(pause=True)
+    for row_id, out in straight.items():
+        assert paused[row_id].token_ids == out.token_ids and paused[row_id].finish_reason == out.finish_reason
+        assert torch.allclose(torch.tensor(paused[row_id].logprobs), torch.tensor(out.logprobs), atol=1e-4)

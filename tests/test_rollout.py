@@ -28,6 +28,7 @@ def ids(text):
 CALL = ids("<search> Zorvia capital </search>")
 ANSWER = ids("<answer> \\boxed{Quellmar} </answer>")
 RESULT_END = ids("</result>")[-1]
+THINK = ids(" hmm")
 
 
 class EchoSearch:
@@ -46,10 +47,15 @@ class ToolAgent:
     result are emitted with confidence `after[prompt]` (low confidence = high entropy); all other
     tokens with confidence 0.99."""
 
-    def __init__(self, prompts, after, calls=2, window=20, first=0.99):
+    def __init__(self, prompts, after, calls=2, window=20, first=0.99, think=None):
         self.prompt_lengths = {tuple(p): len(p) for p in prompts}
         self.after, self.calls, self.window, self.first = after, calls, window, first
+        self.think = think or {}  # prompt -> filler tokens written before each call: (first, second, ...)
         self.model = ScriptedLM(self.policy, vocab_size=len(TOK))
+
+    def _filler(self, prompt, segment):
+        counts = self.think.get(prompt, ())
+        return THINK * (counts[segment] if segment < len(counts) else 0)
 
     def policy(self, history):
         prompt = next((p for p in self.prompt_lengths if tuple(history[: len(p)]) == p), None)
@@ -57,17 +63,18 @@ class ToolAgent:
             return EOS
         response = history[len(prompt):]
         if RESULT_END not in response:
-            script, position, confidence = CALL + [EOS], len(response), self.first
+            script, position, confidence = self._filler(prompt, 0) + CALL + [EOS], len(response), self.first
         else:
             last = len(response) - 1 - response[::-1].index(RESULT_END)
             position = len(response) - 1 - last
-            script = (CALL if response.count(RESULT_END) < self.calls else ANSWER) + [EOS]
+            results = response.count(RESULT_END)
+            script = self._filler(prompt, results) + (CALL if results < self.calls else ANSWER) + [EOS]
             confidence = self.after[prompt] if position < self.window else 0.99
         return self.model.peaked_logits(script[min(position, len(script) - 1)], confidence)
 
 
-def rollout(mode, prompts, after, seed=0, calls=2, **overrides):
-    agent = ToolAgent(prompts, after, calls=calls)
+def rollout(mode, prompts, after, seed=0, calls=2, think=None, **overrides):
+    agent = ToolAgent(prompts, after, calls=calls, think=think)
     tool = EchoSearch()
     settings = dict(mode=mode, rollout_budget=6, num_global=2, max_response_tokens=300, entropy_window=20)
     settings.update(overrides)
@@ -316,3 +323,23 @@ def test_decode_steps_are_counted_per_column_and_bounded_by_the_longest_path():
     assert result.metrics["rollout/generated_tokens"] == path * 6 * len(PROMPTS)
     _, result, _ = rollout("paper", PROMPTS, AFTER)
     assert result.metrics["rollout/decode_steps"] > result.metrics["rollout/longest_path_tokens"] == path
+
+
+@pytest.mark.parametrize("mode", ["paper", "official", "grpo"])
+def test_ending_turns_early_keeps_the_trees_and_saves_decoding_steps(mode):
+    """turn_end_fraction 0.5: rows whose first segment is short get their result and go on while
+    the long ones still write. Greedy GRPO rows are then token for token what they were; every
+    mode keeps exactly M leaves and spends fewer sequential decoding steps."""
+    # The slowest row differs from turn to turn: prompt 1 thinks long before its first call,
+    # prompt 2 before its second; a synchronous turn waits for each in turn.
+    think = {tuple(PROMPTS[1]): (40, 0), tuple(PROMPTS[2]): (0, 40)}
+    _, synchronous, _ = rollout(mode, PROMPTS, AFTER, think=think)
+    _, early, _ = rollout(mode, PROMPTS, AFTER, think=think, turn_end_fraction=0.5)
+    for tree in early.trees:
+        assert len(tree.leaves) == 6 and "duplicate" not in [leaf.origin for leaf in tree.leaves]
+    assert early.metrics["rollout/decode_steps"] < synchronous.metrics["rollout/decode_steps"]
+    if mode == "grpo":
+        def texts(result):
+            return [[[t for n in tree.response_segments(leaf) for t in n.token_ids] for leaf in tree.leaves]
+                    for tree in result.trees]
+        assert texts(early) == texts(synchronous)

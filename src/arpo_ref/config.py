@@ -105,6 +105,13 @@ class RolloutConfig:
     to a tool over its own limit ends the trajectory the same way ('tool_limit'). Empty = none."""
     max_response_tokens: int = 4096
     """Length budget of a trajectory's response (model and tool tokens) after the prompt."""
+    turn_end_fraction: float = 1.0
+    """A turn (decode, then run the tools of the rows that called one) ends once this fraction of
+    its decoding rows has stopped. 1.0 = when all have, as the official code does: a row that
+    stops early waits for the slowest. Lower values (e.g. 0.5) let such rows get their result
+    and continue while the others are still writing: fewer sequential decoding steps
+    (rollout/decode_steps), more, smaller tool batches. Each row's samples are unchanged in
+    distribution; the random stream is consumed in another order."""
 
     def validate(self) -> None:
         if self.rollout_budget < 1:
@@ -127,6 +134,8 @@ class RolloutConfig:
             raise ValueError("branch_threshold (τ) is a probability threshold; use a value in [0, 1]")
         if self.entropy_normaliser < 0:
             raise ValueError("entropy_normaliser must be > 0, or 0 for ln|V|")
+        if not 0.0 < self.turn_end_fraction <= 1.0:
+            raise ValueError("turn_end_fraction must be in (0, 1]: 1 ends a turn when every row has stopped")
 
 
 @dataclass

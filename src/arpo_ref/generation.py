@@ -254,6 +254,7 @@ class Generator:
         rng: torch.Generator | None = None,
         max_new_tokens: int | dict[int, int] | None = None,
         resume: dict[int, GeneratedSequence] | None = None,
+        pause_after: int | None = None,
     ) -> dict[int, GeneratedSequence]:
         """Sample new tokens for `row_ids` (default: all rows) until each row stops.
 
@@ -262,7 +263,9 @@ class Generator:
         `max_new_tokens` new tokens ('length'): an int for all rows or a dict row id -> limit;
         default `sampling.max_new_tokens`. `resume` maps row ids to the output of an earlier call
         that this one continues (its tokens count for stop strings, not for the limit).
-        Returns row id -> output.
+        `pause_after`: return as soon as this many of the rows have stopped; the others' outputs
+        have finish_reason None, and a later call with them in `resume` continues exactly where
+        they were (their last sampled token is fed first). Returns row id -> output.
         """
         default = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
         if rng is None:
@@ -277,7 +280,8 @@ class Generator:
         for b in set(budget_left) - set(active):
             outputs[rows.row_ids[b]].finish_reason = "length"
         stop_chars = self._stop_char_mask(tuple(stop_strings))
-        while active:
+        stopped = len(budget_left) - len(active)
+        while active and (pause_after is None or stopped < pause_after):
             logits = self._step_logits(rows, active)  # (A, V)
             tokens, logprobs, entropies, top = sample_next(logits, sampling, rng, self.vocab_size)
             rows.generated_tokens += len(active)
@@ -300,6 +304,7 @@ class Generator:
                     still_active.append(b)
                 else:
                     out.finish_reason = reason
+                    stopped += 1
             active = still_active
         return outputs
 

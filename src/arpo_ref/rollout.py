@@ -119,7 +119,10 @@ class AdaptiveRollout:
         first = cfg.rollout_budget if cfg.mode == "grpo" else cfg.num_global
         for tree, row_id in zip(trees, list(rows.row_ids)):
             self._spawn(rows, tree, row_id, first, "global")
-        turns, max_turns = 0, cfg.rollout_budget * (cfg.max_tool_calls + 2) + 1
+        # Each turn ends at least one segment of every live path (all of them with turn_end_fraction 1,
+        # at least one otherwise): a bound on the turns, as a guard against a loop that never ends.
+        paths = cfg.rollout_budget * (1 if cfg.turn_end_fraction >= 1 else len(prompts))
+        turns, max_turns = 0, paths * (cfg.max_tool_calls + 2) + 1
         while any(not t.done for t in self.trajectories) and turns < max_turns:
             turns += 1
             if cfg.mode == "paper":  # 1. look ahead k tokens after results, decide, fork
@@ -146,10 +149,12 @@ class AdaptiveRollout:
             return
         limits = {t.row_id: self.config.max_response_tokens - t.response_tokens
                   - (len(t.segment.token_ids) if t.segment else 0) for t in todo}
+        fraction = self.config.turn_end_fraction
+        pause = None if fraction >= 1 else max(1, math.ceil(fraction * len(todo)))
         start = time.perf_counter()
         outputs = self.generator.decode(
             rows, self.sampling, self.stop_strings, row_ids=list(limits), rng=self.token_rng,
-            max_new_tokens=limits, resume={t.row_id: t.segment for t in todo if t.segment})
+            max_new_tokens=limits, resume={t.row_id: t.segment for t in todo if t.segment}, pause_after=pause)
         self.stats["time/generation"] += time.perf_counter() - start
         for t in todo:
             t.segment = outputs[t.row_id]
