@@ -18,7 +18,9 @@ def train_two_processes(out: Path, *args: str) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(HERE / "dist_train.py"), str(out), *map(str, args)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if done.returncode != 0:  # every process's own error first (the others then fail in collectives)
+        errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line]
+        raise AssertionError("\n".join(errors[-20:]) + "\n--- stderr tail ---\n" + done.stderr[-3000:])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

@@ -50,6 +50,11 @@ def load_sharded_policy(config: Config, device, mixed_precision: str):
         model.generation_config = GenerationConfig.from_pretrained(name)
     shard_policy(model, device, mixed_precision)
     model.to_empty(device=device)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():  # NaN until loaded: a tensor left out below cannot pass silently
+        for tensor in tensors.values():
+            if tensor.is_floating_point():
+                _local(tensor).fill_(float("nan"))
     state, buffers = {}, None
     if dist.get_rank() == 0:
         full = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=remote)
@@ -63,7 +68,16 @@ def load_sharded_policy(config: Config, device, mixed_precision: str):
     for key, buffer in model.named_buffers():
         if key in sent[0]:
             buffer.copy_(sent[0][key])
+    with torch.no_grad():
+        missing = [key for key, tensor in tensors.items() if tensor.is_floating_point() and _local(tensor).isnan().any()]
+    if missing:
+        raise RuntimeError(f"loading {name} sharded left {len(missing)} tensors unset, e.g. {missing[:3]}")
     return model.eval(), tokenizer
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a (possibly sharded, DTensor) tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _name(config: Config) -> str:
