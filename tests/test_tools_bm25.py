@@ -301,7 +301,7 @@ def test_killed_build_leaves_no_index_and_is_redone(corpus, tmp_path):
     """A build killed just before its rename leaves a complete but hidden temporary folder,
     which is never read: the next load builds the index anew."""
     script = ("import os, signal\nfrom arpo_ref.tools import bm25\n"
-              "bm25._publish = lambda temporary, target: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "bm25._publish = lambda *args: os.kill(os.getpid(), signal.SIGKILL)\n"
               f"bm25.load_indexed_corpus({str(corpus)!r})\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()
@@ -310,6 +310,30 @@ def test_killed_build_leaves_no_index_and_is_redone(corpus, tmp_path):
     assert not list(tmp_path.glob("corpus.jsonl.bm25-*"))
     passages, index = load_indexed_corpus(corpus)
     assert len(list(tmp_path.glob("corpus.jsonl.bm25-*"))) == 1 and index.num_passages == len(passages)
+
+
+def test_a_usable_index_is_never_replaced_by_a_concurrent_build(corpus, tmp_path):
+    """Processes of one run may all find the index missing and build it at once. The first to
+    publish wins; a later builder must not move that folder away (others may be reading it)."""
+    expected = load_indexed_corpus(corpus)[1].search("the city", 5, 1.2, 0.75)
+    (folder,) = tmp_path.glob("corpus.jsonl.bm25-*")
+    published = (folder / "posting_passages.npy").stat().st_ino
+    bm25_module.build_index_folder(corpus, folder)  # a second builder, late
+    assert (folder / "posting_passages.npy").stat().st_ino == published
+    assert not list(tmp_path.glob(".corpus.jsonl.bm25-*"))  # its own build and no trash left
+    bm25_module._MEMORY_CACHE.clear()
+    assert load_indexed_corpus(corpus)[1].search("the city", 5, 1.2, 0.75) == expected
+
+
+def test_processes_building_the_same_index_at_once_all_read_it(corpus, tmp_path):
+    script = ("import json, sys\nfrom arpo_ref.tools.bm25 import load_indexed_corpus\n"
+              "print(json.dumps(load_indexed_corpus(sys.argv[1])[1].search('the city', 5, 1.2, 0.75)))\n")
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(corpus)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-500:] for _, err in outputs]
+    assert len({out for out, _ in outputs}) == 1
+    assert len(list(tmp_path.glob("corpus.jsonl.bm25-*"))) == 1 and not list(tmp_path.glob(".corpus.jsonl.bm25-*"))
 
 
 def test_unwritable_index_folder_falls_back_to_a_temporary_folder(corpus, tmp_path):

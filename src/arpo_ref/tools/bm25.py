@@ -51,8 +51,11 @@ the size, the first and last MiB and the mtime (delete the index folder then).
 
 Atomicity: a build writes into a hidden `.<name>.tmp-*` folder next to the target, meta.json
 last, then renames it into place, so a killed build never leaves a corrupt index, only a
-temporary folder that is never read (safe to delete). If the index folder is not writable, the
-index is built in a temporary folder removed at exit: a read-only data folder costs a rebuild.
+temporary folder that is never read (safe to delete). Processes that build the same index at
+once (every process of a multi-GPU run, on a new corpus) each build their own; the first rename
+wins and the others discard theirs, as an index that loads is never moved away. If the index
+folder is not writable, the index is built in a temporary folder removed at exit: a read-only
+data folder costs a rebuild.
 """
 
 from __future__ import annotations
@@ -332,24 +335,29 @@ def build_index_folder(path: Path, target: Path, progress: bool | None = None) -
                 "num_postings": int(arrays["term_offsets"][-1])}
         del arrays
         (temporary / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks it complete
-        _publish(temporary, target)
+        _publish(temporary, target, lambda folder: open_index_folder(path, folder) is not None)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def _publish(temporary: Path, target: Path) -> None:
-    """Rename a finished build folder to `target`; a stale folder there is moved aside first."""
-    trash = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.stale-"))
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(target, trash / "index")
+def _publish(temporary: Path, target: Path, usable: Callable[[Path], bool]) -> None:
+    """Rename a finished build folder to `target`, unless another process has published a usable
+    index there meanwhile: a usable index is never moved, as other processes may be reading it
+    (several processes of one run build the same index at once). Only a stale one is moved aside."""
+    for _ in range(3):
         try:
-            os.rename(temporary, target)
+            os.rename(temporary, target)  # fails while target is a non-empty folder
+            return
         except OSError:
             if not target.is_dir():
-                raise  # else another process published an index of the same corpus first
-    finally:
+                raise
+        if usable(target):
+            return  # another process's index of the same corpus: ours is discarded by the caller
+        trash = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.stale-"))
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(target, trash / "index")
         shutil.rmtree(trash, ignore_errors=True)
+    raise RuntimeError(f"could not publish the BM25 index {target}; delete that folder and run again")
 
 
 # ---------------------------------------------------------------------------- loading
