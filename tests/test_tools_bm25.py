@@ -21,6 +21,7 @@ from arpo_ref.tools import (
     Passage,
     SearchTool,
     SearchToolConfig,
+    bm25_build,
     bm25_query,
     load_corpus,
     tokenize,
@@ -101,7 +102,7 @@ def no_rebuild(monkeypatch):
 # ---------------------------------------------------------------------------- reference
 @pytest.mark.parametrize("k1, b", [(1.2, 0.75), (2.0, 0.0), (0.5, 1.0)])
 def test_on_disk_index_matches_brute_force(corpus, monkeypatch, k1, b):
-    monkeypatch.setattr(bm25_module, "CHUNK_POSTINGS", 97)  # many spilled chunks to merge
+    monkeypatch.setattr(bm25_build, "CHUNK_POSTINGS", 97)  # many spilled chunks to merge
     passages, index = load_indexed_corpus(corpus)
     lines = [line for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
     documents = [searchable_text(line) for line in lines]
@@ -158,7 +159,7 @@ def zipf_documents(rng: random.Random, count: int) -> list[str]:
 def test_pruned_top_k_equals_sorted_dense_scores(monkeypatch, dense_fraction):
     """search() (MaxScore pruning, bm25_query) returns exactly the top k of all dense scores by
     (score descending, corpus order), with bitwise equal scores, for many random queries."""
-    monkeypatch.setattr(bm25_module, "CHUNK_POSTINGS", 1000)  # bounds merged over many chunks
+    monkeypatch.setattr(bm25_build, "CHUNK_POSTINGS", 1000)  # bounds merged over many chunks
     monkeypatch.setattr(bm25_query, "DENSE_FRACTION", dense_fraction)
     rng = random.Random(3)
     documents = zipf_documents(rng, 3000)

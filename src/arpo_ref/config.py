@@ -241,6 +241,15 @@ class TrainConfig:
     rollout may take one process much longer than another (long responses, slow tools), and
     NCCL's default of 10 minutes would then abort the run."""
 
+    def prompts_per_process(self, processes: int) -> int:
+        """This step's prompts of each of `processes` processes; every process must run the same
+        number of mini-batches."""
+        if self.prompts_per_step % (processes * self.mini_batches):
+            raise ValueError(f"train.prompts_per_step ({self.prompts_per_step}) must be divisible by "
+                             f"processes × mini_batches ({processes} × {self.mini_batches}) so every process "
+                             f"runs the same number of updates; adjust train.prompts_per_step")
+        return self.prompts_per_step // processes
+
     def validate(self) -> None:
         for name in ("steps", "prompts_per_step", "mini_batches", "micro_batch_leaves", "ppo_epochs",
                      "distributed_timeout_minutes"):

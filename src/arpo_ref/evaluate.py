@@ -23,12 +23,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from .answers import exact_match, extract_answer, f1_score, parse_golds
 from .config import RolloutConfig, SamplingConfig
 from .data import Record
 from .episode import render_prompt
 from .generation import Generator
 from .math_equivalence import math_equal
-from .rewards import exact_match, extract_answer, f1_score, parse_golds
 from .rollout import AdaptiveRollout
 from .tree import RolloutTree
 

@@ -39,6 +39,7 @@ import torch
 from transformers import DynamicCache
 
 from .sampling import filter_top_k_top_p, make_rng, sample_next
+from .stopping import StopRules, default_eos_ids
 
 __all__ = ["Generator", "GeneratedSequence", "RowBatch", "SamplingParams", "filter_top_k_top_p",
            "make_rng", "sample_next"]
@@ -138,14 +139,14 @@ class Generator:
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         if eos_token_ids is None:
-            eos_token_ids = _default_eos_ids(model, tokenizer)
-        self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
+            eos_token_ids = default_eos_ids(model, tokenizer)
+        self.stops = StopRules(tokenizer, eos_token_ids, self.vocab_size)
+        self.eos_token_ids = self.stops.eos_token_ids
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         forward_args = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in forward_args
         # transformers 5.x renamed the cache argument `past_key_values` -> `cache`.
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
-        self._stop_char_tokens: dict[tuple[str, ...], torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -279,7 +280,7 @@ class Generator:
         active = sorted(b for b in budget_left if budget_left[b] > 0)
         for b in set(budget_left) - set(active):
             outputs[rows.row_ids[b]].finish_reason = "length"
-        stop_chars = self._stop_char_mask(tuple(stop_strings))
+        stop_chars = self.stops.char_mask(tuple(stop_strings))
         stopped = len(budget_left) - len(active)
         while active and (pause_after is None or stopped < pause_after):
             logits = self._step_logits(rows, active)  # (A, V)
@@ -299,7 +300,7 @@ class Generator:
                     out.topk_logprobs.append(top[j])
                 rows.histories[b].append(tokens[j])
                 budget_left[b] -= 1
-                reason = self._finish_reason(out.token_ids, stop_strings, stop_chars, budget_left[b])
+                reason = self.stops.finish_reason(out.token_ids, stop_strings, stop_chars, budget_left[b])
                 if reason is None:
                     still_active.append(b)
                 else:
@@ -378,35 +379,6 @@ class Generator:
         rows.attention_mask = rows.attention_mask[idx]
         rows.num_cached = rows.num_cached[idx]
 
-    def _stop_char_mask(self, stop_strings: tuple[str, ...]) -> torch.Tensor | None:
-        """[vocab] bool: tokens that might complete a stop string (cheap pre-check per step)."""
-        if not stop_strings:
-            return None
-        if stop_strings not in self._stop_char_tokens:
-            last_chars = {s[-1] for s in stop_strings}
-            pieces = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
-            texts = [self.tokenizer.convert_tokens_to_string([p]) if p is not None else "" for p in pieces]
-            # A token whose text is partial UTF-8 decodes to U+FFFD: it might complete anything.
-            flags = [any(c in t for c in last_chars) or "\ufffd" in t or t == "" for t in texts]
-            self._stop_char_tokens[stop_strings] = torch.tensor(flags, dtype=torch.bool)
-        return self._stop_char_tokens[stop_strings]
-
-    def _finish_reason(
-        self,
-        generated: list[int],
-        stop_strings: Sequence[str],
-        stop_chars: torch.Tensor | None,
-        budget_left: int,
-    ) -> str | None:
-        token = generated[-1]
-        if token in self.eos_token_ids:
-            return "eos"
-        if stop_chars is not None and bool(stop_chars[token]):
-            if _ends_with_new_stop(self.tokenizer, generated, stop_strings):
-                return "stop"
-        if budget_left <= 0:
-            return "length"
-        return None
 
 
 def _copy_sequence(sequence: GeneratedSequence | None) -> GeneratedSequence:
@@ -414,24 +386,3 @@ def _copy_sequence(sequence: GeneratedSequence | None) -> GeneratedSequence:
         return GeneratedSequence()
     return GeneratedSequence(list(sequence.token_ids), list(sequence.logprobs), list(sequence.entropies),
                              None, [list(t) for t in sequence.topk_logprobs])
-
-
-def _ends_with_new_stop(tokenizer, generated: list[int], stop_strings: Sequence[str]) -> bool:
-    """Did the last token complete a stop string that was not complete before it?"""
-    window = max(len(s) for s in stop_strings) + 2  # a token is at least one character
-    tail = generated[-window:]
-    text = tokenizer.decode(tail)
-    before = tokenizer.decode(tail[:-1])
-    return any(s in text and s not in before for s in stop_strings)
-
-
-def _default_eos_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(config_eos, int):
-        ids.add(config_eos)
-    elif config_eos is not None:
-        ids.update(int(i) for i in config_eos)
-    return sorted(ids)

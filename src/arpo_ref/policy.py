@@ -39,13 +39,11 @@ def load_sharded_policy(config: Config, device, mixed_precision: str):
     copy on process 0 instead of one per process; device memory: the shard only."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     name, dtype, remote = _name(config), _weights_dtype(config, training=True), config.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name, trust_remote_code=remote),
-                                                 dtype=dtype, trust_remote_code=remote)
+    model = _meta_model(config)
     with contextlib.suppress(OSError):  # the checkpoint's EOS ids, as from_pretrained would read them
         model.generation_config = GenerationConfig.from_pretrained(name)
     shard_policy(model, device, mixed_precision)
@@ -78,6 +76,17 @@ def load_sharded_policy(config: Config, device, mixed_precision: str):
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of a (possibly sharded, DTensor) tensor."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _meta_model(config: Config):
+    """The model of `config.model` built from its config.json on the meta device (no weights),
+    in the dtype training loads it in."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    remote = config.model.trust_remote_code
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(_name(config), trust_remote_code=remote),
+                                                dtype=_weights_dtype(config, training=True), trust_remote_code=remote)
 
 
 def _name(config: Config) -> str:
@@ -147,15 +156,7 @@ def planned_memory_line(config: Config, processes: int, mixed_precision: str) ->
     """`memory_line` for a run of `processes` processes, without loading any weights: the model is
     built from its config.json on the meta device (with its LoRA adapters when enabled), so a
     user can size a run before starting it (`arpo-ref memory`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    name = _name(config)
-    if config.train.prompts_per_step % (processes * config.train.mini_batches):
-        raise ValueError(f"train.prompts_per_step ({config.train.prompts_per_step}) must be divisible by "
-                         f"processes × mini_batches ({processes} × {config.train.mini_batches})")
-    model_config = AutoConfig.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
+    per_process = config.train.prompts_per_process(processes)  # a bad split fails before any reading
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, dtype=_weights_dtype(config, training=True),
-                                                 trust_remote_code=config.model.trust_remote_code)
-        model = apply_lora(model, config.model.lora)
-    return memory_line(model, config, config.train.prompts_per_step // processes, mixed_precision, processes)
+        model = apply_lora(_meta_model(config), config.model.lora)
+    return memory_line(model, config, per_process, mixed_precision, processes)

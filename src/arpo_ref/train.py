@@ -92,11 +92,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     """
     cfg = config.train
     run_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(cpu=cfg.cpu, log_with=cfg.trackers or None, project_dir=str(run_dir),
-                              mixed_precision=mixed_precision_mode(cfg.mixed_precision, cfg.cpu), kwargs_handlers=[
-                                  InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed_timeout_minutes)),
-                                  # DDP: gradients are views into its buckets instead of a second copy
-                                  DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
+    accelerator = _accelerator(cfg)
     set_seed(config.seed)
     model, tokenizer, reference, optimizer, scheduler = _prepare_policy(config, accelerator, model, tokenizer, log)
     registry = ToolRegistry.from_config(config.tools)
@@ -109,7 +105,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     policy = accelerator.unwrap_model(model)
     rollout = AdaptiveRollout(Generator(policy, tokenizer), registry, config.rollout, config.sampling,
                               seed=config.seed + 1000 * accelerator.process_index)
-    per_process = _prompts_per_process(cfg, accelerator.num_processes)
+    per_process = cfg.prompts_per_process(accelerator.num_processes)
     if accelerator.is_main_process:
         log(memory_line(policy, config, per_process, str(accelerator.mixed_precision), accelerator.num_processes))
     state = TrainState()
@@ -118,11 +114,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
                          accelerator.process_index)
         log(f"resumed from {checkpoint} at step {state.step}")
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-        if state.step == 0:  # a fresh run starts a fresh log
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        accelerator.init_trackers("arpo_ref", config={"seed": config.seed})
+        _start_run_folder(accelerator, config, run_dir, fresh=state.step == 0)
     metrics: dict[str, float] = {}
     progress = tqdm(total=cfg.steps, initial=state.step, desc="ARPO", unit="step", dynamic_ncols=True,
                     disable=not (accelerator.is_main_process and sys.stderr.isatty()))
@@ -147,11 +139,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         advantages = estimator(batch)
         # 5. old log-probs
         timer = time.perf_counter()
-        if cfg.old_logprobs == "recompute":
-            with gathered(model):
-                batch.old_logprobs = recompute_logprobs(policy, batch, tokenizer, cfg.micro_batch_leaves)
-        reference_logprobs = (recompute_logprobs(reference, batch, tokenizer, cfg.micro_batch_leaves)
-                              if reference is not None else None)
+        reference_logprobs = _old_and_reference_logprobs(model, policy, reference, batch, tokenizer, cfg)
         times["time/old_logprobs"] = time.perf_counter() - timer
         # 6. clipped policy-gradient update (ARPO.md §4)
         model.train()
@@ -168,20 +156,47 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
                    "train/processes": accelerator.num_processes, "train/world_size": world_size()}
         metrics = mean_over_processes(metrics)
         last = state.step == cfg.steps
-        if eval_records and (last or (cfg.eval_every and state.step % cfg.eval_every == 0)):
-            with gathered(model):
-                metrics.update(_evaluate_shared(policy, tokenizer, registry, eval_records, config, system, reward_fn))
+        if eval_records and _due(state.step, cfg.eval_every, last):
+            metrics.update(_evaluate_shared(model, policy, tokenizer, registry, eval_records, config, system, reward_fn))
         if accelerator.is_main_process:
             _log_metrics(accelerator, run_dir, metrics, log if progress.disable else tqdm.write)
             progress.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in PROGRESS_KEYS if k in metrics})
         progress.update(1)
-        if last or (cfg.save_every and state.step % cfg.save_every == 0):
+        if _due(state.step, cfg.save_every, last):
             _save(accelerator, run_dir, model, optimizer, scheduler, rollout, state, cfg.keep_checkpoints)
     progress.close()
     _save_final(accelerator, policy, tokenizer, run_dir / "final")
     accelerator.end_training()
     registry.close()
     return metrics
+
+
+def _accelerator(cfg) -> Accelerator:
+    return Accelerator(cpu=cfg.cpu, log_with=cfg.trackers or None, project_dir=str(Path(cfg.output_dir)),
+                       mixed_precision=mixed_precision_mode(cfg.mixed_precision, cfg.cpu), kwargs_handlers=[
+                           InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed_timeout_minutes)),
+                           # DDP: gradients are views into its buckets instead of a second copy
+                           DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
+
+
+def _start_run_folder(accelerator, config: Config, run_dir: Path, fresh: bool) -> None:
+    """The run folder with its config; a fresh run (not a resumed one) starts a fresh log."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    if fresh:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    accelerator.init_trackers("arpo_ref", config={"seed": config.seed})
+
+
+def _old_and_reference_logprobs(model, policy, reference, batch, tokenizer, cfg):
+    """Step 5: log π_old into `batch` when recomputed (FSDP: on gathered weights, as processes
+    run different numbers of micro-batches), and log π_ref when a KL penalty needs it."""
+    if cfg.old_logprobs == "recompute":
+        with gathered(model):
+            batch.old_logprobs = recompute_logprobs(policy, batch, tokenizer, cfg.micro_batch_leaves)
+    if reference is None:
+        return None
+    return recompute_logprobs(reference, batch, tokenizer, cfg.micro_batch_leaves)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -226,14 +241,6 @@ def _eval_records(config: Config, log) -> list[Record]:
         return []
     records = records_for(config.data, config.data.eval_path, log)
     return records[: config.data.max_eval_prompts] if config.data.max_eval_prompts else records
-
-
-def _prompts_per_process(cfg, processes: int) -> int:
-    if cfg.prompts_per_step % (processes * cfg.mini_batches):
-        raise ValueError(f"train.prompts_per_step ({cfg.prompts_per_step}) must be divisible by "
-                         f"processes × mini_batches ({processes} × {cfg.mini_batches}) so every process "
-                         f"runs the same number of updates; adjust train.prompts_per_step")
-    return cfg.prompts_per_step // processes
 
 
 def _take_prompts(records: list[Record], state: TrainState, per_step: int, seed: int,
@@ -282,7 +289,12 @@ def score_leaves(trees: list[RolloutTree], records: list[Record], tokenizer, rew
 
 
 # ---------------------------------------------------------------------------- bookkeeping
-def _evaluate_shared(policy, tokenizer, registry, records: list[Record], config: Config, system,
+def _due(step: int, every: int, last: bool) -> bool:
+    """Periodic work (evaluation, checkpoints): every `every` steps (0 = never) and at the end."""
+    return last or bool(every and step % every == 0)
+
+
+def _evaluate_shared(model, policy, tokenizer, registry, records: list[Record], config: Config, system,
                      reward_fn) -> dict[str, float]:
     """Periodic evaluation with the records split across processes (each evaluates every
     world-size-th record); the metrics, means over questions, are combined weighted by each
@@ -290,8 +302,9 @@ def _evaluate_shared(policy, tokenizer, registry, records: list[Record], config:
     rank = torch.distributed.get_rank() if world_size() > 1 else 0
     mine = records[rank::world_size()]
     rows = config.train.rollout_batch_prompts * config.rollout.rollout_budget or 64  # as many rows as a rollout
-    metrics, _ = evaluate(Generator(policy, tokenizer), registry, mine, config.rollout, system, reward_fn,
-                          batch_size=rows)
+    with gathered(model):  # FSDP: processes evaluate different numbers of records
+        metrics, _ = evaluate(Generator(policy, tokenizer), registry, mine, config.rollout, system, reward_fn,
+                              batch_size=rows)
     metrics = mean_over_processes(metrics, weight=float(len(mine)))
     return metrics | {"eval/questions": float(len(records))}
 
