@@ -1,6 +1,6 @@
 """The `arpo-ref` command line: one sub-command per stage of the pipeline.
 
-    arpo-ref demo     [--config FILE] [--out DIR] [key=value ...]  the whole pipeline on the toy world
+    arpo-ref demo     [--config FILE|NAME] [--out DIR] [key=value ...] the whole pipeline on the toy world
     arpo-ref train    --config FILE [key=value ...] [--resume]      ARPO RL
     arpo-ref sft      --config FILE --demos FILE --out DIR          cold-start SFT
     arpo-ref eval     --config FILE [--data FILE ...] [--samples K] pass@1 / pass@k with tools, table
@@ -69,11 +69,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import resolve_demo_config, run_demo
 
-    config = Path(args.config)
-    if not config.is_file():
-        print(f"arpo-ref demo: {config} not found; run from the repository root or pass --config", file=sys.stderr)
+    try:
+        config = resolve_demo_config(args.config)
+    except FileNotFoundError as e:
+        print(f"arpo-ref demo: {e}", file=sys.stderr)
         return 2
     run_demo(config, args.overrides, out_dir=args.out)
     return 0
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("demo", help="toy world -> cold-start SFT -> ARPO -> evaluation, on a CPU, offline")
-    p.add_argument("--config", default="configs/demo.yaml", help="demo config (default: configs/demo.yaml)")
+    p.add_argument("--config", help="demo config: a file, or a packaged one by name: demo (default), demo_grpo")
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 world.num_train=200")
     p.set_defaults(func=cmd_demo)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -30,6 +31,37 @@ from .tools.registry import ToolRegistry
 from .train import train
 from .tree import render
 
+PACKAGED_CONFIGS = ("demo", "demo_grpo")
+"""Configs shipped inside the package (arpo_ref/configs/NAME.yaml), usable from any folder."""
+
+
+def packaged_config(name: str) -> Path:
+    """The file of a packaged demo config, by name ("demo", "demo_grpo"; ".yaml" optional)."""
+    stem = name.removesuffix(".yaml")
+    if stem not in PACKAGED_CONFIGS:
+        raise FileNotFoundError(f"no packaged config {name!r}; packaged: {', '.join(PACKAGED_CONFIGS)}")
+    resource = resources.files("arpo_ref") / "configs" / f"{stem}.yaml"
+    if not isinstance(resource, Path) or not resource.is_file():  # e.g. a zipped install
+        raise FileNotFoundError(f"packaged config {stem}.yaml is not a file on disk ({resource}); "
+                                "install arpo_ref as a folder or pass --config FILE")
+    return resource
+
+
+def resolve_demo_config(config: str | Path | None = None) -> Path:
+    """What `arpo-ref demo --config X` runs: an existing file X, else the packaged config named X
+    (a bare name such as demo_grpo); no X: the packaged demo.yaml. Works from any folder."""
+    if config is None:
+        return packaged_config("demo")
+    if Path(config).is_file():
+        return Path(config)
+    try:
+        if Path(config).name != str(config):  # a path with folders is a file, not a name
+            raise FileNotFoundError(config)
+        return packaged_config(str(config))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"demo config {config} not found: pass an existing file or the name of a "
+                                f"packaged config ({', '.join(PACKAGED_CONFIGS)})") from None
+
 
 @dataclass
 class DemoConfig(Config):
@@ -37,6 +69,15 @@ class DemoConfig(Config):
 
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
     """The offline toy tool world the demo trains in."""
+    threads: int = 1
+    """CPU threads torch uses for the whole demo. Fixed (not the machine's core count or
+    OMP_NUM_THREADS) because the order of floating-point sums depends on it: with 1 or 2 threads
+    the same seed gives different weights after SFT, then different accuracies."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
 @dataclass
@@ -60,6 +101,7 @@ def cold_start(config_path: str | Path, overrides: list[str] = (), out_dir: str 
     # The corpus does not exist yet; its path is known, and the world writes it there.
     corpus = f"tools.search.corpus_path={out / 'world' / 'corpus.jsonl'}"
     base = load_config(config_path, [corpus, *overrides], cls=DemoConfig)
+    torch.set_num_threads(base.threads)
     torch.manual_seed(base.seed)
     log(f"[1/5] building the toy world in {out / 'world'} ...")
     world = build_toy_world(out / "world", make_run_tool=lambda path: _run_tool(base, path),
