@@ -20,6 +20,7 @@ import torch
 from .config import Config
 from .loss import policy_loss
 from .memory import pack_by_tokens
+from .packing import logprobs_and_entropy
 from .sharding import is_sharded, micro_batch_padding
 from .tree import RolloutBatch
 
@@ -30,17 +31,10 @@ def token_logprobs(model, input_ids, attention_mask, vocab_size: int, with_entro
     Ids >= vocab_size (padded model vocabularies) are masked as in the generator, so recomputed
     and recorded log-probs agree. Shapes: input_ids/attention_mask (B, T) -> (B, T).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
-    if vocab_size < logits.shape[-1]:
-        logits[..., vocab_size:] = float("-inf")
-    log_probs = torch.log_softmax(logits, dim=-1)
-    chosen = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    chosen = torch.nn.functional.pad(chosen, (1, 0))  # (B, T)
-    if not with_entropy:
-        return chosen, None
-    probs = log_probs.exp()
-    entropy = -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
-    return chosen, torch.nn.functional.pad(entropy, (1, 0))
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+    chosen, entropy = logprobs_and_entropy(logits, input_ids[:, 1:], vocab_size, with_entropy)  # (B, T-1)
+    pad = torch.nn.functional.pad
+    return pad(chosen, (1, 0)), (pad(entropy, (1, 0)) if with_entropy else None)
 
 
 @torch.no_grad()
