@@ -136,9 +136,11 @@ def test_micro_batches_are_whole_trees_within_the_budgets():
     assert [b.tolist() for b in batches] == [list(range(0, 8)), list(range(8, 16)), [16, 17]]
     sizes = {0: 50, 1: 40, 2: 200, 3: 10}
     batches = tree_micro_batches(leaves, group_ids, max_leaves=16, max_tokens=100, sizes=sizes)
-    assert [b.tolist() for b in batches] == [list(range(0, 8)), list(range(8, 16)), [16, 17]]
+    assert [b.tolist() for b in batches] == [list(range(0, 8)), list(range(8, 12)), list(range(12, 16)), [16, 17]]
     split = tree_micro_batches(leaves, group_ids, max_leaves=3)  # a tree larger than the limit is cut
     assert torch.equal(torch.cat(split), leaves) and max(len(b) for b in split) <= 3
+    cut = tree_micro_batches(leaves, group_ids, max_leaves=16, max_tokens=60, sizes=sizes)  # tree 2: 200 tokens
+    assert [b.tolist() for b in cut] == [[0, 1, 2, 3, 4], [5, 6, 7], [8, 9], [10, 11], [12, 13], [14, 15, 16, 17]]
 
 
 def test_left_padded_rows_fail_clearly():
@@ -158,3 +160,50 @@ def test_entropy_gradient_is_finite_with_a_padded_vocabulary(batch):
     _, entropy = token_logprobs(model, batch.input_ids, batch.attention_mask, vocab_size, with_entropy=True)
     (entropy * batch.loss_mask).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("budget", [{}, {"micro_batch_tokens": 40}])
+def test_a_tree_packed_update_lands_on_the_parameters_of_a_padded_one(batch, budget):
+    """One SGD step through `ppo_update` (entropy bonus and KL on, micro-batches that cut a tree
+    by leaves or by the token budget) lands on the same parameters packed and padded."""
+    import dataclasses
+
+    from accelerate import Accelerator
+
+    from arpo_ref.config import load_config
+    from arpo_ref.update import ppo_update
+
+    generator = torch.Generator().manual_seed(4)
+    batch = dataclasses.replace(batch, old_logprobs=-torch.rand(batch.loss_mask.shape, generator=generator) * batch.loss_mask)
+    advantages = torch.randn(batch.loss_mask.shape, generator=generator) * batch.loss_mask
+    reference = batch.old_logprobs - 0.05 * batch.loss_mask
+    base = load_config(overrides=["train.mini_batches=1", "train.micro_batch_leaves=3", "train.entropy_coef=0.01",
+                                  "train.kl_coef=0.1"])
+    results = []
+    for packing in ("padded", "tree"):
+        config = dataclasses.replace(base, train=dataclasses.replace(base.train, packing=packing, **budget))
+        model = load_model("qwen2").train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        ppo_update(Accelerator(cpu=True), model, optimizer, scheduler, batch, advantages, reference, config,
+                   len(load_tokenizer()))
+        results.append([p.detach().clone() for p in model.parameters()])
+    padded, tree = results
+    assert max(float((a - b).abs().max()) for a, b in zip(padded, tree)) <= 1e-5
+    assert any(not torch.equal(a, b) for a, b in zip(padded, load_model("qwen2").parameters()))
+
+
+def test_memory_estimate_counts_the_packed_mask_of_a_tree_that_shares_nothing():
+    """The estimate's mask is the bytes of the masks `pack_rows` builds for its worst case: a
+    micro-batch of whole trees whose leaves share no token."""
+    from arpo_ref.memory import estimate_memory
+
+    model = load_model("qwen2")
+    leaves, tokens = 4, 9
+    settings = dict(model_config=model.config, num_parameters=1, dtype="float32", prompts_per_process=1,
+                    rollout_budget=2, prompt_tokens=5, response_tokens=tokens - 5, micro_batch_leaves=leaves)
+    ids = torch.arange(leaves * tokens).reshape(leaves, tokens) + 5  # nothing shared
+    packed = pack_rows(ids, torch.ones_like(ids), [[0, 1], [2, 3]])  # two trees of M = 2 leaves
+    measured = packed.allowed.numel() + packed.attention_mask(torch.float32).numel() * 4
+    assert estimate_memory(**settings, packing="tree").mask == measured
+    assert estimate_memory(**settings).mask == 0

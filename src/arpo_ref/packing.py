@@ -188,20 +188,25 @@ def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size
 def tree_micro_batches(leaves: torch.Tensor, group_ids: torch.Tensor, max_leaves: int,
                        max_tokens: int = 0, sizes: dict[int, int] | None = None) -> list[torch.Tensor]:
     """Micro-batches of whole trees, in order: at most `max_leaves` leaves, and when `max_tokens`
-    is set at most that many packed tokens (`sizes`: distinct tokens of each group). A tree with
-    more leaves than `max_leaves` is split into consecutive chunks of `max_leaves`; a tree over
-    `max_tokens` gets a micro-batch of its own."""
-    trees: list[torch.Tensor] = []
-    for group in group_ids[leaves].unique_consecutive():
+    is set at most about that many packed tokens (`sizes`: distinct tokens of each group).
+
+    A tree with more leaves than `max_leaves`, or more tokens than `max_tokens`, is cut into
+    consecutive parts of its leaves that respect the limits (each part repeats the prefixes its
+    leaves share with the other parts; a single leaf over `max_tokens` is a part of its own)."""
+    sizes = sizes or {}
+    trees: list[tuple[torch.Tensor, float]] = []
+    for group in group_ids[leaves].unique_consecutive().tolist():
         members = leaves[group_ids[leaves] == group]
-        trees += list(members.split(max_leaves))
-    batches, current, tokens = [], [], 0
-    for tree in trees:
-        size = (sizes or {}).get(int(group_ids[tree[0]]), 0) if max_tokens else 0
+        size = sizes.get(group, 0) if max_tokens else 0
+        parts = max(-(-len(members) // max_leaves), -(-size // max_tokens) if max_tokens else 1)
+        parts = min(parts, len(members))
+        trees += [(part, size / parts) for part in members.tensor_split(parts)]
+    batches, current, tokens = [], [], 0.0
+    for tree, size in trees:
         count = sum(len(t) for t in current)
         if current and (count + len(tree) > max_leaves or (max_tokens and tokens + size > max_tokens)):
             batches.append(torch.cat(current))
-            current, tokens = [], 0
+            current, tokens = [], 0.0
         current.append(tree)
         tokens += size
     if current:
