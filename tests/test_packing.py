@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from arpo_ref.loss import policy_loss
 from arpo_ref.packing import (
     distinct_tokens,
-    groups_of,
+    pack_if_cheaper,
     pack_rows,
     packed_token_logprobs,
     tree_micro_batches,
@@ -32,7 +32,7 @@ def make_tree(spec, leaves, prompt_index: int, seed: int) -> RolloutTree:
     tree = RolloutTree(prompt_index)
     for node, parent, kind, size in spec:
         tokens = torch.randint(20, 300, (size,), generator=generator).tolist()
-        tokens[0] = 5 + node  # unique first token: no accidental sharing between siblings
+        tokens[0] = 5 + node + 10 * prompt_index  # unique first tokens: no accidental sharing
         extra = {"logprobs": [0.0] * size, "entropies": [0.0] * size} if kind == "model" else {}
         tree.add_node(parent, kind, tokens, **extra)
     for node in leaves:
@@ -56,12 +56,15 @@ def per_leaf(model, batch, vocab_size):
 
 
 def test_packing_forwards_each_tree_token_once(batch):
-    """The packed length of a tree is the sum of its nodes' lengths; trees sit side by side."""
+    """The packed length of a tree is the sum of its nodes' lengths; uncapped, the two trees sit
+    side by side in one sequence; capped (2 × the longest leaf), in as few sequences as fit."""
     branchy, flat = sum(s for *_, s in BRANCHY), sum(s for *_, s in FLAT)
-    rows = torch.arange(batch.num_leaves)
-    packed = pack_rows(batch.input_ids, batch.attention_mask, groups_of(rows, batch.group_ids))
-    assert packed.input_ids.shape == (2, branchy)  # the flat tree does not fit beside the branchy one
+    assert distinct_tokens(batch.input_ids[:5], batch.attention_mask[:5]) == branchy
     assert distinct_tokens(batch.input_ids[5:], batch.attention_mask[5:]) == flat
+    assert pack_rows(batch.input_ids, batch.attention_mask, span=10).input_ids.shape == (1, branchy + flat)
+    packed = pack_rows(batch.input_ids, batch.attention_mask)
+    longest = int(batch.attention_mask.sum(1).max())
+    assert packed.input_ids.shape[0] == 2 and packed.input_ids.shape[1] <= 2 * longest
     for r in range(batch.num_leaves):  # every (leaf, column) points at its own token, at its own position
         n = int(batch.attention_mask[r].sum())
         flat_ids = torch.cat([packed.input_ids.reshape(-1), torch.tensor([-7])])
@@ -79,7 +82,7 @@ def test_trees_that_share_nothing_pack_block_diagonally_without_padding():
     flat = sum(s for *_, s in FLAT)
     alone = pack_rows(batch.input_ids[:3], batch.attention_mask[:3])
     assert alone.input_ids.shape == (1, flat) and alone.num_tokens < int(batch.attention_mask[:3].sum())
-    packed = pack_rows(batch.input_ids, batch.attention_mask, groups_of(torch.arange(6), batch.group_ids))
+    packed = pack_rows(batch.input_ids, batch.attention_mask)  # at most 2 × 17 tokens a sequence
     assert packed.input_ids.shape == (2, flat)  # the two small trees (12 + 9 tokens) share the second
     second = packed.allowed[1]
     assert not second[12:21, :12].any() and not second[:12, 12:21].any() and second[12:21, 12:21].any()
@@ -93,8 +96,7 @@ def test_packed_logprobs_entropies_and_gradients_equal_per_leaf_forwards(batch, 
     gradient of the clipped loss (with KL and entropy terms), agree within 1e-5 in float32."""
     vocab_size = len(load_tokenizer())
     model = AutoModelForCausalLM.from_pretrained(model_dir(arch), dtype=torch.float32, attn_implementation=attention)
-    rows = torch.arange(batch.num_leaves)
-    packed = pack_rows(batch.input_ids, batch.attention_mask, groups_of(rows, batch.group_ids))
+    packed = pack_rows(batch.input_ids, batch.attention_mask)
     generator = torch.Generator().manual_seed(3)
     mask = batch.loss_mask
     old = (-torch.rand(mask.shape, generator=generator) * 3) * mask
@@ -171,7 +173,7 @@ def test_a_tree_packed_update_lands_on_the_parameters_of_a_padded_one(batch, bud
     from accelerate import Accelerator
 
     from arpo_ref.config import load_config
-    from arpo_ref.update import ppo_update
+    from arpo_ref.update import micro_batches, ppo_update
 
     generator = torch.Generator().manual_seed(4)
     batch = dataclasses.replace(batch, old_logprobs=-torch.rand(batch.loss_mask.shape, generator=generator) * batch.loss_mask)
@@ -183,6 +185,10 @@ def test_a_tree_packed_update_lands_on_the_parameters_of_a_padded_one(batch, bud
     for packing in ("padded", "tree"):
         config = dataclasses.replace(base, train=dataclasses.replace(base.train, packing=packing, **budget))
         model = load_model("qwen2").train()
+        if packing == "tree":  # every micro-batch really goes packed
+            for rows in micro_batches(batch, torch.arange(batch.num_leaves), config.train):
+                width = int(batch.attention_mask[rows].sum(1).max())
+                assert pack_if_cheaper(model, batch.input_ids[rows, :width], batch.attention_mask[rows, :width])
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         ppo_update(Accelerator(cpu=True), model, optimizer, scheduler, batch, advantages, reference, config,
@@ -193,9 +199,9 @@ def test_a_tree_packed_update_lands_on_the_parameters_of_a_padded_one(batch, bud
     assert any(not torch.equal(a, b) for a, b in zip(padded, load_model("qwen2").parameters()))
 
 
-def test_memory_estimate_counts_the_packed_mask_of_a_tree_that_shares_nothing():
-    """The estimate's mask is the bytes of the masks `pack_rows` builds for its worst case: a
-    micro-batch of whole trees whose leaves share no token."""
+def test_memory_estimate_counts_the_packed_masks_of_leaves_that_share_nothing():
+    """The estimate's mask is the bytes of the masks `pack_rows` builds in its worst case: leaves
+    that share no token, filling sequences of 2 × their length."""
     from arpo_ref.memory import estimate_memory
 
     model = load_model("qwen2")
@@ -203,7 +209,24 @@ def test_memory_estimate_counts_the_packed_mask_of_a_tree_that_shares_nothing():
     settings = dict(model_config=model.config, num_parameters=1, dtype="float32", prompts_per_process=1,
                     rollout_budget=2, prompt_tokens=5, response_tokens=tokens - 5, micro_batch_leaves=leaves)
     ids = torch.arange(leaves * tokens).reshape(leaves, tokens) + 5  # nothing shared
-    packed = pack_rows(ids, torch.ones_like(ids), [[0, 1], [2, 3]])  # two trees of M = 2 leaves
+    packed = pack_rows(ids, torch.ones_like(ids))  # two full sequences of 2 × 9 tokens
     measured = packed.allowed.numel() + packed.attention_mask(torch.float32).numel() * 4
     assert estimate_memory(**settings, packing="tree").mask == measured
     assert estimate_memory(**settings).mask == 0
+
+
+def test_packing_is_used_only_where_it_costs_fewer_flops():
+    """A long shared prompt with short answers packs; short prompts with long answers that share
+    nothing would attend over sequences twice as long for little saving, and stay padded."""
+    model = load_model("qwen2")
+    generator = torch.Generator().manual_seed(5)
+
+    def rows(prompt, answer, leaves=8):
+        shared = torch.randint(20, 300, (prompt,), generator=generator)
+        ids = torch.stack([torch.cat([shared, torch.randint(20, 300, (answer,), generator=generator)])
+                           for _ in range(leaves)])
+        return ids, torch.ones_like(ids)
+
+    packed = pack_if_cheaper(model, *rows(600, 20))
+    assert packed is not None and packed.num_tokens < 800
+    assert pack_if_cheaper(model, *rows(10, 600)) is None

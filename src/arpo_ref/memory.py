@@ -17,11 +17,10 @@ frozen reference model when the KL penalty is on). The parts:
 * update activations of one micro-batch: leaves × tokens × hidden × layers × ~16 bytes (about 4
   saved fp32 tensors per layer; gradient checkpointing keeps ~1), plus the fp32 logits
   leaves × tokens × vocab × 4 bytes × 2 (log-softmax and its gradient);
-* tree packing (train.packing tree): the attention mask of the packed sequences, O(n²) in a
-  sequence's length n, counted in the old-log-prob and update phases: n = one whole tree with
-  nothing shared (min(M, micro-batch leaves) × tokens; at most the token budget when one is set),
-  the micro-batch's leaves × tokens / n such sequences, n² × (compute dtype bytes + 1 for the
-  boolean mask it is built from) each. Real trees share their prefixes, so n is usually smaller;
+* tree packing (train.packing tree): the attention masks of the packed sequences, O(n²) in a
+  sequence's length n, counted in the old-log-prob and update phases. Worst case: sequences full
+  at n = packing.SPAN × tokens (min(SPAN, leaves) × tokens for fewer leaves), leaves × tokens / n
+  of them, n² × (compute dtype bytes + 1 for the boolean mask it is built from) each;
 * sharded (FSDP over N processes): weights, gradients and AdamW state divided by N, plus the full
   weights in the compute dtype that the rollout gathers ("gathered"), and the root module's
   embedding and output tables, which stay gathered through the update ("embeddings").
@@ -32,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .packing import SPAN
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -95,8 +96,8 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
                     rollout_budget: int, prompt_tokens: int, response_tokens: int, micro_batch_leaves: int,
                     gradient_checkpointing: bool = False, compute_dtype: str | None = None,
                     trainable_parameters: int | None = None, processes: int = 1,
-                    sharded: bool = False, reference_dtype: str | None = None, packing: str = "padded",
-                    micro_batch_tokens: int = 0) -> MemoryEstimate:
+                    sharded: bool = False, reference_dtype: str | None = None,
+                    packing: str = "padded") -> MemoryEstimate:
     """Order-of-magnitude memory of one training process (see the module docstring).
 
     `dtype` is the weights' dtype; `compute_dtype` the autocast dtype (default: the weights'),
@@ -104,7 +105,7 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
     `trainable_parameters` (default: all) size the gradients and AdamW state (LoRA: the adapters).
     `processes` > 1: DDP, or FSDP over that many processes when `sharded` (arpo_ref.sharding).
     `reference_dtype`: the dtype of a frozen copy of the model for the KL penalty (None: no copy).
-    `packing` "tree" adds the packed sequences' attention masks (`micro_batch_tokens`: the budget).
+    `packing` "tree" adds the packed sequences' attention masks.
     """
     trainable = num_parameters if trainable_parameters is None else trainable_parameters
     shards = processes if sharded else 1
@@ -124,9 +125,7 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
     logits = micro_batch_leaves * tokens * vocab * 4 * 2
     mask = 0.0
     if packing == "tree":
-        length = min(rollout_budget, micro_batch_leaves) * tokens
-        if micro_batch_tokens:
-            length = min(length, max(micro_batch_tokens, tokens))
+        length = min(SPAN, micro_batch_leaves) * tokens
         mask = micro_batch_leaves * tokens / length * length**2 * (compute_size + 1)
     embedding_tables = 1 if getattr(text, "tie_word_embeddings", False) else 2
     return MemoryEstimate(weights=num_parameters * size / shards, gradients=trainable * size / shards,

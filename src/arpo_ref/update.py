@@ -24,9 +24,8 @@ from .loss import policy_loss
 from .memory import pack_by_tokens
 from .packing import (
     distinct_tokens,
-    groups_of,
     logprobs_and_entropy,
-    pack_rows,
+    pack_if_cheaper,
     packed_token_logprobs,
     tree_micro_batches,
 )
@@ -50,11 +49,11 @@ def rows_logprobs(model, batch: RolloutBatch, rows: torch.Tensor, vocab_size: in
                   packing: str = "padded"):
     """`token_logprobs` of the leaves `rows`, trimmed to their longest: (R, W) log-probs and
     entropies (or None). packing "padded": one padded row per leaf; "tree": the rows' trees
-    packed, every shared prefix token forwarded once (arpo_ref.packing), same values."""
+    packed, every shared prefix token forwarded once (arpo_ref.packing), same values; padded
+    where packing would cost more (`packing.pack_if_cheaper`)."""
     width = int(batch.attention_mask[rows].sum(1).max())  # drop columns that are padding in every row
     input_ids, attention_mask = batch.input_ids[rows, :width], batch.attention_mask[rows, :width]
-    if packing == "tree":
-        packed = pack_rows(input_ids, attention_mask, groups_of(rows, batch.group_ids))
+    if packing == "tree" and (packed := pack_if_cheaper(model, input_ids, attention_mask)) is not None:
         return packed_token_logprobs(model, packed, vocab_size, with_entropy)
     device = next(model.parameters()).device
     return token_logprobs(model, input_ids.to(device), attention_mask.to(device), vocab_size, with_entropy)
