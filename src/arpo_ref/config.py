@@ -234,6 +234,11 @@ class TrainConfig:
     several processes (configs/accelerate/fsdp.yaml); the rollout gathers the full weights."""
     micro_batch_tokens: int = 0
     """Pack micro-batches by padded size (rows × longest row ≤ this); 0 = fixed `micro_batch_leaves`."""
+    packing: Literal["tree", "padded"] = "tree"
+    """How the update forwards leaves (old log-probs, π_ref, PPO): "tree" forwards each token that
+    leaves share once (one sequence per tree with a tree attention mask, arpo_ref.packing; micro-
+    batches of whole trees, the token budget counting packed tokens); "padded": one padded row per
+    leaf. Same log-probs and gradient."""
     rollout_batch_prompts: int = 0
     """Roll out this process's prompts in chunks of this many (bounds the KV cache); 0 = all at once."""
     distributed_timeout_minutes: int = 120
@@ -270,6 +275,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be >= 1")
+        if self.packing not in ("tree", "padded"):
+            raise ValueError(f"packing must be 'tree' or 'padded', got {self.packing!r}")
         from .advantages import ESTIMATORS
 
         if self.estimator not in ESTIMATORS and ":" not in self.estimator:

@@ -17,6 +17,10 @@ frozen reference model when the KL penalty is on). The parts:
 * update activations of one micro-batch: leaves × tokens × hidden × layers × ~16 bytes (about 4
   saved fp32 tensors per layer; gradient checkpointing keeps ~1), plus the fp32 logits
   leaves × tokens × vocab × 4 bytes × 2 (log-softmax and its gradient);
+* tree packing (train.packing tree): the attention masks of the packed sequences, O(n²) in a
+  sequence's length n, counted in the old-log-prob and update phases. Worst case: sequences full
+  at n = packing.SPAN × tokens (min(SPAN, leaves) × tokens for fewer leaves), leaves × tokens / n
+  of them, n² × (compute dtype bytes + 1 for the boolean mask it is built from) each;
 * sharded (FSDP over N processes): weights, gradients and AdamW state divided by N, plus the full
   weights in the compute dtype that the rollout gathers ("gathered"), and the root module's
   embedding and output tables, which stay gathered through the update ("embeddings").
@@ -27,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .packing import SPAN
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -47,6 +53,8 @@ class MemoryEstimate:
     """DDP: gradients live in its communication buckets for the whole run, not only in the update."""
     reference: float = 0.0
     """The frozen reference model of the KL penalty (train.kl_coef > 0, without LoRA)."""
+    mask: float = 0.0
+    """Tree packing: the attention masks of one micro-batch's packed sequences."""
 
     @property
     def kept(self) -> float:
@@ -61,13 +69,13 @@ class MemoryEstimate:
     @property
     def old_logprobs(self) -> float:
         """Peak of recomputing log π_old: the kept state, the gathered weights, one micro-batch's logits."""
-        return self.kept + self.gathered + self.logits
+        return self.kept + self.gathered + self.logits + self.mask
 
     @property
     def update(self) -> float:
         """Peak of the update: the kept state, gradients, one micro-batch's activations and logits."""
         gradients = 0.0 if self.gradients_kept else self.gradients
-        return self.kept + gradients + self.embeddings + self.activations + self.logits
+        return self.kept + gradients + self.embeddings + self.activations + self.logits + self.mask
 
     @property
     def total(self) -> float:
@@ -78,7 +86,7 @@ class MemoryEstimate:
         gib = 2**30
         optional = ("reference", "gathered", "embeddings")
         names = ("weights", "gradients", "optimizer") + tuple(n for n in optional if getattr(self, n)) + (
-            "kv_cache", "activations", "logits")
+            "kv_cache", "activations", "logits") + (("mask",) if self.mask else ())
         parts = ", ".join(f"{name} {getattr(self, name) / gib:.2f}" for name in names)
         return (f"estimated peak memory per process ≈ {self.total / gib:.2f} GiB (rollout {self.rollout / gib:.2f}, "
                 f"old log-probs {self.old_logprobs / gib:.2f}, update {self.update / gib:.2f}; {parts}; GiB)")
@@ -88,7 +96,8 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
                     rollout_budget: int, prompt_tokens: int, response_tokens: int, micro_batch_leaves: int,
                     gradient_checkpointing: bool = False, compute_dtype: str | None = None,
                     trainable_parameters: int | None = None, processes: int = 1,
-                    sharded: bool = False, reference_dtype: str | None = None) -> MemoryEstimate:
+                    sharded: bool = False, reference_dtype: str | None = None,
+                    packing: str = "padded") -> MemoryEstimate:
     """Order-of-magnitude memory of one training process (see the module docstring).
 
     `dtype` is the weights' dtype; `compute_dtype` the autocast dtype (default: the weights'),
@@ -96,6 +105,7 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
     `trainable_parameters` (default: all) size the gradients and AdamW state (LoRA: the adapters).
     `processes` > 1: DDP, or FSDP over that many processes when `sharded` (arpo_ref.sharding).
     `reference_dtype`: the dtype of a frozen copy of the model for the KL penalty (None: no copy).
+    `packing` "tree" adds the packed sequences' attention masks.
     """
     trainable = num_parameters if trainable_parameters is None else trainable_parameters
     shards = processes if sharded else 1
@@ -113,12 +123,16 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
     per_layer = 4 if gradient_checkpointing else 16
     activations = micro_batch_leaves * tokens * hidden * layers * per_layer
     logits = micro_batch_leaves * tokens * vocab * 4 * 2
+    mask = 0.0
+    if packing == "tree":
+        length = min(SPAN, micro_batch_leaves) * tokens
+        mask = micro_batch_leaves * tokens / length * length**2 * (compute_size + 1)
     embedding_tables = 1 if getattr(text, "tie_word_embeddings", False) else 2
     return MemoryEstimate(weights=num_parameters * size / shards, gradients=trainable * size / shards,
                           optimizer=trainable * 8 / shards, kv_cache=kv, activations=activations, logits=logits,
                           gathered=num_parameters * compute_size if shards > 1 else 0.0,
                           embeddings=vocab * hidden * embedding_tables * compute_size if shards > 1 else 0.0,
-                          gradients_kept=processes > 1 and not sharded,
+                          gradients_kept=processes > 1 and not sharded, mask=mask,
                           reference=num_parameters * BYTES.get(reference_dtype, 4) if reference_dtype else 0.0)
 
 

@@ -138,7 +138,8 @@ def memory_line(policy, config: Config, per_process: int, mixed_precision: str, 
                                config.rollout.rollout_budget, 512, config.rollout.max_response_tokens,
                                config.train.micro_batch_leaves, config.train.gradient_checkpointing, compute,
                                sum(p.numel() for p in policy.parameters() if p.requires_grad), processes,
-                               sharded=config.train.fsdp, reference_dtype=_reference_dtype(policy, config, mixed_precision))
+                               sharded=config.train.fsdp, reference_dtype=_reference_dtype(policy, config, mixed_precision),
+                               packing=config.train.packing)
     return estimate.describe() + " (prompts assumed ≤ 512 tokens)"
 
 

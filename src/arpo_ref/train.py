@@ -193,10 +193,10 @@ def _old_and_reference_logprobs(model, policy, reference, batch, tokenizer, cfg)
     run different numbers of micro-batches), and log π_ref when a KL penalty needs it."""
     if cfg.old_logprobs == "recompute":
         with gathered(model):
-            batch.old_logprobs = recompute_logprobs(policy, batch, tokenizer, cfg.micro_batch_leaves)
+            batch.old_logprobs = recompute_logprobs(policy, batch, tokenizer, cfg.micro_batch_leaves, cfg.packing)
     if reference is None:
         return None
-    return recompute_logprobs(reference, batch, tokenizer, cfg.micro_batch_leaves)
+    return recompute_logprobs(reference, batch, tokenizer, cfg.micro_batch_leaves, cfg.packing)
 
 
 # ---------------------------------------------------------------------------- inputs

@@ -6,6 +6,8 @@ log-probs it needs.
 * `recompute_logprobs`: log π_old of every trained token, micro-batched, before the update.
 * `ppo_update`: PPO epochs × `train.mini_batches` mini-batches of whole prompts, one optimizer step
   each; micro-batches (fixed size or packed by a token budget) accumulate gradients.
+* `rows_logprobs`: the forward of one micro-batch, padded (a row per leaf) or tree-packed
+  (`train.packing`, arpo_ref.packing: each shared prefix token once), with the same values.
 
 Normalisers (tokens, sequences) are summed over processes and each process's loss is multiplied
 by the number of processes, so DDP's or FSDP's gradient average equals the gradient one process
@@ -20,6 +22,13 @@ import torch
 from .config import Config
 from .loss import policy_loss
 from .memory import pack_by_tokens
+from .packing import (
+    distinct_tokens,
+    logprobs_and_entropy,
+    pack_if_cheaper,
+    packed_token_logprobs,
+    tree_micro_batches,
+)
 from .sharding import is_sharded, micro_batch_padding
 from .tree import RolloutBatch
 
@@ -30,29 +39,56 @@ def token_logprobs(model, input_ids, attention_mask, vocab_size: int, with_entro
     Ids >= vocab_size (padded model vocabularies) are masked as in the generator, so recomputed
     and recorded log-probs agree. Shapes: input_ids/attention_mask (B, T) -> (B, T).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
-    if vocab_size < logits.shape[-1]:
-        logits[..., vocab_size:] = float("-inf")
-    log_probs = torch.log_softmax(logits, dim=-1)
-    chosen = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    chosen = torch.nn.functional.pad(chosen, (1, 0))  # (B, T)
-    if not with_entropy:
-        return chosen, None
-    probs = log_probs.exp()
-    entropy = -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
-    return chosen, torch.nn.functional.pad(entropy, (1, 0))
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+    chosen, entropy = logprobs_and_entropy(logits, input_ids[:, 1:], vocab_size, with_entropy)  # (B, T-1)
+    pad = torch.nn.functional.pad
+    return pad(chosen, (1, 0)), (pad(entropy, (1, 0)) if with_entropy else None)
+
+
+def rows_logprobs(model, batch: RolloutBatch, rows: torch.Tensor, vocab_size: int, with_entropy: bool = False,
+                  packing: str = "padded"):
+    """`token_logprobs` of the leaves `rows`, trimmed to their longest: (R, W) log-probs and
+    entropies (or None). packing "padded": one padded row per leaf; "tree": the rows' trees
+    packed, every shared prefix token forwarded once (arpo_ref.packing), same values; padded
+    where packing would cost more (`packing.pack_if_cheaper`)."""
+    width = int(batch.attention_mask[rows].sum(1).max())  # drop columns that are padding in every row
+    input_ids, attention_mask = batch.input_ids[rows, :width], batch.attention_mask[rows, :width]
+    if packing == "tree" and (packed := pack_if_cheaper(model, input_ids, attention_mask)) is not None:
+        return packed_token_logprobs(model, packed, vocab_size, with_entropy)
+    device = next(model.parameters()).device
+    return token_logprobs(model, input_ids.to(device), attention_mask.to(device), vocab_size, with_entropy)
+
+
+def micro_batches(batch: RolloutBatch, leaves: torch.Tensor, cfg) -> list[torch.Tensor]:
+    """The leaves of one forward/backward each: `train.micro_batch_leaves` at a time, or packed by
+    `train.micro_batch_tokens`; with tree packing, whole trees (split only when a tree alone has
+    more than `micro_batch_leaves` leaves) and the token budget counts packed tokens."""
+    if cfg.packing == "tree":
+        sizes = {}
+        if cfg.micro_batch_tokens:
+            for group in batch.group_ids[leaves].unique().tolist():
+                rows = leaves[batch.group_ids[leaves] == group]
+                sizes[group] = distinct_tokens(batch.input_ids[rows], batch.attention_mask[rows])
+        return tree_micro_batches(leaves, batch.group_ids, cfg.micro_batch_leaves, cfg.micro_batch_tokens, sizes)
+    if cfg.micro_batch_tokens:
+        lengths = batch.attention_mask[leaves].sum(1)
+        return [leaves[group] for group in pack_by_tokens(lengths, cfg.micro_batch_tokens, cfg.micro_batch_leaves)]
+    return list(leaves.split(cfg.micro_batch_leaves))
 
 
 @torch.no_grad()
-def recompute_logprobs(model, batch: RolloutBatch, tokenizer, micro: int) -> torch.Tensor:
-    """log π_old of every trained token by a forward pass (0 elsewhere), micro-batched: (L, T)."""
-    device = next(model.parameters()).device
+def recompute_logprobs(model, batch: RolloutBatch, tokenizer, micro: int, packing: str = "padded") -> torch.Tensor:
+    """log π_old of every trained token by a forward pass (0 elsewhere), micro-batched: (L, T).
+    micro: leaves per forward (tree packing: whole trees, up to that many leaves)."""
     out = torch.zeros_like(batch.loss_mask)
-    for start in range(0, batch.num_leaves, micro):
-        rows = slice(start, start + micro)
-        lp, _ = token_logprobs(model, batch.input_ids[rows].to(device), batch.attention_mask[rows].to(device),
-                               len(tokenizer))
-        out[rows] = lp.cpu() * batch.loss_mask[rows]
+    leaves = torch.arange(batch.num_leaves)
+    if packing == "tree":
+        chunks = tree_micro_batches(leaves, batch.group_ids, micro)
+    else:
+        chunks = list(leaves.split(micro))
+    for rows in chunks:
+        lp, _ = rows_logprobs(model, batch, rows, len(tokenizer), packing=packing)
+        out[rows, :lp.shape[1]] = lp.cpu() * batch.loss_mask[rows, :lp.shape[1]]
     return out
 
 
@@ -84,11 +120,7 @@ def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
     # Normalisers summed over processes, so accumulation and DDP give the big-batch gradient.
     counts = torch.tensor([mask.sum(), (mask.sum(1) > 0).sum()], dtype=torch.float64, device=device)
     num_tokens, num_sequences = accelerator.reduce(counts, reduction="sum").tolist()
-    lengths = batch.attention_mask[leaves].sum(1)
-    if cfg.micro_batch_tokens:
-        chunks = [leaves[group] for group in pack_by_tokens(lengths, cfg.micro_batch_tokens, cfg.micro_batch_leaves)]
-    else:
-        chunks = list(leaves.split(cfg.micro_batch_leaves))
+    chunks = micro_batches(batch, leaves, cfg)
     real = len(chunks)
     sharded = is_sharded(model)
     if sharded:  # FSDP gathers and reduces per micro-batch, so every process runs as many: pad with
@@ -100,8 +132,8 @@ def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
         with sync:
             def take(tensor, rows=rows, width=width):
                 return tensor[rows, :width].to(device)
-            logprobs, entropy = token_logprobs(model, take(batch.input_ids), take(batch.attention_mask), vocab_size,
-                                               with_entropy=cfg.entropy_coef > 0)
+            logprobs, entropy = rows_logprobs(model, batch, rows, vocab_size, with_entropy=cfg.entropy_coef > 0,
+                                              packing=cfg.packing)
             loss, metrics = policy_loss(
                 logprobs, take(batch.old_logprobs), take(advantages), take(batch.loss_mask),
                 clip_low=cfg.clip_low, clip_high=cfg.clip_high,
