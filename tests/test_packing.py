@@ -230,3 +230,13 @@ def test_packing_is_used_only_where_it_costs_fewer_flops():
     packed = pack_if_cheaper(model, *rows(600, 20))
     assert packed is not None and packed.num_tokens < 800
     assert pack_if_cheaper(model, *rows(10, 600)) is None
+
+
+def test_attention_without_4d_masks_stays_padded():
+    """flash_attention_2 and other kernels do not take an arbitrary 4-D mask: such a model is
+    never packed (padded rows, same values) instead of attending across branches."""
+    model = load_model("qwen2")
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 9]])
+    assert pack_if_cheaper(model, ids, torch.ones_like(ids)) is not None
+    model.config._attn_implementation = "flash_attention_2"
+    assert pack_if_cheaper(model, ids, torch.ones_like(ids)) is None

@@ -152,16 +152,24 @@ def _build(input_ids: torch.Tensor, lengths: list[int], plan, used: list[int]) -
     return PackedRows(ids.view(B, N), positions.view(B, N), parent, allowed, index)
 
 
+PACKED_ATTENTION = ("sdpa", "eager")
+"""Attention implementations checked to take a 4-D additive mask and position ids exactly
+(others, e.g. flash_attention_2, ignore or reject such a mask: those models stay padded)."""
+
+
 def pack_if_cheaper(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows | None:
-    """The packed rows when their forward costs fewer FLOPs than the padded rows', else None.
+    """The packed rows when their forward costs fewer FLOPs than the padded rows', else None
+    (None also for an attention implementation not in PACKED_ATTENTION).
 
     Cost = 2·(weights used per token)·tokens + 4·hidden·layers·(attention pairs). A padded batch
     computes rows × width² pairs (half without padding: a causal kernel skips the rest), a packed
     one B·N² whatever its mask allows. Sharing little, packing saves few tokens but attends over
     longer sequences: 8 leaves of 1000 + 200 tokens sharing their prompt, packed into sequences
     of 2 × 1200, measured 1.2× slower than padded on the CPU, as this predicts."""
-    lengths, plan, used = _plan(input_ids, attention_mask, SPAN)
     text = _text_config(model)
+    if getattr(text, "_attn_implementation", "sdpa") not in PACKED_ATTENTION:
+        return None
+    lengths, plan, used = _plan(input_ids, attention_mask, SPAN)
     hidden, layers = text.hidden_size, text.num_hidden_layers
     weights = sum(p.numel() for p in model.parameters())
     if not getattr(text, "tie_word_embeddings", False):
