@@ -145,3 +145,20 @@ def test_symbolic_check_off_the_main_thread_falls_back_to_rules():
         assert not pool.submit(symbolic_equal, "x+1", "1+x").result()
         assert pool.submit(math_equal, "\\frac{1}{2}", "0.5").result()
         assert not pool.submit(math_equal, "-5", "5").result()
+
+
+def test_corpus_no_false_positives_and_at_least_math_verify():
+    """Issue 13: on the hand-labelled corpus (tests/data/math_grading.jsonl) our grader has no
+    false positive on pure-mathematics rows and is right at least as often as math-verify alone."""
+    import json
+    from pathlib import Path
+
+    from arpo_ref.math_symbolic import math_verify_equal
+
+    path = Path(__file__).parent / "data" / "math_grading.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    ours = [math_equal(r["prediction"], r["gold"]) for r in rows]
+    theirs = [math_verify_equal(r["prediction"], r["gold"]) for r in rows]
+    false_positives = [r for r, o in zip(rows, ours) if o and not r["truth"] and r["label"] == "math"]
+    assert not false_positives
+    assert sum(o == r["truth"] for r, o in zip(rows, ours)) >= sum(t == r["truth"] for r, t in zip(rows, theirs))
