@@ -1,88 +1,193 @@
-"""Rule-based math-answer equivalence for evaluation (ARPO §4 benchmarks; ARPO.md §6, §7).
+"""Math-answer equivalence for evaluation (ARPO §4 benchmarks; ARPO.md §6, §7).
 
 `math_equal(prediction, gold)` decides whether two final answers (the content of a `\\boxed{}`)
-denote the same value: it normalises common LaTeX spellings, then compares the strings, the
-numbers, or the elements of tuples, intervals and comma lists.
+denote the same mathematical object. It is the `math` metric of `arpo_ref.evaluate`.
 
-Where this deviates from the paper and the official code, and why:
-1. The paper scores AIME, MATH500, GSM8K and MATH with an LLM judge, and the official training
-   reward scores math answers by token F1 (so `0.5` vs `\\frac{1}{2}` earns 0). An LLM judge
-   needs a model and a network; this checker runs offline in microseconds, so it is what the
-   evaluation uses by default. It is deliberately small: it is not a computer-algebra system
-   and does not prove symbolic identities (`x+1` and `1+x` differ; `\\sqrt{8}` and `2\\sqrt{2}`
-   differ).
-2. A percentage equals both its number and its fraction (`50\\%` == `50` == `0.5`), as the
-   Hendrycks MATH normaliser (which strips `%`) and most graders accept.
-3. Bare comma lists (`-2, 3`) match in any order, because problems with several solutions
-   rarely fix one; tuples and intervals keep their order and brackets (`[1,2)` != `[1,2]`).
+How it decides, in order:
+1. `normalize_math` rewrites LaTeX spellings to one canonical text (delimiters, `\\left`, spacing
+   commands, `\\dfrac`/`\\cfrac`/`\\frac12`, Unicode minus, degree signs, units, `\\text{}`).
+2. `parse_answer` reads the text as one kind of answer: an exact number (a percent is flagged),
+   a multiple-choice letter, a tuple or interval (brackets kept), a set `\\{…\\}`, a bare list
+   (also what `a \\pm b` expands to), a system of assignments `x = …, y = …`, a union of
+   intervals, or an opaque expression.
+3. Two answers of known kinds are compared by the rules below, with no tolerance: integers,
+   decimals and fractions as exact rationals (`1000000` != `1000001`, `1e400` != `1e401`).
+4. An opaque expression (`2\\sqrt{2}`, `x+1`) equal to the other side as text is equal; otherwise
+   `arpo_ref.math_symbolic` asks math-verify (SymPy) whether the two are symbolically equal, and
+   an exact number is handed to it as an exact rational so its float rounding cannot make
+   `3.14159265` equal `\\pi`.
+
+Grading conventions (equal although the texts denote different objects), and why:
+1. A percent equals its number or its fraction when exactly one side has `%` (`50\\%` == `50` ==
+   `\\frac12`); when both have it the numbers must agree (`50\\%` != `0.5\\%`).
+2. A lone assignment matches its value (`x = 5` == `5`); two assignments must name the same
+   variables (`y = 5` != `x = 5`) and a system matches per variable (`a=1,b=2` != `a=2,b=1`).
+3. Units and degree signs after a value are dropped (`10\\text{ cm}` == `10 cm` == `10`,
+   `30^\\circ` == `30`); `5.` is `5`; `1,000` and `1\\,000` are one thousand; `2\\frac{1}{2}` is a
+   mixed number (5/2); `\\text{(B)}`, `(B)` and `B` are the same choice; words ignore case.
+4. A bare list of solutions matches in any order, each element once (`-2, 3` == `3, -2`, but
+   `1, 1, 2` != `1, 2`); a set ignores order and repeats (`\\{1,2\\}` == `\\{2,1\\}` == `1, 2`).
+
+Where this deviates from the paper and the official code, and why: the paper scores AIME,
+MATH500, GSM8K and MATH with an LLM judge, and the official training reward scores math answers
+by token F1 (`0.5` vs `\\frac{1}{2}` earns 0). A judge needs a model and a network; this checker
+runs offline. docs/results.md ("Math grading") measures it against math-verify alone on a
+labelled corpus (tests/data/math_grading.jsonl).
 """
 
 from __future__ import annotations
 
-import math
 import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
-RELATIVE_TOLERANCE = 1e-6
-"""Two numbers are equal when they differ by at most this fraction of the larger one."""
-ABSOLUTE_TOLERANCE = 1e-9
-"""Floor for the comparison near zero, where a relative tolerance alone accepts nothing."""
+MAX_EXPONENT = 10_000
+"""Scientific exponents beyond this are left as text: an exact rational would have that many digits."""
 
-_SPACING_COMMANDS = ("\\!", "\\,", "\\;", "\\:", "\\displaystyle")
-_DEGREES = ("^{\\circ}", "^\\circ", "°")
+_SPACING = re.compile(r"\\(?:[,;:> ]|quad|qquad|displaystyle|textstyle)|~")
+_SIZING = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
+_UNICODE = {"\u2212": "-", "\u2013": "-", "\ufe63": "-", "\uff0d": "-", "×": "\\times ",
+            "·": "\\cdot ", "∞": "\\infty ", "π": "\\pi ", "±": "\\pm ", "∪": "\\cup "}
+_FRAC_ARGUMENT = r"(\{[^{}]*\}|[^\s{}\\])"
+_TEXT_COMMAND = r"\\(?:text|textbf|textit|textnormal|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}"
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_SCIENTIFIC = re.compile(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))(?:\\times|\\cdot|\*)10\^(?:\{([+-]?\d+)\}|(\d))")
 _FRACTION = re.compile(r"([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}")
-_TEXT_COMMAND = r"\\(?:text|textbf|mbox|mathrm)\s*\{([^{}]*)\}"
-_LEADING_VARIABLE = re.compile(r"[a-zA-Z](?:_\{?\w+\}?)?\s*=(?!=)\s*")
+_MIXED = re.compile(r"([+-]?)(\d+)\\frac\{(\d+)\}\{(\d+)\}")
+_UNIT = re.compile(r"(.*?\d\.?)\s*([a-zA-Z]{2,}\.?(?:\^\{?\d\}?)?(?:\s+[a-zA-Z]{2,}\.?)*)")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_VARIABLE = r"[a-zA-Z](?:_\{?\w+\}?)?"
+_ASSIGNMENT = re.compile(rf"({_VARIABLE})=(?!=)(.+)")
+_CHOICE = re.compile(r"[A-E]")
+_WORDS = re.compile(r"[a-zA-Z]{2,}(?: [a-zA-Z]+)*")
 
 
-def _strip_math_delimiters(text: str) -> str:
-    for opening, closing in (("\\(", "\\)"), ("\\[", "\\]")):
-        is_wrapped = text.startswith(opening) and text.endswith(closing)
-        if is_wrapped and len(text) > len(opening) + len(closing):
-            return text[len(opening) : -len(closing)].strip()
+# ---------------------------------------------------------------------------- normalisation
+def _unwrap(text: str, opening: str, closing: str) -> str:
+    """`text` without one pair of `opening`/`closing` that encloses all of it (else unchanged)."""
+    if not (text.startswith(opening) and text.endswith(closing)) or len(text) <= len(opening) + len(closing):
+        return text
+    inner = text[len(opening) : -len(closing)]
+    return inner.strip() if _balanced(inner) else text
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for character in text:
+        depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(character, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _drop_units(text: str) -> str:
+    """A trailing `\\text{…}` after a value, or words after a number, are a unit."""
+    unit = re.fullmatch(r"(.*?\S)\s*" + _TEXT_COMMAND + r"(?:\^\{?\d\}?)?", text, flags=re.DOTALL)
+    if unit and not re.search(r"\\text\s*\{", unit.group(1)):
+        text = unit.group(1)
+    text = re.sub(_TEXT_COMMAND, r"\1", text).strip()
+    bare = _UNIT.fullmatch(text)
+    if bare and _NUMBER.fullmatch(bare.group(1).replace(",", "")):
+        text = bare.group(1)
     return text
 
 
-def normalize_math(text: str) -> tuple[str, bool]:
-    """Canonical spelling of a math answer (ARPO.md §6 evaluation), and whether it was a percent.
+def _squeeze_spaces(text: str) -> str:
+    """Drop whitespace, except one space where a command like `\\pi` meets a letter."""
+    text = re.sub(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])", "\\1\0", text)
+    return re.sub(r"\s+", "", text).replace("\0", " ")
 
-    Removes `$…$` / `\\(…\\)` delimiters, `\\left` / `\\right`, spacing commands, degree signs,
-    a leading `x =`, a trailing `\\text{…}` unit and thousands separators; unwraps other
-    `\\text{…}`; spells `\\dfrac` / `\\tfrac` / `\\frac34` as `\\frac{3}{4}`; drops all whitespace
-    and a final period. Returns ("", False) for an empty answer.
+
+def normalize_math(text: str) -> str:
+    """Canonical spelling of a math answer (ARPO.md §6 evaluation); "" for an empty answer.
+
+    Removes `\\boxed{}`, `$…$` / `\\(…\\)` / `\\[…\\]`, currency `\\$`, `\\left` / `\\right`,
+    spacing commands, degree signs and units; unwraps `\\text{…}`; spells Unicode minus as `-`,
+    `\\dfrac` / `\\tfrac` / `\\cfrac` / `\\frac12` / `\\frac1{2}` as `\\frac{1}{2}`; removes
+    thousands separators, whitespace, a final period and brackets around a single value (`(-3)`).
+    A trailing `%` stays: `parse_answer` reads it.
     """
-    # `$` is either a math delimiter or a currency sign (`\\$18`); neither is part of the value
-    text = _strip_math_delimiters(text.replace("\\$", "").replace("$", "").strip())
-    text = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", text)
-    for command in _SPACING_COMMANDS + _DEGREES:
-        text = text.replace(command, "")
-    text = text.replace("{,}", ",").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    text = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", text)
-    text = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", text)
-    text = text.strip()
-    unit_match = re.fullmatch(r"(.*?\S)\s*" + _TEXT_COMMAND, text, flags=re.DOTALL)
-    if unit_match:  # a trailing \text{cm} after a value is a unit, not part of the value
-        text = unit_match.group(1)
-    text = re.sub(_TEXT_COMMAND, r"\1", text).strip()
-    variable_match = _LEADING_VARIABLE.match(text)
-    if variable_match and variable_match.end() < len(text):
-        text = text[variable_match.end() :]
-    is_percent = text.endswith("%")
-    text = text.removesuffix("\\%").removesuffix("%").strip()
-    if _THOUSANDS.fullmatch(text):
+    for character, replacement in _UNICODE.items():
+        text = text.replace(character, replacement)
+    text = text.replace("\\$", "").replace("$", "").strip()
+    for opening, closing in (("\\boxed{", "}"), ("\\(", "\\)"), ("\\[", "\\]")):
+        text = _unwrap(text, opening, closing)
+    text = _SIZING.sub("", _SPACING.sub(" ", text.replace("\\!", "")))
+    text = _DEGREES.sub("", text).replace("{,}", ",")
+    text = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", text)
+    text = re.sub(r"\\frac\s*" + _FRAC_ARGUMENT + r"\s*" + _FRAC_ARGUMENT,
+                  lambda m: "\\frac{" + m.group(1).strip("{}") + "}{" + m.group(2).strip("{}") + "}", text)
+    text = re.sub(r"\\sqrt\s*([0-9a-zA-Z])", r"\\sqrt{\1}", text)
+    text = re.sub(r"\\text\s*\{\s*(?:percent|\\%|%)\s*\}|\s+percent$", "%", text.strip())
+    text = _drop_units(text.strip())
+    if _THOUSANDS.fullmatch(text.removesuffix("\\%").removesuffix("%")):
         text = text.replace(",", "")
-    text = re.sub(r"\s+", "", text)
+    text = _squeeze_spaces(text).replace("\\%", "%")
     if text.endswith(".") and not text.endswith(".."):
         text = text[:-1]
-    return text, is_percent
+    for opening, closing in (("{", "}"), ("(", ")")):
+        inner = _unwrap(text, opening, closing)
+        if inner != text and len(split_top_level(inner)) == 1:
+            text = inner
+    return text
 
 
-def parse_number(text: str) -> float | None:
-    """The float value of a normalised integer, decimal, `a/b` or `\\frac{a}{b}` (ARPO.md §6);
-    None when the text is not one of these (or divides by zero)."""
+# ---------------------------------------------------------------------------- answer kinds
+@dataclass(frozen=True)
+class Answer:
+    """One parsed answer: `kind` and its parts.
+
+    kind: "number" (value: an exact Fraction; percent: whether it ended with %), "choice"
+    (text: the letter), "tuple" (brackets: e.g. "[)"; items: element texts, in order), "set"
+    and "list" (items; order-free), "system" (assignments: sorted (variable, value text)),
+    "union" (items: the parts' texts), "expression" (text).
+    """
+
+    kind: str
+    text: str
+    value: Fraction | None = None
+    percent: bool = False
+    brackets: str = ""
+    items: tuple[str, ...] = ()
+    assignments: tuple[tuple[str, str], ...] = ()
+
+
+def split_top_level(text: str, separators: str = ",") -> list[str]:
+    """Split at separators that are not inside (), [] or {}."""
+    parts, depth, start = [], 0, 0
+    for position, character in enumerate(text):
+        if character in "([{":
+            depth += 1
+        elif character in ")]}":
+            depth -= 1
+        elif character in separators and depth == 0:
+            parts.append(text[start:position])
+            start = position + 1
+    parts.append(text[start:])
+    return [part.strip() for part in parts]
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The exact value of an integer, decimal, `1.5e3`, `1.5\\times10^{3}`, `a/b`, `\\frac{a}{b}`
+    or mixed number `2\\frac{1}{2}` (normalised text); None for anything else (or a zero divisor)."""
+    scientific = _SCIENTIFIC.fullmatch(text)
+    if scientific:
+        text = f"{scientific.group(1)}e{scientific.group(2) or scientific.group(3)}"
     if _NUMBER.fullmatch(text):
-        return float(text)
+        try:
+            number = Decimal(text)
+        except InvalidOperation:
+            return None
+        return Fraction(number) if abs(number.as_tuple().exponent) <= MAX_EXPONENT else None
+    mixed = _MIXED.fullmatch(text)
+    if mixed:
+        sign, whole, numerator, denominator = mixed.groups()
+        if int(denominator) == 0 or int(numerator) >= int(denominator):
+            return None
+        value = int(whole) + Fraction(int(numerator), int(denominator))
+        return -value if sign == "-" else value
     fraction = _FRACTION.fullmatch(text)
     if fraction:
         sign, numerator_text, denominator_text = fraction.groups()
@@ -96,80 +201,150 @@ def parse_number(text: str) -> float | None:
     return -numerator / denominator if sign == "-" else numerator / denominator
 
 
-def _split_top_level(text: str) -> list[str]:
-    """Split at commas that are not inside (), [] or {}."""
-    parts, depth, start = [], 0, 0
-    for position, character in enumerate(text):
-        if character in "([{":
-            depth += 1
-        elif character in ")]}":
-            depth -= 1
-        elif character == "," and depth == 0:
-            parts.append(text[start:position])
-            start = position + 1
-    parts.append(text[start:])
-    return parts
+def _expand_plus_minus(text: str) -> list[str] | None:
+    """`a\\pm b` -> [`a+b`, `a-b`]; `\\pm b` -> [`b`, `-b`]; None without exactly one `\\pm`/`\\mp`."""
+    parts = re.split(r"\\(?:pm|mp)(?![a-zA-Z])", text)
+    if len(parts) != 2 or not parts[1]:
+        return None
+    head, tail = parts
+    first, second = ("-", "+") if "\\mp" in text else ("+", "-")
+    if not head:
+        return [tail.removeprefix("+"), "-" + tail]
+    return [f"{head}{first}{tail}", f"{head}{second}{tail}"]
 
 
-def _as_sequence(text: str) -> tuple[str, list[str], str] | None:
-    """(opening bracket, elements, closing bracket) of a tuple / interval / bare list, else None."""
-    if len(text) >= 2 and text[0] in "([" and text[-1] in ")]":
-        elements = _split_top_level(text[1:-1])
-        if len(elements) >= 2:
-            return text[0], elements, text[-1]
-    elements = _split_top_level(text)
-    return ("", elements, "") if len(elements) >= 2 else None
+def _parse_sequence(text: str) -> Answer | None:
+    if text.startswith("\\{") and text.endswith("\\}") and _balanced(text[2:-2]):
+        inner = text[2:-2]
+        return Answer("set", text, items=tuple(split_top_level(inner))) if inner else None
+    if len(text) >= 2 and text[0] in "([" and text[-1] in ")]" and _balanced(text[1:-1]):
+        items = split_top_level(text[1:-1])
+        if len(items) >= 2:
+            return Answer("tuple", text, brackets=text[0] + text[-1], items=tuple(items))
+    items = split_top_level(text, ",;")
+    if len(items) < 2 or not all(items):
+        return None
+    assignments = [_ASSIGNMENT.fullmatch(item) for item in items]
+    if all(assignments):
+        names = [match.group(1) for match in assignments]
+        if len(set(names)) == len(names):
+            pairs = tuple(sorted((m.group(1), m.group(2)) for m in assignments))
+            return Answer("system", text, assignments=pairs)
+    expanded = []
+    for item in items:
+        expanded.extend(_expand_plus_minus(item) or [item])
+    return Answer("list", text, items=tuple(expanded))
 
 
-def _numbers_equal(prediction: str, is_percent: bool, gold: str, gold_is_percent: bool) -> bool:
-    prediction_value, gold_value = parse_number(prediction), parse_number(gold)
-    if prediction_value is None or gold_value is None:
-        return False
-    # a percentage may stand for its number (50) or its fraction (0.5)
-    prediction_values = {prediction_value, prediction_value / (100 if is_percent else 1)}
-    gold_values = {gold_value, gold_value / (100 if gold_is_percent else 1)}
-    return any(
-        math.isclose(left, right, rel_tol=RELATIVE_TOLERANCE, abs_tol=ABSOLUTE_TOLERANCE)
-        for left in prediction_values
-        for right in gold_values
-    )
+def parse_answer(text: str) -> Answer:
+    """Read normalised text (`normalize_math`) as one kind of answer (see `Answer`)."""
+    union = re.split(r"\\cup(?![a-zA-Z])", text)
+    if len(union) >= 2 and all(part.strip() for part in union):
+        return Answer("union", text, items=tuple(part.strip() for part in union))
+    sequence = _parse_sequence(text)
+    if sequence is not None:
+        return sequence
+    assignment = _ASSIGNMENT.fullmatch(text)
+    if assignment and "=" not in assignment.group(2):
+        return Answer("system", text, assignments=((assignment.group(1), assignment.group(2)),))
+    plus_minus = _expand_plus_minus(text)
+    if plus_minus is not None:
+        return Answer("list", text, items=tuple(plus_minus))
+    if _CHOICE.fullmatch(text):
+        return Answer("choice", text)
+    percent = text.endswith("%")
+    value = parse_number(text.removesuffix("%"))
+    if value is not None:
+        return Answer("number", text, value=value, percent=percent)
+    return Answer("expression", text)
 
 
-def _sequences_equal(prediction: tuple, gold: tuple) -> bool:
-    (prediction_open, prediction_elements, prediction_close) = prediction
-    (gold_open, gold_elements, gold_close) = gold
-    if (prediction_open, prediction_close) != (gold_open, gold_close):
-        return False
-    if len(prediction_elements) != len(gold_elements):
-        return False
-    if prediction_open:  # tuples and intervals are ordered
-        return all(map(math_equal, prediction_elements, gold_elements))
-    unmatched = list(gold_elements)
-    for element in prediction_elements:
-        matches = [index for index, other in enumerate(unmatched) if math_equal(element, other)]
-        if not matches:
+# ---------------------------------------------------------------------------- comparison
+def _numbers_equal(left: Answer, right: Answer) -> bool:
+    if left.percent == right.percent:
+        return left.value == right.value
+    percent, plain = (left, right) if left.percent else (right, left)
+    return plain.value in (percent.value, percent.value / 100)
+
+
+def _match_each_once(left: tuple[str, ...], right: tuple[str, ...], symbolic: bool) -> bool:
+    unmatched = list(right)
+    for item in left:
+        match = next((i for i, other in enumerate(unmatched) if _texts_equal(item, other, symbolic)), None)
+        if match is None:
             return False
-        unmatched.pop(matches[0])
-    return True
+        unmatched.pop(match)
+    return not unmatched
 
 
-def math_equal(prediction: str, gold: str) -> bool:
+def _contained(left: tuple[str, ...], right: tuple[str, ...], symbolic: bool) -> bool:
+    return all(any(_texts_equal(item, other, symbolic) for other in right) for item in left)
+
+
+def _systems_equal(left: Answer, right: Answer, symbolic: bool) -> bool:
+    if [name for name, _ in left.assignments] != [name for name, _ in right.assignments]:
+        return False
+    return all(_texts_equal(a, b, symbolic) for (_, a), (_, b) in zip(left.assignments, right.assignments))
+
+
+def _known_kinds_equal(left: Answer, right: Answer, symbolic: bool) -> bool | None:
+    """The rule's verdict for two answers of known kinds; None when an expression is involved."""
+    kinds = {left.kind, right.kind}
+    if left.kind == right.kind == "number":
+        return _numbers_equal(left, right)
+    if left.kind == right.kind == "system":
+        return _systems_equal(left, right, symbolic)
+    if "system" in kinds:  # a lone assignment `x = 5` stands for its value
+        system, other = (left, right) if left.kind == "system" else (right, left)
+        if len(system.assignments) != 1:
+            return False
+        return _answers_equal(parse_answer(system.assignments[0][1]), other, symbolic)
+    if left.kind == right.kind == "tuple":
+        return left.brackets == right.brackets and len(left.items) == len(right.items) and all(
+            _texts_equal(a, b, symbolic) for a, b in zip(left.items, right.items))
+    if left.kind == right.kind and left.kind in ("list", "union"):
+        return _match_each_once(left.items, right.items, symbolic)
+    if kinds <= {"set", "list"}:
+        return _contained(left.items, right.items, symbolic) and _contained(right.items, left.items, symbolic)
+    if "expression" in kinds:
+        return None
+    return left.kind == right.kind == "choice" and left.text == right.text
+
+
+def _answers_equal(left: Answer, right: Answer, symbolic: bool) -> bool:
+    if left.text == right.text:
+        return True
+    verdict = _known_kinds_equal(left, right, symbolic)
+    if verdict is not None:
+        return verdict
+    if _WORDS.fullmatch(left.text) or _WORDS.fullmatch(right.text):  # words are not products of symbols
+        return left.text.lower() == right.text.lower()
+    if not symbolic or {left.kind, right.kind} - {"expression", "number", "tuple"}:
+        return False
+    from .math_symbolic import symbolic_equal
+
+    return symbolic_equal(left.text, right.text, _exact(left), _exact(right))
+
+
+def _exact(answer: Answer) -> Fraction | None:
+    if answer.kind != "number":
+        return None
+    return answer.value / 100 if answer.percent else answer.value
+
+
+def _texts_equal(left: str, right: str, symbolic: bool) -> bool:
+    return _answers_equal(parse_answer(left), parse_answer(right), symbolic)
+
+
+def math_equal(prediction: str, gold: str, symbolic: bool = True) -> bool:
     """True when `prediction` and `gold` denote the same math answer (evaluation, ARPO.md §6).
 
-    Equal when, after `normalize_math`, the strings are identical; or both are numbers within
-    a relative tolerance of 1e-6 (a percentage also matches its fraction); or both are tuples /
-    intervals with the same brackets and pairwise-equal elements; or both are bare comma lists
-    whose elements match in some order. An empty answer is never equal to anything.
+    Both are normalised (`normalize_math`), parsed (`parse_answer`) and compared by the rules of
+    the module docstring; with `symbolic`, expressions the rules cannot settle are compared by
+    `arpo_ref.math_symbolic.symbolic_equal` (math-verify), else they must be equal as text.
+    An empty answer is never equal to anything.
     """
-    prediction_text, prediction_is_percent = normalize_math(prediction)
-    gold_text, gold_is_percent = normalize_math(gold)
+    prediction_text, gold_text = normalize_math(prediction), normalize_math(gold)
     if not prediction_text or not gold_text:
         return False
-    if prediction_text == gold_text:
-        return True
-    if _numbers_equal(prediction_text, prediction_is_percent, gold_text, gold_is_percent):
-        return True
-    prediction_sequence, gold_sequence = _as_sequence(prediction_text), _as_sequence(gold_text)
-    if prediction_sequence is None or gold_sequence is None:
-        return False
-    return _sequences_equal(prediction_sequence, gold_sequence)
+    return _texts_equal(prediction_text, gold_text, symbolic)
