@@ -19,6 +19,10 @@ Where this module deviates from the paper or the official code, and why:
    re-centring would give nonzero advantages to a group whose rewards are all equal.
 4. `aepo_entropy_aware` standardises token entropies over all trained tokens of the batch;
    ARPO.md §8 does not say over which set z is taken.
+   The released AEPO configs never run it: their entropy is only computed when
+   `entropy_coeff != 0`. Here it always runs: `batch.entropies` holds the entropies the
+   generator recorded at rollout (π_old), whatever `train.entropy_coef` is.
+5. `tree_grpo` and `treerl`: see their docstrings (group-of-one rules, TreeRL's segments).
 """
 
 from __future__ import annotations
