@@ -261,6 +261,7 @@ def tree_grpo(batch: RolloutBatch) -> torch.Tensor:
     trained token of the leaf. Not claimed, as released: a tree or prompt group of one leaf
     gives z = R/(1 + ε) (not 0), so equal rewards need not give 0 and a reward shift changes
     the advantage; with every tree and group of >= 2 leaves both properties hold (tested).
+    Returns [L, T] float32, 0 where loss_mask is 0.
     """
     paths = leaf_paths(batch)
     trees = torch.tensor(
@@ -280,6 +281,7 @@ def treerl(batch: RolloutBatch) -> torch.Tensor:
     segment between forks: the parent of n is its nearest ancestor with more leaves below it,
     so a tool result (loss mask 0, its tokens get 0) splits no segment. The prompt and any
     opening shared by all leaves have sv = Σ R̃ / N^1.5 = 0 and get A = sv(root) = 0.
+    Returns [L, T] float32, 0 where loss_mask is 0.
     """
     mean, _, size = group_statistics(batch.rewards, batch.group_ids)
     scale = torch.where(size > 1, size / (size - 1).clamp(min=1), torch.zeros_like(size))
