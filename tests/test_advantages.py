@@ -228,3 +228,71 @@ def test_unknown_estimator_lists_valid_names_and_suggests():
         get_estimator("arpo-hard")
     with pytest.raises(ValueError, match="Valid names"):
         get_estimator("zzz")
+
+
+# =============================================================================================
+# Tree-GRPO and TreeRL (issue 18): hand-computed trees and the contract
+
+
+def _tree_example():
+    # prompt [0]:2* ─┬─ [1]:2 ─ [2]:1* (tool) ─┬─ [3]:1  leaf 0, R = 1
+    #                │                         └─ [4]:2  leaf 1, R = 0
+    #                └─ [5]:1                            leaf 2, R = 0.5
+    from arpo_ref.testing import make_batch
+
+    return make_batch(
+        [[[(0, 2), (1, 2), (2, 1, False), (3, 1)], [(0, 2), (1, 2), (2, 1, False), (4, 2)],
+          [(0, 2), (5, 1)]]],
+        rewards=[1.0, 0.0, 0.5],
+    )
+
+
+def test_tree_grpo_on_a_hand_computed_tree():
+    """Tree-GRPO = z over the leaf's tree + z over the prompt; a tree of one gives R/(1+ε)."""
+    from arpo_ref.advantages import tree_grpo
+
+    batch = _tree_example()
+    eps = 1e-6
+    prompt_std = 0.5  # unbiased std of (1, 0, 0.5)
+    tree_std = 2 ** -0.5  # unbiased std of (1, 0)
+    expected = [0.5 / (tree_std + eps) + 0.5 / (prompt_std + eps),
+                -0.5 / (tree_std + eps) - 0.5 / (prompt_std + eps),
+                0.5 / (1 + eps) + 0.0]
+    advantages = tree_grpo(batch)
+    for leaf, value in enumerate(expected):
+        trained = batch.loss_mask[leaf] == 1
+        assert torch.allclose(advantages[leaf][trained], torch.tensor(value), atol=1e-5)
+        assert bool((advantages[leaf][~trained] == 0).all())
+
+
+def test_treerl_on_a_hand_computed_tree():
+    """TreeRL: R̃ = R − mean of the others; sv = ΣR̃/k^1.5; A = 2 sv(n) − sv(parent segment)."""
+    from arpo_ref.advantages import treerl
+
+    batch = _tree_example()
+    r_tilde = [1 - 0.25, 0 - 0.75, 0.5 - 0.5]
+    sv_1 = (r_tilde[0] + r_tilde[1]) / 2 ** 1.5  # node [1] (and its tool node [2])
+    sv_3, sv_4, sv_5 = r_tilde[0], r_tilde[1], r_tilde[2]  # single-leaf nodes: k = 1
+    sv_root = 0.0  # Σ R̃ = 0
+    a_1 = 2 * sv_1 - sv_root
+    expected_rows = [
+        [0, 0, a_1, a_1, 0, 2 * sv_3 - sv_1, 0],
+        [0, 0, a_1, a_1, 0, 2 * sv_4 - sv_1, 2 * sv_4 - sv_1],
+        [0, 0, 2 * sv_5 - sv_root, 0, 0, 0, 0],
+    ]
+    assert torch.allclose(treerl(batch), torch.tensor(expected_rows), atol=1e-6)
+
+
+def test_tree_estimators_pass_the_contract():
+    """treerl claims the full contract; tree_grpo claims none of the optional properties, but
+    they hold on batches where every tree and every prompt has at least two leaves."""
+    from arpo_ref.advantages import tree_grpo, treerl
+    from arpo_ref.testing import check_estimator, make_batch
+
+    check_estimator(treerl)
+    check_estimator(tree_grpo)
+    paths = [[(0, 1), (1, 2), (2, 1)], [(0, 1), (1, 2), (3, 1)],
+             [(0, 1), (4, 1), (5, 2)], [(0, 1), (4, 1), (6, 1)]]
+    batches = {"trees of two": make_batch([paths], [1, 0, 0.5, 0.25]),
+               "equal": make_batch([paths], [1, 1, 1, 1])}
+    check_estimator(tree_grpo, zero_on_equal_rewards=True, shift_invariant=True, batches=batches)

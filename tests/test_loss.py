@@ -376,3 +376,44 @@ def test_soft_and_hard_differ_under_per_sequence_normalisation(tree_batch):
     assert not torch.allclose(
         soft_sum, hard_sum
     )  # leaves of different lengths weight copies differently
+
+
+# =============================================================================================
+# train.clip_mode reaches the loss (issue 18)
+
+
+def test_clip_mode_from_the_config_reaches_policy_loss(monkeypatch):
+    """AEPO's entropy-balanced clipping existed in `policy_loss` but no config reached it: the
+    update must pass `entropy_balanced_clip` from `train.clip_mode`, and reject unknown modes."""
+    import dataclasses
+
+    from accelerate import Accelerator
+    from tiny import load_model, load_tokenizer
+
+    import arpo_ref.update as update
+    from arpo_ref.config import load_config
+    from arpo_ref.testing import make_batch
+
+    seen = []
+    real_policy_loss = update.policy_loss
+
+    def recording_policy_loss(*args, **kwargs):
+        seen.append(kwargs.get("entropy_balanced_clip", False))
+        return real_policy_loss(*args, **kwargs)
+
+    monkeypatch.setattr(update, "policy_loss", recording_policy_loss)
+    batch = make_batch([[[(0, 3), (1, 4)], [(0, 3), (2, 2)]]], rewards=[1.0, 0.0])
+    batch.input_ids = torch.randint(5, 100, batch.node_ids.shape) * batch.attention_mask
+    batch.old_logprobs = -torch.rand(batch.node_ids.shape) * batch.loss_mask
+    advantages = torch.randn(batch.node_ids.shape) * batch.loss_mask
+    base = load_config(overrides=["train.mini_batches=1"])
+    for mode in ("entropy_balanced", "standard"):
+        config = dataclasses.replace(base, train=dataclasses.replace(base.train, clip_mode=mode))
+        model = load_model("qwen2").train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        update.ppo_update(Accelerator(cpu=True), model, optimizer, scheduler, batch, advantages, None,
+                          config, len(load_tokenizer()))
+    assert seen and seen[0] is True and seen[-1] is False
+    with pytest.raises(ValueError, match="clip_mode"):
+        load_config(overrides=["train.clip_mode=balanced"])

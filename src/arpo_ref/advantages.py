@@ -19,6 +19,10 @@ Where this module deviates from the paper or the official code, and why:
    re-centring would give nonzero advantages to a group whose rewards are all equal.
 4. `aepo_entropy_aware` standardises token entropies over all trained tokens of the batch;
    ARPO.md §8 does not say over which set z is taken.
+   The released AEPO configs never run it: their entropy is only computed when
+   `entropy_coeff != 0`. Here it always runs: `batch.entropies` holds the entropies the
+   generator recorded at rollout (π_old), whatever `train.entropy_coef` is.
+5. `tree_grpo` and `treerl`: see their docstrings (group-of-one rules, TreeRL's segments).
 """
 
 from __future__ import annotations
@@ -224,6 +228,82 @@ def aepo_entropy_aware(batch: RolloutBatch, entropy_weight: float = 0.2) -> torc
     return (token_advantages * mask).to(torch.float32)
 
 
+# ---------------------------------------------------------------------------------------------
+# Tree-based estimators: Tree-GRPO and TreeRL on arpo_ref's trees
+
+
+def leaf_paths(batch: RolloutBatch) -> list[list[int]]:
+    """Each leaf's distinct node ids from the root (prompt) down, padding (-1) dropped."""
+    paths = []
+    for row in batch.node_ids:
+        real = row[row >= 0]
+        paths.append(torch.unique_consecutive(real).tolist() if real.numel() else [])
+    return paths
+
+
+def released_z(rewards: torch.Tensor, ids: torch.Tensor, epsilon: float = GRPO_EPSILON) -> torch.Tensor:
+    """z = (R − mean)/(unbiased std + ε) per group of `ids`, with Tree-GRPO's released rule for a
+    group of one: mean 0 and std 1, so its leaf gets R/(1 + ε), not 0. Returns [L] float64."""
+    rewards = rewards.to(torch.float64)
+    mean, std, size = group_statistics(rewards, ids)
+    lone = size == 1
+    mean = torch.where(lone, torch.zeros_like(mean), mean)
+    std = torch.where(lone, torch.ones_like(std), std)
+    return (rewards - mean) / (std + epsilon)
+
+
+@estimator_claims(zero_on_equal_rewards=False, shift_invariant=False)
+def tree_grpo(batch: RolloutBatch) -> torch.Tensor:
+    """Tree-GRPO (arXiv 2509.21240; released `tree` estimator): A_i = z(i, its tree) + z(i, prompt).
+
+    A "tree" is a global sample with the branches forked from it: leaves whose first node after
+    the prompt is the same (duplicates included). z as in `released_z`; one scalar on every
+    trained token of the leaf. Not claimed, as released: a tree or prompt group of one leaf
+    gives z = R/(1 + ε) (not 0), so equal rewards need not give 0 and a reward shift changes
+    the advantage; with every tree and group of >= 2 leaves both properties hold (tested).
+    Returns [L, T] float32, 0 where loss_mask is 0.
+    """
+    paths = leaf_paths(batch)
+    trees = torch.tensor(
+        [path[1] if len(path) > 1 else -1 - i for i, path in enumerate(paths)], dtype=torch.long
+    )
+    leaf_values = released_z(batch.rewards, trees) + released_z(batch.rewards, batch.group_ids)
+    return broadcast_to_tokens(leaf_values, batch.loss_mask)
+
+
+@estimator_claims(zero_on_equal_rewards=True)
+def treerl(batch: RolloutBatch) -> torch.Tensor:
+    """TreeRL process supervision (THUDM/TreeRL, EPTree; released script settings).
+
+    R̃_i = R_i − mean of the other leaves of the prompt (= the RLOO advantage; 0 for a group of
+    one). For a node n with k(n) leaves below it, sv(n) = Σ R̃ below n / sqrt(k(n)) / k(n), and
+    A(n) = [sv(n) − sv(parent)] + sv(n); every trained token of n gets A(n). "Node" is TreeRL's
+    segment between forks: the parent of n is its nearest ancestor with more leaves below it,
+    so a tool result (loss mask 0, its tokens get 0) splits no segment. The prompt and any
+    opening shared by all leaves have sv = Σ R̃ / N^1.5 = 0 and get A = sv(root) = 0.
+    Returns [L, T] float32, 0 where loss_mask is 0.
+    """
+    mean, _, size = group_statistics(batch.rewards, batch.group_ids)
+    scale = torch.where(size > 1, size / (size - 1).clamp(min=1), torch.zeros_like(size))
+    centred = (scale * (batch.rewards.to(torch.float64) - mean)).tolist()  # R̃ per leaf
+    paths = leaf_paths(batch)
+    below: dict[int, list[float]] = {}
+    for leaf, path in enumerate(paths):
+        for node in path:
+            below.setdefault(node, []).append(centred[leaf])
+    value = {node: sum(r) / len(r) ** 1.5 for node, r in below.items()}  # sv(n)
+    advantage: dict[int, float] = {}
+    for path in paths:
+        parent_value = value[path[0]] if path else 0.0
+        for previous, node in zip([None] + path[:-1], path):
+            if previous is not None and len(below[previous]) > len(below[node]):
+                parent_value = value[previous]
+            advantage[node] = 2 * value[node] - parent_value
+    table = torch.tensor([advantage.get(int(n), 0.0) for n in batch.node_ids.flatten()],
+                         dtype=torch.float64).view(batch.node_ids.shape)
+    return (table * batch.loss_mask.to(torch.float64)).to(torch.float32)
+
+
 ESTIMATORS: dict[str, Estimator] = {
     "grpo": grpo,
     "arpo_hard": arpo_hard,
@@ -231,6 +311,8 @@ ESTIMATORS: dict[str, Estimator] = {
     "rloo": rloo,
     "reinforce_pp_baseline": reinforce_pp_baseline,
     "aepo_entropy_aware": aepo_entropy_aware,
+    "tree_grpo": tree_grpo,
+    "treerl": treerl,
 }
 """Config name → estimator. `grpo` is ARPO's soft attribution (the paper's default)."""
 

@@ -199,6 +199,9 @@ class TrainConfig:
     """ε_high of the clipped ratio (clip-higher when > clip_low)."""
     dual_clip: float = 3.0
     """Dual-clip constant c for negative advantages; 0 = off."""
+    clip_mode: Literal["standard", "entropy_balanced"] = "standard"
+    """'standard' = PPO clip; 'entropy_balanced' = AEPO's (arXiv 2510.14545) upper bound
+    (1+ε_high)/sg(r)·r on all tokens (value clipped, gradient kept), hard lower clip, dual clip."""
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                               "seq-mean-token-sum-norm"] = "token-mean"
     """How per-token losses are averaged (official: token-mean; the paper writes seq-mean-token-mean)."""
@@ -267,6 +270,8 @@ class TrainConfig:
             raise ValueError("learning_rate must be > 0")
         if self.clip_low < 0 or self.clip_high < 0 or self.clip_low >= 1:
             raise ValueError("clip_low must be in [0, 1) and clip_high >= 0")
+        if self.clip_mode not in ("standard", "entropy_balanced"):
+            raise ValueError(f"clip_mode must be 'standard' or 'entropy_balanced', got {self.clip_mode!r}")
         if self.dual_clip and self.dual_clip <= 1:
             raise ValueError("dual_clip must be > 1 (official: 3), or 0 to turn it off")
         for name in ("kl_coef", "entropy_coef", "max_grad_norm", "weight_decay", "warmup_steps",

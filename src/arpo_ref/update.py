@@ -141,7 +141,7 @@ def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
                 ref_logprobs=take(reference_logprobs) if reference_logprobs is not None else None,
                 kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, entropy=entropy, entropy_coef=cfg.entropy_coef,
                 num_tokens=num_tokens, num_sequences=num_sequences,
-                max_response_length=config.rollout.max_response_tokens)
+                max_response_length=config.rollout.max_response_tokens, entropy_balanced_clip=cfg.clip_mode == "entropy_balanced")
             accelerator.backward(loss * (accelerator.num_processes if i < real else 0.0))
         if i >= real:
             continue
