@@ -316,12 +316,12 @@ def test_decode_steps_are_counted_per_column_and_bounded_by_the_longest_path():
     """GRPO with a deterministic agent: every row writes the same three segments (two calls, an
     answer), so each turn lasts one segment and the decoding steps equal the longest path. In
     paper mode look-aheads, branches and fill-ups start later and add steps beyond it."""
-    _, result, _ = rollout("grpo", PROMPTS, AFTER)
+    _, result, _ = rollout("grpo", PROMPTS, AFTER, schedule="rounds")
     path = 2 * len(CALL) + len(ANSWER) + 1  # + EOS
     assert result.metrics["rollout/longest_path_tokens"] == path
     assert result.metrics["rollout/decode_steps"] == path
     assert result.metrics["rollout/generated_tokens"] == path * 6 * len(PROMPTS)
-    _, result, _ = rollout("paper", PROMPTS, AFTER)
+    _, result, _ = rollout("paper", PROMPTS, AFTER, schedule="rounds")
     assert result.metrics["rollout/decode_steps"] > result.metrics["rollout/longest_path_tokens"] == path
 
 
@@ -333,8 +333,8 @@ def test_ending_turns_early_keeps_the_trees_and_saves_decoding_steps(mode):
     # The slowest row differs from turn to turn: prompt 1 thinks long before its first call,
     # prompt 2 before its second; a synchronous turn waits for each in turn.
     think = {tuple(PROMPTS[1]): (40, 0), tuple(PROMPTS[2]): (0, 40)}
-    _, synchronous, _ = rollout(mode, PROMPTS, AFTER, think=think)
-    _, early, _ = rollout(mode, PROMPTS, AFTER, think=think, turn_end_fraction=0.5)
+    _, synchronous, _ = rollout(mode, PROMPTS, AFTER, think=think, schedule="rounds")
+    _, early, _ = rollout(mode, PROMPTS, AFTER, think=think, turn_end_fraction=0.5, schedule="rounds")
     for tree in early.trees:
         assert len(tree.leaves) == 6 and "duplicate" not in [leaf.origin for leaf in tree.leaves]
     assert early.metrics["rollout/decode_steps"] < synchronous.metrics["rollout/decode_steps"]
