@@ -80,10 +80,6 @@ class RolloutResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def prompts_of(trees: list[RolloutTree]) -> list[int]:
-    return [tree.prompt_index for tree in trees]
-
-
 class AdaptiveRollout:
     """Roll out M leaves per prompt with the configured mode. One instance per training run.
 
@@ -143,7 +139,7 @@ class AdaptiveRollout:
         cfg = self.config
         # Each turn ends at least one segment of every live path (all of them with turn_end_fraction 1,
         # at least one otherwise): a bound on the turns, as a guard against a loop that never ends.
-        paths = cfg.rollout_budget * (1 if cfg.turn_end_fraction >= 1 else len(prompts_of(trees)))
+        paths = cfg.rollout_budget * (1 if cfg.turn_end_fraction >= 1 else len(trees))
         turns, max_turns = 0, paths * (cfg.max_tool_calls + 2) + 1
         while any(not t.done for t in self.trajectories) and turns < max_turns:
             turns += 1
