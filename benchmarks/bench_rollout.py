@@ -33,7 +33,7 @@ from arpo_ref.tools.registry import ToolRegistry  # noqa: E402
 
 KEYS = ["time/total", "rollout/generated_tokens", "rollout/prefill_tokens_saved", "rollout/tool_calls_executed",
         "rollout/tool_calls_in_leaves", "time/generation", "time/tools", "rollout/decode_steps",
-        "rollout/longest_path_tokens"]
+        "rollout/longest_path_tokens", "time/tools_busy", "rollout/tool_time_hidden"]
 
 
 def load_agent(args):
@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--turn-end-fraction", type=float, default=1.0,
                         help="rollout.turn_end_fraction (1 = turns wait for their slowest row)")
+    parser.add_argument("--schedule", default="", choices=["", "continuous", "rounds"],
+                        help="rollout.schedule ('' = each mode's default: continuous for grpo/paper, rounds for official)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     folder, world, model, tokenizer = load_agent(args)
@@ -67,7 +69,8 @@ def main() -> None:
         for mode, num_global in (("grpo", args.budget), ("paper", args.budget // 2), ("official", args.budget // 2)):
             rollout = config.rollout.__class__(**{**vars(config.rollout), "mode": mode, "rollout_budget": args.budget,
                                                    "num_global": num_global,
-                                                   "turn_end_fraction": args.turn_end_fraction})
+                                                   "turn_end_fraction": args.turn_end_fraction,
+                                                   "schedule": "" if mode == "official" else args.schedule})
             runs = []
             for seed in range(args.repeats):
                 engine = AdaptiveRollout(Generator(model, tokenizer), registry, rollout, config.sampling, seed=seed)
@@ -78,6 +81,8 @@ def main() -> None:
                 metrics["time/total"] /= len(prompts)
                 metrics["time/generation"] /= len(prompts)
                 metrics["time/tools"] /= len(prompts)
+                metrics["time/tools_busy"] = metrics.get("time/tools_busy", metrics["time/tools"] * len(prompts)) / len(prompts)
+                metrics.setdefault("rollout/tool_time_hidden", 0.0)
                 runs.append(metrics)
             results[mode] = {k: (statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs)) for k in KEYS}
     if args.json:

@@ -316,12 +316,12 @@ def test_decode_steps_are_counted_per_column_and_bounded_by_the_longest_path():
     """GRPO with a deterministic agent: every row writes the same three segments (two calls, an
     answer), so each turn lasts one segment and the decoding steps equal the longest path. In
     paper mode look-aheads, branches and fill-ups start later and add steps beyond it."""
-    _, result, _ = rollout("grpo", PROMPTS, AFTER)
+    _, result, _ = rollout("grpo", PROMPTS, AFTER, schedule="rounds")
     path = 2 * len(CALL) + len(ANSWER) + 1  # + EOS
     assert result.metrics["rollout/longest_path_tokens"] == path
     assert result.metrics["rollout/decode_steps"] == path
     assert result.metrics["rollout/generated_tokens"] == path * 6 * len(PROMPTS)
-    _, result, _ = rollout("paper", PROMPTS, AFTER)
+    _, result, _ = rollout("paper", PROMPTS, AFTER, schedule="rounds")
     assert result.metrics["rollout/decode_steps"] > result.metrics["rollout/longest_path_tokens"] == path
 
 
@@ -333,8 +333,8 @@ def test_ending_turns_early_keeps_the_trees_and_saves_decoding_steps(mode):
     # The slowest row differs from turn to turn: prompt 1 thinks long before its first call,
     # prompt 2 before its second; a synchronous turn waits for each in turn.
     think = {tuple(PROMPTS[1]): (40, 0), tuple(PROMPTS[2]): (0, 40)}
-    _, synchronous, _ = rollout(mode, PROMPTS, AFTER, think=think)
-    _, early, _ = rollout(mode, PROMPTS, AFTER, think=think, turn_end_fraction=0.5)
+    _, synchronous, _ = rollout(mode, PROMPTS, AFTER, think=think, schedule="rounds")
+    _, early, _ = rollout(mode, PROMPTS, AFTER, think=think, turn_end_fraction=0.5, schedule="rounds")
     for tree in early.trees:
         assert len(tree.leaves) == 6 and "duplicate" not in [leaf.origin for leaf in tree.leaves]
     assert early.metrics["rollout/decode_steps"] < synchronous.metrics["rollout/decode_steps"]
@@ -343,3 +343,77 @@ def test_ending_turns_early_keeps_the_trees_and_saves_decoding_steps(mode):
             return [[[t for n in tree.response_segments(leaf) for t in n.token_ids] for leaf in tree.leaves]
                     for tree in result.trees]
         assert texts(early) == texts(synchronous)
+
+
+@pytest.mark.parametrize("mode", ["paper", "grpo"])
+def test_greedy_grpo_leaves_are_the_same_under_both_schedules_and_every_mode_keeps_m_leaves(mode):
+    """The continuous schedule changes when rows decode, not what a greedy row writes: GRPO leaves
+    are token for token those of the rounds schedule; paper mode keeps exactly M leaves."""
+    think = {tuple(PROMPTS[1]): (40, 0), tuple(PROMPTS[2]): (0, 40)}
+    _, rounds, _ = rollout(mode, PROMPTS, AFTER, think=think, schedule="rounds")
+    _, continuous, _ = rollout(mode, PROMPTS, AFTER, think=think, schedule="continuous")
+    for tree in continuous.trees:
+        assert len(tree.leaves) == 6 and "duplicate" not in [leaf.origin for leaf in tree.leaves]
+    if mode == "grpo":
+        def texts(result):
+            return [sorted([t for n in tree.response_segments(leaf) for t in n.token_ids] for leaf in tree.leaves)
+                    for tree in result.trees]
+        assert texts(continuous) == texts(rounds)
+        assert continuous.metrics["rollout/decode_steps"] < rounds.metrics["rollout/decode_steps"]
+
+
+class SlowSearch(EchoSearch):
+    """A search tool that takes `seconds[content]` to answer; records when each call ended."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds, self.ended = seconds, {}
+
+    def __call__(self, content):
+        import time
+
+        time.sleep(self.seconds.get(content.strip(), 0.0))
+        self.ended[content.strip()] = time.perf_counter()
+        return super().__call__(content)
+
+
+def test_a_row_back_from_a_fast_tool_decodes_while_another_waits_on_a_slow_one():
+    """Continuous schedule: prompt 0 queries a tool that answers at once, prompt 1 one that takes
+    0.5 s. Prompt 0's row gets its result and writes its answer while prompt 1's call is still
+    running: its whole trajectory ends before the slow call does. Under rounds it would wait."""
+    fast, slow = ids("<search> fast </search>"), ids("<search> slow </search>")
+    prompts = PROMPTS[:2]
+    scripts = {tuple(prompts[0]): fast, tuple(prompts[1]): slow}
+
+    def policy(history, model):
+        prompt = next(p for p in scripts if tuple(history[: len(p)]) == p) if any(
+            tuple(history[: len(p)]) == p for p in scripts) else None
+        if prompt is None:
+            return EOS
+        response = history[len(prompt):]
+        script = (scripts[prompt] + [EOS]) if RESULT_END not in response else ANSWER + [EOS]
+        position = len(response) if RESULT_END not in response else len(response) - 1 - (
+            len(response) - 1 - response[::-1].index(RESULT_END))
+        return script[min(position, len(script) - 1)]
+
+    from arpo_ref.scripted import ScriptedLM
+    holder = {}
+    model = ScriptedLM(lambda h: policy(h, holder), vocab_size=len(TOK), confidence=0.99)
+    tool = SlowSearch({"slow": 0.5})
+    engine = AdaptiveRollout(Generator(model, TOK), ToolRegistry([tool]),
+                             RolloutConfig(mode="grpo", rollout_budget=1, num_global=1, max_response_tokens=100,
+                                           schedule="continuous"), SamplingConfig(temperature=0), seed=0)
+    import time
+    finished, finish = {}, engine._finish
+
+    def timed_finish(rows, t, reason):
+        finished[t.tree.prompt_index] = time.perf_counter()
+        finish(rows, t, reason)
+    engine._finish = timed_finish
+    result = engine(prompts)
+    assert [len(tree.leaves) for tree in result.trees] == [1, 1]
+    answered = [tree.leaf_tokens(tree.leaves[0])[-len(ANSWER) - 1:] for tree in result.trees]
+    assert answered == [ANSWER + [EOS]] * 2
+    # Prompt 0 wrote its whole answer and ended while the slow call was still running.
+    assert finished[0] < tool.ended["slow"] < finished[1]
+    assert result.metrics["time/tools_busy"] >= 0.5 and result.metrics["time/tool_wait_rows"] >= 0.5

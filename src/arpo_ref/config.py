@@ -111,9 +111,28 @@ class RolloutConfig:
     stops early waits for the slowest. Lower values (e.g. 0.5) let such rows get their result
     and continue while the others are still writing: fewer sequential decoding steps
     (rollout/decode_steps), more, smaller tool batches. Each row's samples are unchanged in
-    distribution; the random stream is consumed in another order."""
+    distribution; the random stream is consumed in another order. Rounds schedule only."""
+    schedule: str = ""
+    """'continuous': every row advances on its own; a row that stops at a tool tag sends its call
+    to a tool pool and rejoins decoding as soon as its result is appended, while the others keep
+    decoding. 'rounds': the official code's turns (decode until every row stopped, run all tools,
+    decide, go on). Empty = the mode's default: continuous for paper and grpo, rounds for
+    official, whose decisions and fill-ups are defined per round (ARPO.md §2.2). Continuous
+    sampled rollouts depend on when tool results come back, so a seeded run with tools is not
+    bit-reproducible; use 'rounds' where that matters."""
+
+    @property
+    def resolved_schedule(self) -> str:
+        """The schedule in force: `schedule`, or the mode's default when it is empty."""
+        return self.schedule or ("rounds" if self.mode == "official" else "continuous")
 
     def validate(self) -> None:
+        if self.schedule not in ("", "continuous", "rounds"):
+            raise ValueError(f"rollout.schedule must be 'continuous' or 'rounds' (or empty for the mode's "
+                             f"default), got {self.schedule!r}")
+        if self.mode == "official" and self.schedule == "continuous":
+            raise ValueError("rollout.schedule 'continuous' is not implemented for official mode, whose decisions "
+                             "and fill-ups are defined per round; use 'rounds' (or leave it empty)")
         if self.rollout_budget < 1:
             raise ValueError("rollout_budget (M) must be >= 1")
         if not 1 <= self.num_global <= self.rollout_budget:

@@ -69,6 +69,8 @@ class Trajectory:
     """Branches: the node they were forked after (recorded on their leaf)."""
     last_segment_entropy: float = 0.0
     """Official mode: truncated entropy of the trajectory's latest segment."""
+    waiting_on_tool: bool = False
+    """Continuous schedule: its call is in the tool pool; it rejoins decoding once the result is in."""
     done: bool = False
 
 
@@ -119,9 +121,25 @@ class AdaptiveRollout:
         first = cfg.rollout_budget if cfg.mode == "grpo" else cfg.num_global
         for tree, row_id in zip(trees, list(rows.row_ids)):
             self._spawn(rows, tree, row_id, first, "global")
+        if cfg.resolved_schedule == "continuous":
+            from .scheduler import run_continuous
+
+            run_continuous(self, rows, trees)
+        else:
+            self._run_rounds(rows, trees)
+        for t in self.trajectories:  # only reached when max_turns ran out
+            if not t.done:
+                self._finish(rows, t, "length")
+        self._pad_with_duplicates(trees)
+        gen.release(rows, list(rows.row_ids))
+        return RolloutResult(trees, self._metrics(trees, rows))
+
+    def _run_rounds(self, rows: RowBatch, trees: list[RolloutTree]) -> None:
+        """The official code's schedule: turns that end when (a fraction of) the rows stopped."""
+        cfg = self.config
         # Each turn ends at least one segment of every live path (all of them with turn_end_fraction 1,
         # at least one otherwise): a bound on the turns, as a guard against a loop that never ends.
-        paths = cfg.rollout_budget * (1 if cfg.turn_end_fraction >= 1 else len(prompts))
+        paths = cfg.rollout_budget * (1 if cfg.turn_end_fraction >= 1 else len(trees))
         turns, max_turns = 0, paths * (cfg.max_tool_calls + 2) + 1
         while any(not t.done for t in self.trajectories) and turns < max_turns:
             turns += 1
@@ -129,17 +147,17 @@ class AdaptiveRollout:
                 self._paper_decisions(rows)
             self._generate(rows)  # 2. every live row to the end of its segment
             calling = self._close_segments(rows)  # 3. nodes, leaves, tool calls and results
+            if calling:
+                start = time.perf_counter()
+                texts = [self._call_text(t) for t in calling]
+                steps = run_tool_calls(self.registry, self.generator.tokenizer, texts)
+                self.stats["time/tools"] += time.perf_counter() - start
+                calling = self._insert_results(rows, calling, steps)
             if cfg.mode == "official":  # 4. decide after the results
                 self._official_decisions(rows, calling)
             elif cfg.mode == "paper":
                 self._take_snapshots(rows, calling)
             self._fill_up(rows, trees)  # 5. prompts with leaves missing and no live path
-        for t in self.trajectories:  # only reached when max_turns ran out
-            if not t.done:
-                self._finish(rows, t, "length")
-        self._pad_with_duplicates(trees)
-        gen.release(rows, list(rows.row_ids))
-        return RolloutResult(trees, self._metrics(trees, rows))
 
     # ------------------------------------------------------------------ phases
     def _generate(self, rows: RowBatch) -> None:
@@ -183,7 +201,7 @@ class AdaptiveRollout:
                 self._finish(rows, t, "length")
             else:
                 calling.append(t)
-        return self._run_tools(rows, calling)
+        return calling
 
     def _over_tool_limit(self, t: Trajectory) -> bool:
         """Whether the call that ended t's last segment goes to a tool already at its own limit."""
@@ -194,13 +212,11 @@ class AdaptiveRollout:
         return any(text.endswith(f"</{tag}>") and t.calls_per_tool.get(tag, 0) >= limit
                    for tag, limit in limits.items())
 
-    def _run_tools(self, rows: RowBatch, calling: list[Trajectory]) -> list[Trajectory]:
-        if not calling:
-            return []
-        texts = [self.generator.tokenizer.decode(t.tree.nodes[t.node_id].token_ids) for t in calling]
-        start = time.perf_counter()
-        steps = run_tool_calls(self.registry, self.generator.tokenizer, texts)
-        self.stats["time/tools"] += time.perf_counter() - start
+    def _call_text(self, t: Trajectory) -> str:
+        return self.generator.tokenizer.decode(t.tree.nodes[t.node_id].token_ids)
+
+    def _insert_results(self, rows: RowBatch, calling: list[Trajectory], steps) -> list[Trajectory]:
+        """Tool nodes and forced result tokens (one forward chunk) for the calls of `calling`."""
         forced, called = {}, []
         for t, step in zip(calling, steps):
             if step is None:  # stopped on a tag that is not a complete call
@@ -242,28 +258,35 @@ class AdaptiveRollout:
         self.stats["time/generation"] += time.perf_counter() - start
         for t in waiting:  # index order: earlier trajectories use the budget first
             t.segment = outputs[t.row_id]
-            look_ahead = t.segment.entropies[: cfg.entropy_window]
             if t.segment.finish_reason == "length" and t.response_tokens + len(t.segment.token_ids) < cfg.max_response_tokens:
                 t.segment.finish_reason = None  # stopped for the window only: resume it later
-            snapshot, t.snapshot_row = t.snapshot_row, None
-            budget = self._budget_left(t.tree)
-            if budget == 0:
-                self.generator.release(rows, [snapshot])
-                continue
-            n = min(len(look_ahead), len(t.initial_entropy))
-            delta = sum(h - h0 for h, h0 in zip(look_ahead[:n], t.initial_entropy[:n])) / self.normaliser
-            probability = cfg.branch_base + cfg.entropy_weight * delta
-            branches = min(cfg.branches_per_decision, budget) if probability > cfg.branch_threshold else 0
-            t.tree.nodes[t.node_id].decision = BranchDecision(
-                "paper", list(t.initial_entropy), look_ahead, delta, probability, branches > 0, branches)
-            if branches == 0:
-                self.generator.release(rows, [snapshot])
-                continue
-            copies = [snapshot] + (self.generator.fork(rows, snapshot, branches - 1) if branches > 1 else [])
-            # Only snapshots that become branches save a prefill; dropped ones saved nothing.
-            self.stats["rollout/prefill_tokens_saved"] += branches * len(rows.histories[rows.index(snapshot)])
-            for row_id in copies:
-                self._add_trajectory(t.tree, row_id, "branch", parent=t)
+            self._decide_paper(rows, t)
+
+    def _decide_paper(self, rows: RowBatch, t: Trajectory) -> None:
+        """ARPO.md §2.1 step 3 for one row whose look-ahead (the first ≤ k tokens of its segment
+        after the result) exists: ΔH_t against H_initial, P_t = α + β·ΔH_t, fork Z if P_t > τ from
+        the copy made at the branch point."""
+        cfg = self.config
+        look_ahead = t.segment.entropies[: cfg.entropy_window]
+        snapshot, t.snapshot_row = t.snapshot_row, None
+        budget = self._budget_left(t.tree)
+        if budget == 0:
+            self.generator.release(rows, [snapshot])
+            return
+        n = min(len(look_ahead), len(t.initial_entropy))
+        delta = sum(h - h0 for h, h0 in zip(look_ahead[:n], t.initial_entropy[:n])) / self.normaliser
+        probability = cfg.branch_base + cfg.entropy_weight * delta
+        branches = min(cfg.branches_per_decision, budget) if probability > cfg.branch_threshold else 0
+        t.tree.nodes[t.node_id].decision = BranchDecision(
+            "paper", list(t.initial_entropy), look_ahead, delta, probability, branches > 0, branches)
+        if branches == 0:
+            self.generator.release(rows, [snapshot])
+            return
+        copies = [snapshot] + (self.generator.fork(rows, snapshot, branches - 1) if branches > 1 else [])
+        # Only snapshots that become branches save a prefill; dropped ones saved nothing.
+        self.stats["rollout/prefill_tokens_saved"] += branches * len(rows.histories[rows.index(snapshot)])
+        for row_id in copies:
+            self._add_trajectory(t.tree, row_id, "branch", parent=t)
 
     # ------------------------------------------------------------------ official mode
     def _official_decisions(self, rows: RowBatch, calling: list[Trajectory]) -> None:

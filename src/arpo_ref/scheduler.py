@@ -1,0 +1,125 @@
+"""The continuous rollout schedule (`rollout.schedule: continuous`): no turn barrier.
+
+Every decoding step advances each row that is not waiting on a tool by one token. A row that
+stops on a closing tool tag sends its call to a thread pool (the python tool is a subprocess, so
+threads suffice) and the other rows keep decoding; at the next step boundary after its result is
+back, the result is appended as forced tokens and the row decodes again. Paper mode's decision is
+taken for a row as soon as its k look-ahead tokens after a result exist (or its segment ended
+sooner), from the copy of the row made right after the result (`AdaptiveRollout._decide_paper`).
+Fill-up samples start, as in the rounds schedule, once a prompt has leaves missing and no live
+path. The rollout ends when every prompt has its M leaves.
+
+Tool timing is measured: `time/tools_busy` (wall time with at least one call in flight),
+`time/tools` (wall time the loop was blocked, every live row waiting on a tool),
+`rollout/tool_time_hidden` = 1 − blocked / busy (the share of tool time spent decoding other
+rows) and `time/tool_wait_rows` (row-seconds from a call's submission to its result's insertion).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+from .episode import run_tool_calls
+
+
+class ToolPool:
+    """Runs one tool call per submission on worker threads; remembers when each ran."""
+
+    def __init__(self, registry, tokenizer, workers: int) -> None:
+        self.registry, self.tokenizer = registry, tokenizer
+        self.executor = ThreadPoolExecutor(max(1, workers), thread_name_prefix="rollout-tool")
+        self.pending: dict[Future, tuple[object, float]] = {}
+        self.intervals: list[tuple[float, float]] = []
+        self.blocked = self.row_wait = 0.0
+
+    def _run(self, text: str):
+        start = time.perf_counter()
+        (step,) = run_tool_calls(self.registry, self.tokenizer, [text])
+        return step, start, time.perf_counter()
+
+    def submit(self, trajectory, text: str) -> None:
+        self.pending[self.executor.submit(self._run, text)] = (trajectory, time.perf_counter())
+
+    def collect(self, block: bool) -> list[tuple[object, object]]:
+        """(trajectory, ToolStep | None) of the calls that are back, in submission order;
+        `block`: wait for at least one first (the time counts as blocked)."""
+        if block and self.pending:
+            start = time.perf_counter()
+            wait(list(self.pending), return_when=FIRST_COMPLETED)
+            self.blocked += time.perf_counter() - start
+        back = []
+        for future in [f for f in self.pending if f.done()]:
+            trajectory, submitted = self.pending.pop(future)
+            step, start, end = future.result()
+            self.intervals.append((start, end))
+            self.row_wait += time.perf_counter() - submitted
+            back.append((trajectory, step))
+        return back
+
+    def busy_time(self) -> float:
+        """Length of the union of the calls' running intervals."""
+        total, reach = 0.0, float("-inf")
+        for start, end in sorted(self.intervals):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def run_continuous(engine, rows, trees) -> None:
+    """Roll out until every trajectory is done (see the module docstring)."""
+    gen = engine.generator
+    workers = getattr(engine.registry, "max_workers", 8) if engine.registry is not None else 1
+    pool = ToolPool(engine.registry, gen.tokenizer, workers)
+    try:
+        while True:
+            decoding = [t for t in engine.trajectories if not t.done and not t.waiting_on_tool]
+            _insert_results(engine, rows, pool.collect(block=not decoding))
+            engine._fill_up(rows, trees)  # prompts with leaves missing and no live path
+            if all(t.done for t in engine.trajectories):
+                break
+            decoding = [t for t in engine.trajectories if not t.done and not t.waiting_on_tool]
+            if decoding:
+                _step(engine, rows, decoding)
+                for t in engine._close_segments(rows):  # closed on a tool tag: to the pool
+                    t.waiting_on_tool = True
+                    pool.submit(t, engine._call_text(t))
+    finally:
+        pool.close()
+    busy = pool.busy_time()
+    engine.stats["time/tools"] = pool.blocked
+    engine.stats["time/tools_busy"] = busy
+    engine.stats["time/tool_wait_rows"] = pool.row_wait
+    engine.stats["rollout/tool_time_hidden"] = max(0.0, 1.0 - pool.blocked / busy) if busy > 0 else 0.0
+
+
+def _insert_results(engine, rows, back) -> None:
+    if not back:
+        return
+    for t, _ in back:
+        t.waiting_on_tool = False
+    called = engine._insert_results(rows, [t for t, _ in back], [step for _, step in back])
+    if engine.config.mode == "paper":
+        engine._take_snapshots(rows, called)  # the copy at the branch point, right after the result
+
+
+def _step(engine, rows, decoding) -> None:
+    """One decoding step for every row in `decoding`; paper decisions whose look-ahead is complete."""
+    cfg, gen = engine.config, engine.generator
+    start = time.perf_counter()
+    outputs = gen.decode(rows, engine.sampling, engine.stop_strings, row_ids=[t.row_id for t in decoding],
+                         rng=engine.token_rng, max_new_tokens=1,
+                         resume={t.row_id: t.segment for t in decoding if t.segment is not None})
+    engine.stats["time/generation"] += time.perf_counter() - start
+    for t in decoding:
+        segment = outputs[t.row_id]
+        if segment.finish_reason == "length" and t.response_tokens + len(segment.token_ids) < cfg.max_response_tokens:
+            segment.finish_reason = None  # the one-step limit, not the length budget: still open
+        t.segment = segment
+        if t.snapshot_row is not None and (len(segment.token_ids) >= cfg.entropy_window
+                                           or segment.finish_reason is not None):
+            engine._decide_paper(rows, t)
