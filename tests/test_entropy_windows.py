@@ -87,9 +87,9 @@ def model():
     return ScheduledCalls(load_model("qwen2", seed=1)).eval()
 
 
-def run(model, mode: str, seed: int = 0):
+def run(model, mode: str, seed: int = 0, schedule: str = ""):
     config = RolloutConfig(mode=mode, rollout_budget=6, num_global=2, entropy_window=K, max_tool_calls=2,
-                           max_response_tokens=70, entropy_weight=3.0)
+                           max_response_tokens=70, entropy_weight=3.0, schedule=schedule)
     engine = AdaptiveRollout(Generator(model, TOK), ToolRegistry([CannedSearch()]), config,
                              SamplingConfig(temperature=TEMPERATURE), seed=seed)
     return config, engine(PROMPTS).trees
@@ -140,8 +140,9 @@ def owners(tree):
     return first
 
 
-def test_paper_windows_match_a_teacher_forced_recomputation(model):
-    config, trees = run(model, "paper")
+@pytest.mark.parametrize("schedule, seed", [("rounds", 0), ("continuous", 1)]  # seeds where both verdicts occur)
+def test_paper_windows_match_a_teacher_forced_recomputation(model, schedule, seed):
+    config, trees = run(model, "paper", seed=seed, schedule=schedule)
     checked = longer_than_k = 0
     for tree in trees:
         windows = node_windows(model, tree)

@@ -402,7 +402,8 @@ def test_a_row_back_from_a_fast_tool_decodes_while_another_waits_on_a_slow_one()
     tool = SlowSearch({"slow": 0.5})
     engine = AdaptiveRollout(Generator(model, TOK), ToolRegistry([tool]),
                              RolloutConfig(mode="grpo", rollout_budget=1, num_global=1, max_response_tokens=100,
-                                           schedule="continuous"), SamplingConfig(temperature=0), seed=0)
+                                           schedule="continuous", tool_join_steps=-1),
+                             SamplingConfig(temperature=0), seed=0)
     import time
     finished, finish = {}, engine._finish
 
@@ -417,3 +418,39 @@ def test_a_row_back_from_a_fast_tool_decodes_while_another_waits_on_a_slow_one()
     # Prompt 0 wrote its whole answer and ended while the slow call was still running.
     assert finished[0] < tool.ended["slow"] < finished[1]
     assert result.metrics["time/tools_busy"] >= 0.5 and result.metrics["time/tool_wait_rows"] >= 0.5
+
+
+def _sampled_rollout_with_tool_delays(delays, join_steps):
+    """Two prompts sampled at temperature 1 (ScriptedLM at confidence 0.7, so draws matter), both
+    calling a search tool whose answer takes `delays[prompt]` seconds."""
+    fast, slow = ids("<search> fast </search>"), ids("<search> slow </search>")
+    scripts = {tuple(PROMPTS[0]): fast, tuple(PROMPTS[1]): slow}
+
+    def policy(history):
+        prompt = next((p for p in scripts if tuple(history[: len(p)]) == p), None)
+        if prompt is None:
+            return EOS
+        response = history[len(prompt):]
+        if RESULT_END in response:
+            after = len(response) - 1 - response[::-1].index(RESULT_END)
+            return (ANSWER + [EOS])[min(len(response) - after - 1, len(ANSWER))]
+        return (scripts[prompt] + [EOS])[min(len(response), len(scripts[prompt]))]
+
+    from arpo_ref.scripted import ScriptedLM
+    model = ScriptedLM(policy, vocab_size=len(TOK), confidence=0.7)
+    engine = AdaptiveRollout(Generator(model, TOK), ToolRegistry([SlowSearch(delays)]),
+                             RolloutConfig(mode="grpo", rollout_budget=2, num_global=2, max_response_tokens=40,
+                                           schedule="continuous", tool_join_steps=join_steps),
+                             SamplingConfig(temperature=1.0), seed=3)
+    result = engine(PROMPTS[:2])
+    return [[tree.leaf_tokens(leaf) for leaf in tree.leaves] for tree in result.trees]
+
+
+def test_continuous_sampled_rollouts_do_not_depend_on_tool_timing():
+    """Regression: the first continuous scheduler inserted a tool result at the first step after
+    it came back, so which rows decoded at each step (and with it the order of the random draws)
+    depended on how long tools took: a seeded sampled run with tools was not reproducible, nor
+    was the demo. Results now join exactly `tool_join_steps` steps after the call."""
+    quick = _sampled_rollout_with_tool_delays({"fast": 0.0, "slow": 0.0}, join_steps=1)
+    slow = _sampled_rollout_with_tool_delays({"fast": 0.3, "slow": 0.0}, join_steps=1)
+    assert quick == slow

@@ -117,9 +117,13 @@ class RolloutConfig:
     to a tool pool and rejoins decoding as soon as its result is appended, while the others keep
     decoding. 'rounds': the official code's turns (decode until every row stopped, run all tools,
     decide, go on). Empty = the mode's default: continuous for paper and grpo, rounds for
-    official, whose decisions and fill-ups are defined per round (ARPO.md §2.2). Continuous
-    sampled rollouts depend on when tool results come back, so a seeded run with tools is not
-    bit-reproducible; use 'rounds' where that matters."""
+    official, whose decisions and fill-ups are defined per round (ARPO.md §2.2)."""
+    tool_join_steps: int = 1
+    """Continuous schedule: a tool result joins its row exactly this many decoding steps after
+    the call was sent (the loop waits for a tool that is slower), so which rows decode at each
+    step, and so a seeded run, does not depend on how long tools take. Larger values hide more
+    tool time behind decoding but leave the row idle longer. -1 = join as soon as the result is
+    back: a little faster, but a seeded sampled run is then not reproducible."""
 
     @property
     def resolved_schedule(self) -> str:
@@ -130,6 +134,9 @@ class RolloutConfig:
         if self.schedule not in ("", "continuous", "rounds"):
             raise ValueError(f"rollout.schedule must be 'continuous' or 'rounds' (or empty for the mode's "
                              f"default), got {self.schedule!r}")
+        if self.tool_join_steps < -1:
+            raise ValueError(f"rollout.tool_join_steps must be >= 0, or -1 for 'as soon as the result is back', "
+                             f"got {self.tool_join_steps}")
         if self.mode == "official" and self.schedule == "continuous":
             raise ValueError("rollout.schedule 'continuous' is not implemented for official mode, whose decisions "
                              "and fill-ups are defined per round; use 'rounds' (or leave it empty)")

@@ -9,6 +9,10 @@ sooner), from the copy of the row made right after the result (`AdaptiveRollout.
 Fill-up samples start, as in the rounds schedule, once a prompt has leaves missing and no live
 path. The rollout ends when every prompt has its M leaves.
 
+Results join deterministically by default: a call sent at step s is inserted at the boundary of
+step s + `rollout.tool_join_steps` (the loop waits if the tool is slower), so the sequence of
+decoding steps, and with it every random draw, is the same whatever the tools' timing.
+
 Tool timing is measured: `time/tools_busy` (wall time with at least one call in flight),
 `time/tools` (wall time the loop was blocked, every live row waiting on a tool),
 `rollout/tool_time_hidden` = 1 − blocked / busy (the share of tool time spent decoding other
@@ -29,7 +33,7 @@ class ToolPool:
     def __init__(self, registry, tokenizer, workers: int) -> None:
         self.registry, self.tokenizer = registry, tokenizer
         self.executor = ThreadPoolExecutor(max(1, workers), thread_name_prefix="rollout-tool")
-        self.pending: dict[Future, tuple[object, float]] = {}
+        self.pending: dict[Future, tuple[object, float, int]] = {}  # in submission order
         self.intervals: list[tuple[float, float]] = []
         self.blocked = self.row_wait = 0.0
 
@@ -38,19 +42,28 @@ class ToolPool:
         (step,) = run_tool_calls(self.registry, self.tokenizer, [text])
         return step, start, time.perf_counter()
 
-    def submit(self, trajectory, text: str) -> None:
-        self.pending[self.executor.submit(self._run, text)] = (trajectory, time.perf_counter())
+    def submit(self, trajectory, text: str, step: int) -> None:
+        self.pending[self.executor.submit(self._run, text)] = (trajectory, time.perf_counter(), step)
 
-    def collect(self, block: bool) -> list[tuple[object, object]]:
-        """(trajectory, ToolStep | None) of the calls that are back, in submission order;
-        `block`: wait for at least one first (the time counts as blocked)."""
-        if block and self.pending:
+    def collect(self, block: bool, step: int, join_steps: int) -> list[tuple[object, object]]:
+        """(trajectory, ToolStep | None) of the calls that join now, in submission order.
+
+        join_steps >= 0: the calls sent at least `join_steps` steps ago, waiting for them if they
+        are not back (every pending call when `block`: no row is left to decode). join_steps = -1:
+        the calls that are back; `block` waits for at least one first. Waiting counts as blocked."""
+        if join_steps >= 0:
+            due = [f for f, (_, _, sent) in self.pending.items() if block or step - sent >= join_steps]
             start = time.perf_counter()
-            wait(list(self.pending), return_when=FIRST_COMPLETED)
-            self.blocked += time.perf_counter() - start
+            wait(due)
+        else:
+            start = time.perf_counter()
+            if block and self.pending:
+                wait(list(self.pending), return_when=FIRST_COMPLETED)
+            due = [f for f in self.pending if f.done()]
+        self.blocked += time.perf_counter() - start
         back = []
-        for future in [f for f in self.pending if f.done()]:
-            trajectory, submitted = self.pending.pop(future)
+        for future in due:
+            trajectory, submitted, _ = self.pending.pop(future)
             step, start, end = future.result()
             self.intervals.append((start, end))
             self.row_wait += time.perf_counter() - submitted
@@ -75,19 +88,21 @@ def run_continuous(engine, rows, trees) -> None:
     gen = engine.generator
     workers = getattr(engine.registry, "max_workers", 8) if engine.registry is not None else 1
     pool = ToolPool(engine.registry, gen.tokenizer, workers)
+    join_steps, step = engine.config.tool_join_steps, 0
     try:
         while True:
             decoding = [t for t in engine.trajectories if not t.done and not t.waiting_on_tool]
-            _insert_results(engine, rows, pool.collect(block=not decoding))
+            _insert_results(engine, rows, pool.collect(not decoding, step, join_steps))
             engine._fill_up(rows, trees)  # prompts with leaves missing and no live path
             if all(t.done for t in engine.trajectories):
                 break
             decoding = [t for t in engine.trajectories if not t.done and not t.waiting_on_tool]
             if decoding:
                 _step(engine, rows, decoding)
+                step += 1
                 for t in engine._close_segments(rows):  # closed on a tool tag: to the pool
                     t.waiting_on_tool = True
-                    pool.submit(t, engine._call_text(t))
+                    pool.submit(t, engine._call_text(t), step)
     finally:
         pool.close()
     busy = pool.busy_time()
