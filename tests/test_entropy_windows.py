@@ -140,7 +140,7 @@ def owners(tree):
     return first
 
 
-@pytest.mark.parametrize("schedule, seed", [("rounds", 0), ("continuous", 1)]  # seeds where both verdicts occur)
+@pytest.mark.parametrize("schedule, seed", [("rounds", 0), ("continuous", 1)])  # both verdicts occur
 def test_paper_windows_match_a_teacher_forced_recomputation(model, schedule, seed):
     config, trees = run(model, "paper", seed=seed, schedule=schedule)
     checked = longer_than_k = 0
