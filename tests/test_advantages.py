@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import statistics
@@ -296,3 +297,31 @@ def test_tree_estimators_pass_the_contract():
     batches = {"trees of two": make_batch([paths], [1, 0, 0.5, 0.25]),
                "equal": make_batch([paths], [1, 1, 1, 1])}
     check_estimator(tree_grpo, zero_on_equal_rewards=True, shift_invariant=True, batches=batches)
+
+
+@pytest.mark.slow
+def test_batch_statistics_are_over_all_processes(tmp_path):
+    """Regression: reinforce_pp_baseline's token std and aepo_entropy_aware's entropy z were taken
+    over each process's own batch, so the advantages changed with the number of processes. Two
+    gloo processes holding prompts {A} and {B, C} of one batch now get, through
+    `estimate_advantages`, exactly what one process gets on the whole batch; computed on each
+    half alone (no reducer) they differ."""
+    from distributed import estimate_worker, in_processes
+
+    from arpo_ref.testing import BRANCHED_TREE
+
+    whole = with_policy_outputs(make_batch(BRANCHED_TREE, [[1, 0, 0.5, 0.25], [1, 0.5, 0], [0.75]]))
+    halves = [(whole.group_ids == 0).nonzero().squeeze(1), (whole.group_ids > 0).nonzero().squeeze(1)]
+
+    def part(rows):
+        return dataclasses.replace(whole, **{f.name: getattr(whole, f.name)[rows] for f in dataclasses.fields(whole)
+                                             if getattr(whole, f.name) is not None})
+
+    names = ["reinforce_pp_baseline", "aepo_entropy_aware"]
+    results = in_processes(estimate_worker, [(names, part(rows)) for rows in halves], tmp_path)
+    for name in names:
+        expected = ESTIMATORS[name](whole)
+        for rows, result in zip(halves, results):
+            torch.testing.assert_close(result[name], expected[rows], rtol=1e-6, atol=1e-7)
+        alone = ESTIMATORS[name](part(halves[1]))
+        assert not torch.allclose(alone, expected[halves[1]], atol=1e-4), name

@@ -8,6 +8,13 @@ checks it against the contract (see docs/estimators.md).
 Every estimator declares, with `estimator_claims`, which contract properties it promises
 (`zero_on_equal_rewards`, `shift_invariant`), so the contract suite knows what to check.
 
+Processes: a group (one prompt's leaves) never spans processes, so group statistics are local.
+Batch statistics (`reinforce_pp_baseline`, `aepo_entropy_aware`) are over the whole step's batch,
+all processes together: such an estimator takes a `reduce_sum` argument (a function summing a
+tensor over processes; None = this batch alone, which keeps the function pure), and
+`estimate_advantages` passes it the sum over torch.distributed processes. So the advantages do
+not depend on how many processes share the batch.
+
 Where this module deviates from the paper or the official code, and why:
 1. Group statistics are computed in float64 and the result cast to float32. In float32 the
    mean of sixteen rewards of 0.1 misses 0.1 by 7e-9 and their std is 8e-9 instead of 0, so
@@ -17,8 +24,8 @@ Where this module deviates from the paper or the official code, and why:
 3. `reinforce_pp_baseline` divides by the batch token std but does not re-centre on the batch
    token mean as OpenRLHF does: after per-group centring the batch mean is already ~0, and
    re-centring would give nonzero advantages to a group whose rewards are all equal.
-4. `aepo_entropy_aware` standardises token entropies over all trained tokens of the batch;
-   ARPO.md §8 does not say over which set z is taken.
+4. `aepo_entropy_aware` standardises token entropies over all trained tokens of the step's
+   batch (all processes); ARPO.md §8 does not say over which set z is taken.
    The released AEPO configs never run it: their entropy is only computed when
    `entropy_coeff != 0`. Here it always runs: `batch.entropies` holds the entropies the
    generator recorded at rollout (π_old), whatever `train.entropy_coef` is.
@@ -29,13 +36,17 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 
 import torch
 
+from arpo_ref.metrics import reduce_over_processes
 from arpo_ref.tree import RolloutBatch
 
 Estimator = Callable[[RolloutBatch], torch.Tensor]
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor element-wise over processes (the same result on each)."""
 
 GRPO_EPSILON = 1e-6
 """ε added to the group std (verl's value)."""
@@ -90,6 +101,20 @@ def grpo_leaf_advantages(
     """
     mean, std, _ = group_statistics(rewards, group_ids)
     return (rewards.to(torch.float64) - mean) / (std + epsilon)
+
+
+def batch_token_moments(values: torch.Tensor, loss_mask: torch.Tensor, reduce_sum: Reducer | None = None):
+    """Mean and population std of `values` [L, T] over the trained tokens (loss_mask > 0) of the
+    batch, float64 scalars; with `reduce_sum` (see the module docstring) over every process's
+    batch, as if they were one. Two passes (mean, then squared deviations), as in one process."""
+    reduce_sum = reduce_sum or (lambda tensor: tensor)
+    mask = loss_mask.to(torch.float64)
+    values = values.to(torch.float64) * mask
+    value_sum, num_tokens = reduce_sum(torch.stack([values.sum(), mask.sum()])).unbind()
+    num_tokens = num_tokens.clamp(min=1)
+    mean = value_sum / num_tokens
+    squared_deviation = reduce_sum((((values - mean) * mask) ** 2).sum().reshape(1))[0]
+    return mean, (squared_deviation / num_tokens).sqrt()
 
 
 def broadcast_to_tokens(leaf_values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -188,30 +213,34 @@ def rloo(batch: RolloutBatch) -> torch.Tensor:
 
 
 @estimator_claims(zero_on_equal_rewards=True)
-def reinforce_pp_baseline(batch: RolloutBatch, epsilon: float = GRPO_EPSILON) -> torch.Tensor:
+def reinforce_pp_baseline(batch: RolloutBatch, epsilon: float = GRPO_EPSILON,
+                          reduce_sum: Reducer | None = None) -> torch.Tensor:
     """REINFORCE++-baseline (Hu et al. 2025, arXiv 2501.03262).
 
     a_{i,t} = r_i − mean_group(r) on every trained token, then Â_{i,t} = a_{i,t} / (σ + ε), where
     σ is the (population) std of a over all trained tokens of the whole batch: the group mean
     removes the prompt's difficulty, the batch std sets a scale shared by all prompts.
-    Not re-centred on the batch mean (module docstring, point 3). Returns [L, T] float32.
+    The batch is the step's, over all processes, when `reduce_sum` sums over them (in training
+    it does; see the module docstring); None = this batch alone. Not re-centred on the batch
+    mean (module docstring, point 3). Returns [L, T] float32.
     """
     mean, _, _ = group_statistics(batch.rewards, batch.group_ids)
     mask = batch.loss_mask.to(torch.float64)
     centred = (batch.rewards.to(torch.float64) - mean).unsqueeze(1) * mask  # [L, T]
-    num_tokens = mask.sum().clamp(min=1)
-    token_mean = centred.sum() / num_tokens
-    token_std = ((((centred - token_mean) * mask) ** 2).sum() / num_tokens).sqrt()
+    _, token_std = batch_token_moments(centred, mask, reduce_sum)
     return (centred / (token_std + epsilon)).to(torch.float32)
 
 
 @estimator_claims(zero_on_equal_rewards=True)
-def aepo_entropy_aware(batch: RolloutBatch, entropy_weight: float = 0.2) -> torch.Tensor:
+def aepo_entropy_aware(batch: RolloutBatch, entropy_weight: float = 0.2,
+                       reduce_sum: Reducer | None = None) -> torch.Tensor:
     """AEPO entropy-aware advantage (AEPO, arXiv 2510.14545; ARPO.md §8), optional extension.
 
     Ã_{i,t} = Â_i·(1 + a·z(H_{i,t})), Â_i the GRPO advantage, H_{i,t} = batch.entropies, z the
     standardised entropy over all trained tokens of the batch, a = entropy_weight. Uncertain
-    tokens get a larger share of the credit. Needs batch.entropies [L, T]. Returns [L, T] float32.
+    tokens get a larger share of the credit. The batch is the step's, over all processes, when
+    `reduce_sum` sums over them (in training it does; see the module docstring); None = this
+    batch alone. Needs batch.entropies [L, T]. Returns [L, T] float32.
     """
     if batch.entropies is None:
         raise ValueError(
@@ -219,9 +248,7 @@ def aepo_entropy_aware(batch: RolloutBatch, entropy_weight: float = 0.2) -> torc
         )
     mask = batch.loss_mask.to(torch.float64)
     entropies = batch.entropies.to(torch.float64) * mask  # [L, T]
-    num_tokens = mask.sum().clamp(min=1)
-    entropy_mean = entropies.sum() / num_tokens
-    entropy_std = ((((entropies - entropy_mean) * mask) ** 2).sum() / num_tokens).sqrt()
+    entropy_mean, entropy_std = batch_token_moments(entropies, mask, reduce_sum)
     standardised = (entropies - entropy_mean) / entropy_std.clamp(min=1e-6)
     leaf_advantages = grpo_leaf_advantages(batch.rewards, batch.group_ids)
     token_advantages = leaf_advantages.unsqueeze(1) * (1 + entropy_weight * standardised)
@@ -315,6 +342,20 @@ ESTIMATORS: dict[str, Estimator] = {
     "treerl": treerl,
 }
 """Config name → estimator. `grpo` is ARPO's soft attribution (the paper's default)."""
+
+
+def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over the torch.distributed processes (unchanged in one process)."""
+    return reduce_over_processes(values, "sum")
+
+
+def estimate_advantages(estimator: Estimator, batch: RolloutBatch,
+                        reduce_sum: Reducer = sum_over_processes) -> torch.Tensor:
+    """`estimator(batch)`, passing `reduce_sum` to an estimator that takes one (batch statistics
+    over all processes; see the module docstring). Every process must call it at the same time."""
+    if "reduce_sum" in inspect.signature(estimator).parameters:
+        return estimator(batch, reduce_sum=reduce_sum)
+    return estimator(batch)
 
 
 def get_estimator(name: str) -> Estimator:

@@ -240,6 +240,10 @@ class TrainConfig:
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
     """Source of log π_old: recompute with a forward pass before the update, or reuse the
     generator's (equal when the rollout is on-policy at temperature 1 in the same precision)."""
+    logprob_temperature: Literal["sampling"] | float = 1.0
+    """Temperature of the update's log-probs (log π_old, log π_θ, log π_ref, entropy): 1.0 = the
+    temperature-1 policy (default; the official code differs when sampling.temperature != 1), or
+    "sampling" = logits divided by sampling.temperature, as verl (the official code) does."""
     eval_every: int = 0
     """Evaluate every this many steps (and at the end); 0 = only at the end."""
     save_every: int = 0
@@ -308,6 +312,9 @@ class TrainConfig:
             raise ValueError("keep_checkpoints must be >= 1")
         if self.packing not in ("tree", "padded"):
             raise ValueError(f"packing must be 'tree' or 'padded', got {self.packing!r}")
+        if self.logprob_temperature != "sampling" and self.logprob_temperature != 1.0:
+            raise ValueError(f"logprob_temperature must be 1.0 (the temperature-1 policy) or 'sampling' (logits "
+                             f"divided by sampling.temperature, as verl does), got {self.logprob_temperature!r}")
         from .advantages import ESTIMATORS
 
         if self.estimator not in ESTIMATORS and ":" not in self.estimator:
@@ -353,6 +360,18 @@ class Config:
                 f"({self.rollout.num_global}) must equal rollout.rollout_budget "
                 f"({self.rollout.rollout_budget}); set rollout.num_global={self.rollout.rollout_budget}"
             )
+        if self.train.logprob_temperature == "sampling":
+            self._check_sampling_logprob_temperature()
+
+    def _check_sampling_logprob_temperature(self) -> None:
+        temperature = self.sampling.temperature
+        if temperature == 0:
+            raise ConfigError("train.logprob_temperature=sampling divides logits by sampling.temperature, which is 0 "
+                              "(greedy); set sampling.temperature > 0 or train.logprob_temperature=1.0")
+        if self.train.old_logprobs == "rollout" and temperature != 1:
+            raise ConfigError(f"train.old_logprobs=rollout takes log π_old from the generator, which records "
+                              f"temperature-1 log-probs, but train.logprob_temperature=sampling needs them at "
+                              f"sampling.temperature={temperature}; set train.old_logprobs=recompute")
 
 
 # ---------------------------------------------------------------------------- loading

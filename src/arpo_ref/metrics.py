@@ -4,9 +4,15 @@ Parts may report different keys: a process whose rows called no python tool has 
 `tools/calls/python` (a count, so 0 there) and no `tools/error_rate` (a rate, so averaged over the
 parts that have it). `combine_metrics` handles each key by its kind; `mean_over_processes`
 gathers every process's metrics and combines them, so all processes log the same numbers.
+
+The update's `loss/...` metrics are made exact before that (`UpdateMetrics`): each is defined as
+the value one forward pass over the whole mini-batch (all processes' rows) would give, and is
+summed or token-weighted over micro-batches and processes accordingly.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -19,8 +25,8 @@ def summed_over_chunks(key: str) -> bool:
         "rollout/longest_path_tokens", "rollout/branch_decisions", "rollout/branches", "rollout/branch_declined")
 
 
-MAX_KEYS = frozenset({"reward/max", "rollout/longest_path_tokens", "tools/seconds_max"})
-MIN_KEYS = frozenset({"reward/min"})
+MAX_KEYS = frozenset({"reward/max", "rollout/longest_path_tokens", "tools/seconds_max", "loss/ratio_max"})
+MIN_KEYS = frozenset({"reward/min", "loss/ratio_min"})
 
 
 def combine_metrics(parts: list[tuple[dict[str, float], float]], summed=lambda key: False) -> dict[str, float]:
@@ -62,3 +68,76 @@ def mean_over_processes(metrics: dict[str, float], weight: float = 1.0) -> dict[
     parts = [None] * world_size()
     torch.distributed.all_gather_object(parts, (metrics, weight))
     return combine_metrics(parts)
+
+
+def reduce_over_processes(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`values` summed (op "sum") or maximised ("max") element-wise over the torch.distributed
+    processes, the same result on every process; returned unchanged in one process. A CPU tensor
+    travels through this process's GPU under NCCL and comes back on the CPU."""
+    if world_size() == 1:
+        return values
+    dist = torch.distributed
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    if op not in ops:
+        raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
+    on_gpu = dist.get_backend() == "nccl" and values.device.type != "cuda"
+    work = values.to(torch.device("cuda", torch.cuda.current_device())) if on_gpu else values.clone()
+    dist.all_reduce(work, op=ops[op])
+    return work.to(values.device)
+
+
+LOSS_SHARE_KEYS = ("loss/policy", "loss/kl", "loss/entropy", "loss/total")
+"""`loss.policy_loss` metrics that are a micro-batch's share of the mini-batch's loss (normalised
+by the mini-batch's global token or sequence counts): the mini-batch value is their sum over
+micro-batches and processes, whatever `train.loss_aggregation` is."""
+TOKEN_MEAN_KEYS = ("loss/clipfrac", "loss/clipfrac_low", "loss/clipfrac_high", "loss/dual_clipfrac",
+                   "loss/approx_kl", "loss/ratio_mean")
+"""`loss.policy_loss` metrics that are means over a micro-batch's trained tokens: the mini-batch
+value is the mean over all its trained tokens (micro-batches weighted by their token counts)."""
+
+
+class UpdateMetrics:
+    """The `loss/...` metrics of one mini-batch, from its micro-batches' `policy_loss` metrics on
+    every process. Each equals what one forward pass over the whole mini-batch would report:
+
+    * loss/policy, loss/kl, loss/entropy, loss/total: the mini-batch's loss terms under
+      `train.loss_aggregation` (e.g. a token mean over all trained tokens of the mini-batch);
+    * loss/clipfrac(_low, _high), loss/dual_clipfrac, loss/approx_kl, loss/ratio_mean: token
+      means over the mini-batch's trained tokens (whatever the aggregation);
+    * loss/ratio_max, loss/ratio_min: over the mini-batch's trained tokens.
+
+    `add` each micro-batch's metrics with its trained-token count, then every process calls
+    `result` (a collective when torch.distributed runs).
+    """
+
+    def __init__(self):
+        self.sums = dict.fromkeys(LOSS_SHARE_KEYS + TOKEN_MEAN_KEYS, 0.0)
+        self.present: set[str] = set()
+        self.tokens = 0.0
+        self.ratio_max, self.ratio_min = -math.inf, math.inf
+
+    def add(self, metrics: dict[str, float], tokens: float) -> None:
+        for key in LOSS_SHARE_KEYS:
+            if key in metrics:
+                self.sums[key] += metrics[key]
+                self.present.add(key)
+        if tokens:  # with no trained token the means are 0 or NaN and count for nothing
+            for key in TOKEN_MEAN_KEYS:
+                self.sums[key] += metrics[key] * tokens
+            self.ratio_max = max(self.ratio_max, metrics["loss/ratio_max"])
+            self.ratio_min = min(self.ratio_min, metrics["loss/ratio_min"])
+            self.tokens += tokens
+
+    def result(self, device: torch.device | str = "cpu") -> dict[str, float]:
+        keys = LOSS_SHARE_KEYS + TOKEN_MEAN_KEYS
+        totals = reduce_over_processes(torch.tensor([self.sums[k] for k in keys] + [self.tokens],
+                                                    dtype=torch.float64, device=device)).tolist()
+        largest, negated_smallest = reduce_over_processes(torch.tensor(
+            [self.ratio_max, -self.ratio_min], dtype=torch.float64, device=device), op="max").tolist()
+        tokens = totals[-1]
+        out = {k: v for k, v in zip(LOSS_SHARE_KEYS, totals) if k in self.present}
+        for key, total in zip(TOKEN_MEAN_KEYS, totals[len(LOSS_SHARE_KEYS):]):
+            out[key] = total / tokens if tokens else math.nan
+        out["loss/ratio_max"] = largest if tokens else math.nan
+        out["loss/ratio_min"] = -negated_smallest if tokens else math.nan
+        return out

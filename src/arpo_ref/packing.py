@@ -194,9 +194,11 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def packed_token_logprobs(model, packed: PackedRows, vocab_size: int, with_entropy: bool = False):
+def packed_token_logprobs(model, packed: PackedRows, vocab_size: int, with_entropy: bool = False,
+                          temperature: float = 1.0):
     """`update.token_logprobs` of the packed rows, in their [R, T] layout: log π(token_t |
-    tokens_<t) (0 at t = 0 and on padding) and optionally the entropy (0 there too)."""
+    tokens_<t) (0 at t = 0 and on padding) and optionally the entropy (0 there too), of
+    softmax(logits / temperature)."""
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     logits = model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
@@ -205,7 +207,7 @@ def packed_token_logprobs(model, packed: PackedRows, vocab_size: int, with_entro
     parent = packed.parent.to(device)
     has_parent = parent >= 0
     chosen, entropy = logprobs_and_entropy(logits[parent.clamp(min=0)], packed.input_ids.reshape(-1).to(device),
-                                           vocab_size, with_entropy)  # from each token's parent's logits
+                                           vocab_size, with_entropy, temperature)  # from each token's parent's logits
     index = packed.index.to(device)
 
     def unpack(values):  # (B·N,) -> (R, T)
@@ -215,13 +217,14 @@ def packed_token_logprobs(model, packed: PackedRows, vocab_size: int, with_entro
     return unpack(chosen), (unpack(entropy) if with_entropy else None)
 
 
-def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, with_entropy: bool):
-    """log softmax(logits)[target] and, optionally, the entropy, of float logits (..., V).
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, with_entropy: bool,
+                         temperature: float = 1.0):
+    """log softmax(logits / temperature)[target] and, optionally, the entropy, of logits (..., V).
 
     Ids >= vocab_size (a model's padded vocabulary) get probability 0, as in the generator. The
     entropy's p·log p is taken as 0 where p = 0 before multiplying, so its gradient stays finite
     (0·(−inf) would make it NaN)."""
-    logits = logits.float()
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     if vocab_size < logits.shape[-1]:
         logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_size, float("-inf"))
     log_probs = torch.log_softmax(logits, dim=-1)

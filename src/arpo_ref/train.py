@@ -10,12 +10,13 @@ One step, in the paper's order:
   7. metrics, periodic evaluation, atomic checkpoint.
 
 Processes: one CPU process by default; under `torchrun` / `accelerate launch` every process rolls
-out its own prompts (a group never spans processes, so advantages are per process) and DDP
-averages gradients. Token counts used to normalise the loss are summed over processes, and each
-process's loss is multiplied by the number of processes, so the update equals the one a single
-process would make on all prompts. With `train.fsdp` the weights, gradients and AdamW state are
-sharded instead of replicated (arpo_ref.sharding): the rollout gathers the full weights, and the
-update pads every process to the same number of micro-batches.
+out its own prompts (a group never spans processes, so group statistics are per process; an
+estimator's batch statistics are over all processes) and DDP averages gradients. Token counts
+used to normalise the loss are summed over processes, and each process's loss is multiplied by the
+number of processes, so the update equals the one a single process would make on all prompts.
+With `train.fsdp` the weights, gradients and AdamW state are sharded instead of replicated
+(arpo_ref.sharding): the rollout gathers the full weights, and the update pads every process to
+the same number of micro-batches.
 
 The update itself (step 6) is in arpo_ref.update.
 
@@ -44,7 +45,7 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from .advantages import get_estimator
+from .advantages import estimate_advantages, get_estimator
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import Record, records_for
@@ -71,7 +72,12 @@ from .sharding import (
 )
 from .tools.registry import ToolRegistry
 from .tree import RolloutTree, to_batch
-from .update import ppo_update, recompute_logprobs, token_logprobs  # noqa: F401  (token_logprobs: public here too)
+from .update import (  # noqa: F401  (token_logprobs: public here too)
+    logprob_temperature,
+    ppo_update,
+    recompute_logprobs,
+    token_logprobs,
+)
 
 PROGRESS_KEYS = ("reward/mean", "rollout/branches", "rollout/tool_calls_executed", "loss/clipfrac", "eval/accuracy")
 
@@ -136,10 +142,11 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         reward_metrics = score_leaves(result.trees, records, tokenizer, reward_fn)
         # 4. advantages (§3.3)
         batch = to_batch(result.trees, pad_token_id=tokenizer.pad_token_id or 0)
-        advantages = estimator(batch)
+        advantages = estimate_advantages(estimator, batch)  # batch statistics over all processes
         # 5. old log-probs
         timer = time.perf_counter()
-        reference_logprobs = _old_and_reference_logprobs(model, policy, reference, batch, tokenizer, cfg)
+        reference_logprobs = _old_and_reference_logprobs(model, policy, reference, batch, tokenizer, cfg,
+                                                         logprob_temperature(config))
         times["time/old_logprobs"] = time.perf_counter() - timer
         # 6. clipped policy-gradient update (ARPO.md §4)
         model.train()
@@ -188,15 +195,17 @@ def _start_run_folder(accelerator, config: Config, run_dir: Path, fresh: bool) -
     accelerator.init_trackers("arpo_ref", config={"seed": config.seed})
 
 
-def _old_and_reference_logprobs(model, policy, reference, batch, tokenizer, cfg):
+def _old_and_reference_logprobs(model, policy, reference, batch, tokenizer, cfg, temperature: float):
     """Step 5: log π_old into `batch` when recomputed (FSDP: on gathered weights, as processes
-    run different numbers of micro-batches), and log π_ref when a KL penalty needs it."""
+    run different numbers of micro-batches), and log π_ref when a KL penalty needs it, both at
+    the update's log-prob temperature."""
     if cfg.old_logprobs == "recompute":
         with gathered(model):
-            batch.old_logprobs = recompute_logprobs(policy, batch, tokenizer, cfg.micro_batch_leaves, cfg.packing)
+            batch.old_logprobs = recompute_logprobs(policy, batch, tokenizer, cfg.micro_batch_leaves, cfg.packing,
+                                                    temperature)
     if reference is None:
         return None
-    return recompute_logprobs(reference, batch, tokenizer, cfg.micro_batch_leaves, cfg.packing)
+    return recompute_logprobs(reference, batch, tokenizer, cfg.micro_batch_leaves, cfg.packing, temperature)
 
 
 # ---------------------------------------------------------------------------- inputs

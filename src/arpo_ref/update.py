@@ -13,6 +13,15 @@ Normalisers (tokens, sequences) are summed over processes and each process's los
 by the number of processes, so DDP's or FSDP's gradient average equals the gradient one process
 would compute on all prompts. Under FSDP every process runs the same number of micro-batches
 (zero-weight ones pad the shorter), because each one gathers and reduces parameters.
+
+Logged metrics: each mini-batch's `loss/...` equal one forward pass over the whole mini-batch
+(`metrics.UpdateMetrics` says what each one is), `train/grad_norm` is the norm of its whole
+gradient before clipping; a step logs their mean over its mini-batches and epochs (ratio_max /
+ratio_min: the largest / smallest).
+
+Log-probs are those of the temperature-1 policy, or with `train.logprob_temperature=sampling` of
+logits divided by `sampling.temperature` (verl's choice) for log π_old, log π_θ, log π_ref and
+the entropy alike (`logprob_temperature`).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 from .config import Config
 from .loss import policy_loss
 from .memory import pack_by_tokens
+from .metrics import UpdateMetrics, combine_metrics
 from .packing import (
     distinct_tokens,
     logprobs_and_entropy,
@@ -33,30 +43,42 @@ from .sharding import is_sharded, micro_batch_padding
 from .tree import RolloutBatch
 
 
-def token_logprobs(model, input_ids, attention_mask, vocab_size: int, with_entropy: bool = False):
-    """log π(token_t | tokens_<t) for every column t (0 at t = 0), and optionally the entropy.
+def logprob_temperature(config: Config) -> float:
+    """The temperature the update's log-probs are taken at: 1.0, or `sampling.temperature` when
+    `train.logprob_temperature` is "sampling" (verl divides the logits by it)."""
+    if config.train.logprob_temperature == "sampling":
+        return config.sampling.temperature
+    return float(config.train.logprob_temperature)
+
+
+def token_logprobs(model, input_ids, attention_mask, vocab_size: int, with_entropy: bool = False,
+                   temperature: float = 1.0):
+    """log π(token_t | tokens_<t) for every column t (0 at t = 0), and optionally the entropy, of
+    softmax(logits / temperature).
 
     Ids >= vocab_size (padded model vocabularies) are masked as in the generator, so recomputed
     and recorded log-probs agree. Shapes: input_ids/attention_mask (B, T) -> (B, T).
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
-    chosen, entropy = logprobs_and_entropy(logits, input_ids[:, 1:], vocab_size, with_entropy)  # (B, T-1)
+    chosen, entropy = logprobs_and_entropy(logits, input_ids[:, 1:], vocab_size, with_entropy,
+                                           temperature)  # (B, T-1)
     pad = torch.nn.functional.pad
     return pad(chosen, (1, 0)), (pad(entropy, (1, 0)) if with_entropy else None)
 
 
 def rows_logprobs(model, batch: RolloutBatch, rows: torch.Tensor, vocab_size: int, with_entropy: bool = False,
-                  packing: str = "padded"):
-    """`token_logprobs` of the leaves `rows`, trimmed to their longest: (R, W) log-probs and
-    entropies (or None). packing "padded": one padded row per leaf; "tree": the rows' trees
-    packed, every shared prefix token forwarded once (arpo_ref.packing), same values; padded
-    where packing would cost more (`packing.pack_if_cheaper`)."""
+                  packing: str = "padded", temperature: float = 1.0):
+    """`token_logprobs` of the leaves `rows` at `temperature`, trimmed to their longest: (R, W)
+    log-probs and entropies (or None). packing "padded": one padded row per leaf; "tree": the
+    rows' trees packed, every shared prefix token forwarded once (arpo_ref.packing), same values;
+    padded where packing would cost more (`packing.pack_if_cheaper`)."""
     width = int(batch.attention_mask[rows].sum(1).max())  # drop columns that are padding in every row
     input_ids, attention_mask = batch.input_ids[rows, :width], batch.attention_mask[rows, :width]
     if packing == "tree" and (packed := pack_if_cheaper(model, input_ids, attention_mask)) is not None:
-        return packed_token_logprobs(model, packed, vocab_size, with_entropy)
+        return packed_token_logprobs(model, packed, vocab_size, with_entropy, temperature)
     device = next(model.parameters()).device
-    return token_logprobs(model, input_ids.to(device), attention_mask.to(device), vocab_size, with_entropy)
+    return token_logprobs(model, input_ids.to(device), attention_mask.to(device), vocab_size, with_entropy,
+                          temperature)
 
 
 def micro_batches(batch: RolloutBatch, leaves: torch.Tensor, cfg) -> list[torch.Tensor]:
@@ -77,9 +99,11 @@ def micro_batches(batch: RolloutBatch, leaves: torch.Tensor, cfg) -> list[torch.
 
 
 @torch.no_grad()
-def recompute_logprobs(model, batch: RolloutBatch, tokenizer, micro: int, packing: str = "padded") -> torch.Tensor:
-    """log π_old of every trained token by a forward pass (0 elsewhere), micro-batched: (L, T).
-    micro: leaves per forward (tree packing: whole trees, up to that many leaves)."""
+def recompute_logprobs(model, batch: RolloutBatch, tokenizer, micro: int, packing: str = "padded",
+                       temperature: float = 1.0) -> torch.Tensor:
+    """log π_old of every trained token by a forward pass (0 elsewhere), micro-batched, at
+    `temperature` (`logprob_temperature`): (L, T). micro: leaves per forward (tree packing:
+    whole trees, up to that many leaves)."""
     out = torch.zeros_like(batch.loss_mask)
     leaves = torch.arange(batch.num_leaves)
     if packing == "tree":
@@ -87,7 +111,7 @@ def recompute_logprobs(model, batch: RolloutBatch, tokenizer, micro: int, packin
     else:
         chunks = list(leaves.split(micro))
     for rows in chunks:
-        lp, _ = rows_logprobs(model, batch, rows, len(tokenizer), packing=packing)
+        lp, _ = rows_logprobs(model, batch, rows, len(tokenizer), packing=packing, temperature=temperature)
         out[rows, :lp.shape[1]] = lp.cpu() * batch.loss_mask[rows, :lp.shape[1]]
     return out
 
@@ -99,17 +123,14 @@ def ppo_update(accelerator, model, optimizer, scheduler, batch: RolloutBatch, ad
     groups = batch.group_ids.unique(sorted=True)
     if len(groups) < cfg.mini_batches:  # every process must take as many optimizer steps
         raise RuntimeError(f"{len(groups)} prompts with leaves for {cfg.mini_batches} mini-batches")
-    sums: dict[str, float] = {}
-    updates = 0
+    per_update = []
     for _ in range(cfg.ppo_epochs):
         for mini_batch in torch.tensor_split(groups, cfg.mini_batches):
             leaves = torch.isin(batch.group_ids, mini_batch).nonzero().squeeze(1)
-            step_metrics = _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
-                                           reference_logprobs, leaves, config, vocab_size)
-            for k, v in step_metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            updates += 1
-    return {k: v / updates for k, v in sums.items()} | {"train/updates": float(updates)}
+            per_update.append((_minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
+                                               reference_logprobs, leaves, config, vocab_size), 1.0))
+    # means over the updates; loss/ratio_max and loss/ratio_min stay the largest and smallest
+    return combine_metrics(per_update) | {"train/updates": float(len(per_update))}
 
 
 def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages, reference_logprobs,
@@ -126,6 +147,8 @@ def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
     if sharded:  # FSDP gathers and reduces per micro-batch, so every process runs as many: pad with
         chunks += [chunks[0][:1]] * micro_batch_padding(real, device)  # zero-weight micro-batches
     sums: dict[str, float] = {"train/padding_micro_batches": float(len(chunks) - real)} if sharded else {}
+    tally = UpdateMetrics()
+    temperature = logprob_temperature(config)
     for i, rows in enumerate(chunks):
         width = int(batch.attention_mask[rows].sum(1).max())  # drop columns that are padding in every row
         sync = accelerator.no_sync(model) if i < len(chunks) - 1 and not sharded else _null_context()
@@ -133,7 +156,7 @@ def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
             def take(tensor, rows=rows, width=width):
                 return tensor[rows, :width].to(device)
             logprobs, entropy = rows_logprobs(model, batch, rows, vocab_size, with_entropy=cfg.entropy_coef > 0,
-                                              packing=cfg.packing)
+                                              packing=cfg.packing, temperature=temperature)
             loss, metrics = policy_loss(
                 logprobs, take(batch.old_logprobs), take(advantages), take(batch.loss_mask),
                 clip_low=cfg.clip_low, clip_high=cfg.clip_high,
@@ -143,12 +166,9 @@ def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
                 num_tokens=num_tokens, num_sequences=num_sequences,
                 max_response_length=config.rollout.max_response_tokens, entropy_balanced_clip=cfg.clip_mode == "entropy_balanced")
             accelerator.backward(loss * (accelerator.num_processes if i < real else 0.0))
-        if i >= real:
-            continue
-        weight = len(rows) / len(leaves)
-        for k, v in metrics.items():
-            if k != "loss/total" and "max" not in k and "min" not in k:
-                sums[k] = sums.get(k, 0.0) + v * weight
+        if i < real:
+            tally.add(metrics, float((batch.loss_mask[rows] > 0).sum()))
+    sums.update(tally.result(device))
     if cfg.max_grad_norm:
         clip = torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_
         norm = clip(model.parameters(), cfg.max_grad_norm)
