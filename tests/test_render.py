@@ -6,8 +6,6 @@ drawing with the wrong ΔH, P, verdict, leaf reward or nesting passed every test
 
 from __future__ import annotations
 
-import pytest
-
 from arpo_ref.tree import BranchDecision, RolloutTree, ToolCall, render
 
 WORDS = {1: "question", 2: "<search>", 3: "q", 4: "</search>", 5: "<result>", 6: "page", 7: "</result>",
@@ -45,14 +43,14 @@ prompt 3: 3 leaves, 8 nodes
 [prompt #0, 1 tok] question
   [model #1, 3 tok] <search> q </search>
     [tool #2, 3 tok] <result> page </result>
-      ↳ paper: ΔH=+0.1235  P=0.525  → BRANCH x1
+      ↳ paper: ΣH_initial=0.750 (2)  ΣH_t=1.750 (2)  ΔH=+0.1235  P=0.525  → BRANCH x1
       [model #3, 3 tok] <answer> A </answer>
         ● leaf 0 (global, eos, 1 calls) reward +1.000
       [model #4, 3 tok] <answer> B </answer>
         ● leaf 1 (branch, eos, 1 calls) reward +0.000
   [model #5, 3 tok] <search> q </search>
     [tool #6, 3 tok] <result> page </result>
-      ↳ official: ΔH=-0.2000  P=0.460  → no branch
+      ↳ official: ΣH_initial=0.400 (1)  ΣH_t=0.200 (1)  ΔH=-0.2000  P=0.460  → no branch
       [model #7, 10 tok] long long long long long long long long long long
         ● leaf 2 (fill_up, length, 1 calls) reward ?"""
     assert render(hand_built_tree(), decode, width=100) == expected
@@ -68,8 +66,8 @@ def test_render_without_a_decoder_counts_tokens_and_abridges_long_text():
     assert long_line == f"      [model #7, 10 tok] {text[:8]} … {text[-9:]}"
 
 
-@pytest.mark.xfail(strict=True, reason="render shows ΔH and P but not the entropies they come from "
-                                       "(H_initial, H_t); issue 13 asks for them on the decision line")
 def test_render_decision_line_shows_the_entropies_it_compares():
+    """The decision line showed ΔH and P but not the entropies they come from: it now shows the
+    sums of H_initial and H_t and how many tokens (or segments) each covers."""
     decision_line = render(hand_built_tree(), decode, width=100).splitlines()[4]
-    assert "H_initial" in decision_line and "H_t" in decision_line
+    assert "ΣH_initial=0.750 (2)" in decision_line and "ΣH_t=1.750 (2)" in decision_line

@@ -288,7 +288,10 @@ def render(tree: RolloutTree, decode=None, width: int = 60) -> str:
         d = node.decision
         if d is not None:
             verdict = f"BRANCH x{d.num_branches}" if d.branched else "no branch"
-            lines.append(f"{indent}  ↳ {d.mode}: ΔH={d.delta_entropy:+.4f}  P={d.probability:.3f}  → {verdict}")
+            entropies = (f"ΣH_initial={sum(d.initial_entropy):.3f} ({len(d.initial_entropy)})  "
+                         f"ΣH_t={sum(d.step_entropy):.3f} ({len(d.step_entropy)})")
+            lines.append(f"{indent}  ↳ {d.mode}: {entropies}  ΔH={d.delta_entropy:+.4f}  "
+                         f"P={d.probability:.3f}  → {verdict}")
         for i in leaves_at.get(node_id, []):
             leaf = tree.leaves[i]
             reward = "?" if leaf.reward is None else f"{leaf.reward:+.3f}"
