@@ -286,6 +286,8 @@ class Generator:
         for b in set(budget_left) - set(active):
             outputs[rows.row_ids[b]].finish_reason = "length"
         stop_chars = self.stops.char_mask(tuple(stop_strings))
+        # Growth stops at what this call can need (every row at its limit).
+        rows.cache.length_limit = max((rows.lengths[b] + budget_left[b] for b in active), default=0)
         stopped = len(budget_left) - len(active)
         while active and (pause_after is None or stopped < pause_after):
             logits = self._step_logits(rows, active)  # (A, V)
@@ -312,6 +314,7 @@ class Generator:
                     out.finish_reason = reason
                     stopped += 1
             active = still_active
+        rows.cache.length_limit = 0
         return outputs
 
     # ------------------------------------------------------------------ internals

@@ -124,6 +124,8 @@ class SlotCache(Cache):
         self.plan: ForwardPlan | None = None
         self.growths = 0
         """Re-allocations so far (each copies every slot once; geometric, so rare)."""
+        self.length_limit = 0
+        """When > 0, the most columns the current work can need: doubling stops there."""
 
     # ---------------------------------------------------------------- slots
     def allocate(self, count: int) -> list[int]:
@@ -168,7 +170,8 @@ class SlotCache(Cache):
     def ensure_capacity(self, length: int) -> None:
         """At least `length` columns; grows geometrically (doubling) so growth is amortised."""
         if length > self.capacity:
-            self.reserve(capacity=max(length, 2 * self.capacity))
+            doubled = 2 * self.capacity if self.length_limit <= 0 else min(2 * self.capacity, self.length_limit)
+            self.reserve(capacity=max(length, doubled))
 
     @property
     def device(self) -> torch.device | None:
