@@ -140,16 +140,18 @@ class Generator:
             sampled.
         eos_token_ids: ids that end a row with reason 'eos'; default: the tokenizer's EOS id and
             the model's generation config EOS ids.
-        compile: 'auto' (on for CUDA, off elsewhere), True or False: decode with a static-shape
-            step through `torch.compile` (CUDA graphs on a GPU).
+        compile: 'auto' (on for CUDA, off elsewhere), True/'on' or False/'off': decode with a
+            static-shape step through `torch.compile` (CUDA graphs on a GPU); `sampling.compile`
+            in the config.
         max_rows, max_length: size every new batch's cache up front (rows at once, tokens per
             row), so it never grows; 0 = start small and grow geometrically.
     """
 
     def __init__(self, model, tokenizer, eos_token_ids: Sequence[int] | None = None,
                  compile: bool | str = "auto", max_rows: int = 0, max_length: int = 0) -> None:
+        compile = {"on": True, "off": False}.get(compile, compile)
         if compile not in ("auto", True, False):
-            raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
+            raise ValueError(f"compile must be 'auto', 'on'/True or 'off'/False, got {compile!r}")
         if max_rows < 0 or max_length < 0:
             raise ValueError(f"max_rows and max_length must be >= 0 (0 = grow), got {max_rows}, {max_length}")
         self.model = model
@@ -286,10 +288,14 @@ class Generator:
         for b in set(budget_left) - set(active):
             outputs[rows.row_ids[b]].finish_reason = "length"
         stop_chars = self.stops.char_mask(tuple(stop_strings))
-        # Growth stops at what this call can need (every row at its limit).
-        rows.cache.length_limit = max((rows.lengths[b] + budget_left[b] for b in active), default=0)
+        # Eager: growth stops at what this call can need (every row at its limit). Compiled: plain
+        # doubling, so few distinct cache shapes (each is a new graph).
+        if not self.compiled:
+            rows.cache.length_limit = max((rows.lengths[b] + budget_left[b] for b in active), default=0)
         stopped = len(budget_left) - len(active)
         while active and (pause_after is None or stopped < pause_after):
+            if not self.compiled:  # the decoding rows in one run of slots: views, not gathers
+                rows.cache.pack(rows.slots, rows.lengths, active)
             logits = self._step_logits(rows, active)  # (A, V)
             tokens, logprobs, entropies, top = sample_step(logits, sampling, rng, self.vocab_size)
             rows.generated_tokens += len(active)

@@ -62,6 +62,13 @@ class SlotLayer(CacheLayerMixin):
         self.keys = torch.zeros(*shape, key_dim, dtype=key_states.dtype, device=key_states.device)
         self.values = torch.zeros(*shape, value_dim, dtype=value_states.dtype, device=value_states.device)
         self.is_initialized = True
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        """Tell torch.compile these tensors keep their address (so CUDA graphs may write them)."""
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the batch's new keys/values [n, heads, W, dim]; return its slots [n, heads, L, dim]."""
@@ -105,6 +112,7 @@ class SlotLayer(CacheLayerMixin):
             new = old.new_zeros(num_slots, old.shape[1], capacity, old.shape[3])
             new[: old.shape[0], :, : old.shape[2]] = old
             setattr(self, name, new)
+        self._mark_static()
 
 
 class SlotCache(Cache):
@@ -153,6 +161,40 @@ class SlotCache(Cache):
                 for tensor in (layer.keys, layer.values):
                     prefix = tensor[source, :, :length].clone()  # one row; the write may not alias it
                     tensor[index, :, :length] = prefix
+
+    def swap(self, a: int, b: int, length_a: int, length_b: int | None) -> None:
+        """Exchange the prefixes of slots a and b (b free: length_b None, a's prefix just moves
+        there and a becomes free). Two or three row copies; lets live rows stay packed."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                for tensor in (layer.keys, layer.values):
+                    saved = tensor[b, :, :length_b].clone() if length_b else None
+                    tensor[b, :, :length_a] = tensor[a, :, :length_a]
+                    if saved is not None:
+                        tensor[a, :, :length_b] = saved
+        if length_b is None:
+            self._free.remove(b)
+            heapq.heapify(self._free)
+            self.free([a])
+
+    def pack(self, slots: list[int], lengths: list[int], active: list[int]) -> None:
+        """Move rows `active` (indices into `slots` / `lengths`, updated in place) into one run of
+        slots, so a forward reads views of the cache instead of gathering every active row at
+        every step. When an active row stops, one swap (the last active row takes its slot)
+        restores the run; an already packed set costs nothing."""
+        taken = sorted(slots[b] for b in active)
+        if taken[-1] - taken[0] + 1 == len(taken):
+            return
+        run = range(taken[0], taken[0] + len(taken))
+        holes = sorted(set(run) - set(taken))
+        outside = [b for b in active if slots[b] not in run]
+        owner = {slot: b for b, slot in enumerate(slots)}
+        for b, hole in zip(outside, holes, strict=True):
+            other = owner.get(hole)  # a waiting or stopped row, or None: a free slot
+            self.swap(slots[b], hole, lengths[b], None if other is None else lengths[other])
+            if other is not None:
+                slots[other] = slots[b]
+            slots[b] = hole
 
     # ---------------------------------------------------------------- size
     def reserve(self, num_slots: int = 0, capacity: int = 0) -> None:
