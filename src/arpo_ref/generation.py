@@ -165,7 +165,8 @@ class Generator:
         forward_args = inspect.signature(model.forward).parameters
         # transformers 5.x renamed the cache argument `past_key_values` -> `cache`.
         cache_arg = "cache" if "cache" in forward_args else "past_key_values"
-        self.forward = SlotForward(model, cache_arg, keeps_logits="logits_to_keep" in forward_args)
+        self._keeps_logits = "logits_to_keep" in forward_args  # only the last column's logits
+        self.forward = SlotForward(model, cache_arg, keeps_logits=self._keeps_logits)
         self.compiled = self.device.type == "cuda" if compile == "auto" else bool(compile)
         self.decode_step = DecodeStep(self.forward, compiled=self.compiled) if self.compiled else None
         self.max_rows, self.max_length = max_rows, max_length
