@@ -1,16 +1,20 @@
-"""Generator throughput vs `model.generate`, and forking vs re-prefilling, in one process.
+"""The generation engine vs `model.generate`, in one process: throughput, step cost, forks, memory.
 
-    python benchmarks/bench_generation.py            # a table
-    python benchmarks/bench_generation.py --json     # the same numbers as JSON
-    python benchmarks/bench_generation.py --arch qwen2.5-0.5b --rows 128 --new-tokens 256   # on a GPU
+    OMP_NUM_THREADS=1 python benchmarks/bench_generation.py                 # the CPU table
+    OMP_NUM_THREADS=1 python benchmarks/bench_generation.py --json          # the same as JSON
+    python benchmarks/bench_generation.py --arch qwen2.5-0.5b               # on a GPU: decode steps
 
-`--arch` picks the model: a tiny one (`--hidden`, `--layers`) or the exact architecture of a model
-the configs name, with random weights (bfloat16 on a GPU). On a GPU this is the first thing to
-measure: whether a decoding step of ours costs what `model.generate`'s does.
-
-Same tiny random model (built from a config, saved and reloaded), same batch, same number of new
-tokens for both. Our generator records log-prob and entropy for every token; `model.generate`
-records nothing. Each measurement is the best of --repeats runs (noisy machines).
+What is measured (each the best of --repeats, the two sides interleaved, ratios in one process):
+* throughput: ours (sampling T = 1, top-p 0.95, log-prob and entropy recorded per token) vs
+  `model.generate` (same sampling, records nothing), B in --rows, hidden in --hiddens; 'eos':
+  rows stop at an end id at different steps (a set of --eos-ids ids, as a rollout's rows do);
+  'no stop': every row runs --new-tokens. tokens/s counts real tokens (up to the EOS).
+* step cost after churn: ms of a decoding step of B rows, then again after many rows were forked
+  and retired: it must not grow (no event copies every row).
+* fork: continue 8 rows from a 512-token history by forking vs by re-prefilling.
+* memory: bytes of our slot cache vs `model.generate`'s DynamicCache for the same generation.
+* --arch qwen2.5-0.5b (a GPU): ms per decoding step eager and compiled, next to the floor
+  (weight bytes + KV bytes read) / bandwidth, the bandwidth measured with a large copy.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_train_step import ARCHITECTURES  # noqa: E402  (published sizes of the configs' models)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SAMPLING = dict(temperature=1.0, top_p=0.95)
 
 
 def build_model(hidden: int, layers: int, vocab: int, arch: str = "tiny"):
@@ -53,105 +58,246 @@ def build_model(hidden: int, layers: int, vocab: int, arch: str = "tiny"):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(DEVICE).eval()
 
 
-def best_of(repeats: int, *fns) -> list[float]:
-    """Best wall time of each function, the functions interleaved so load changes hit all alike."""
-    times = [[] for _ in fns]
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_of(repeats: int, *fns) -> list[tuple[float, object]]:
+    """(best wall time, result of that run) of each function, interleaved so load hits all alike."""
+    best = [(float("inf"), None) for _ in fns]
     for _ in range(repeats):
-        for fn, bucket in zip(fns, times):
+        for i, fn in enumerate(fns):
             start = time.perf_counter()
-            fn()
-            if DEVICE.type == "cuda":
-                torch.cuda.synchronize()
-            bucket.append(time.perf_counter() - start)
-    return [min(bucket) for bucket in times]
+            result = fn()
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed < best[i][0]:
+                best[i] = (elapsed, result)
+    return best
 
 
-def bench_throughput(model, tokenizer, rows: int, new_tokens: int, repeats: int) -> dict:
-    generator = Generator(model, tokenizer, eos_token_ids=[])
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, len(tokenizer), (int(n),), generator=g).tolist()
-               for n in torch.randint(8, 40, (rows,), generator=g)]
+def random_prompts(vocab: int, rows: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in torch.randint(8, 40, (rows,), generator=g)]
+
+
+def left_padded(prompts):
     width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=DEVICE)
-    mask = (input_ids != 0).long()
-    for p, row in zip(prompts, mask, strict=False):
-        row[width - len(p):] = 1
-    results = {}
-    for name, kw in {"greedy": dict(temperature=0), "sampling": dict(temperature=1.0, top_p=0.95)}.items():
-        hf_kw = dict(do_sample=False) if name == "greedy" else dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0)
-        ours, hf = best_of(
-            repeats,
-            lambda kw=kw: generator.generate(prompts, SamplingParams(max_new_tokens=new_tokens, seed=0, **kw)),
-            lambda hf_kw=hf_kw: model.generate(input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                               min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, **hf_kw))
-        tokens = rows * new_tokens
-        results[name] = {"ours_tokens_per_s": tokens / ours, "hf_tokens_per_s": tokens / hf,
-                         "ratio_ours_over_hf": hf / ours}
-    return results
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=DEVICE)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=DEVICE)
+    return ids, mask
+
+
+def hf_tokens(out: torch.Tensor, width: int, eos_ids: list[int]) -> int:
+    """Real tokens model.generate produced: up to and including each row's first EOS."""
+    total = 0
+    for row in out[:, width:].tolist():
+        ends = [i for i, t in enumerate(row) if t in eos_ids]
+        total += ends[0] + 1 if ends else len(row)
+    return total
+
+
+def bench_throughput(model, tokenizer, rows: int, new_tokens: int, eos_ids: list[int], repeats: int) -> dict:
+    """tokens/s of ours vs model.generate on the same prompts; eos_ids = [] means no stops."""
+    generator = Generator(model, tokenizer, eos_token_ids=eos_ids)
+    prompts = random_prompts(len(tokenizer), rows)
+    input_ids, mask = left_padded(prompts)
+    suppress = list(range(len(tokenizer), model.config.vocab_size))
+    sampling = SamplingParams(max_new_tokens=new_tokens, seed=0, **SAMPLING)
+
+    def ours():
+        return sum(len(o.token_ids) for o in generator.generate(prompts, sampling))
+
+    def hf():
+        kw = dict(eos_token_id=eos_ids) if eos_ids else dict(eos_token_id=None, min_new_tokens=new_tokens)
+        out = model.generate(input_ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=0,
+                             do_sample=True, top_k=0, suppress_tokens=suppress, **SAMPLING, **kw)
+        return hf_tokens(out, input_ids.shape[1], eos_ids)
+
+    # The two sides draw different samples, so their rows stop at different steps: compare the
+    # best rate (tokens / s) of each over the repeats, which favours the side with luckier runs.
+    rates = [[], []]
+    for _ in range(repeats):
+        for side, fn in enumerate((ours, hf)):
+            (elapsed, tokens), = best_of(1, fn)
+            rates[side].append((tokens / elapsed, tokens))
+    (r_ours, n_ours), (r_hf, n_hf) = max(rates[0]), max(rates[1])
+    return {"ours_tokens_per_s": r_ours, "hf_tokens_per_s": r_hf, "ratio": r_ours / r_hf,
+            "ours_tokens": n_ours, "hf_tokens": n_hf}
+
+
+def bench_churn(model, tokenizer, rows: int, events: int, repeats: int) -> dict:
+    """ms of one decoding step of `rows` rows, before and after `events` forks + retirements."""
+    generator = Generator(model, tokenizer, eos_token_ids=[])
+    batch = generator.prefill(random_prompts(len(tokenizer), rows, seed=2))
+    step = SamplingParams(max_new_tokens=4, seed=0, **SAMPLING)
+    rng = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def steps():  # 4 steps of every live row
+        generator.decode(batch, step, rng=rng)
+
+    (before, _), = best_of(repeats, steps)
+    for i in range(events):  # fork a row, retire its parent: the row count stays `rows`
+        parent = batch.row_ids[i % len(batch)]
+        generator.fork(batch, parent, 1)
+        generator.release(batch, [parent])
+    (after, _), = best_of(repeats, steps)
+    return {"rows": len(batch), "events": events, "step_ms_before": before / 4 * 1e3,
+            "step_ms_after": after / 4 * 1e3, "after_over_before": after / before,
+            "cache_growths": batch.cache.growths}
 
 
 def bench_fork(model, tokenizer, history_len: int, copies: int, new_tokens: int, repeats: int) -> dict:
-    """Continue `copies` rows sharing a `history_len` history: fork the cache vs re-prefill."""
+    """`copies` rows sharing a `history_len` history: fork the cached row vs re-prefill them."""
     generator = Generator(model, tokenizer, eos_token_ids=[])
     history = torch.randint(3, len(tokenizer), (history_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0)
+    sampling = SamplingParams(max_new_tokens=new_tokens, seed=0, **SAMPLING)
     rows = generator.prefill([history])
+    source = rows.row_ids[0]
+
+    def fork_only():
+        generator.release(rows, generator.fork(rows, source, copies))
+
+    def prefill_only():
+        generator.prefill([history] * copies)
 
     def fork_and_continue():
-        batch = generator.new_batch()
-        batch.cache, batch.attention_mask = _copy_cache(rows.cache), rows.attention_mask.clone()
-        batch.num_cached, batch.histories = rows.num_cached.clone(), [list(rows.histories[0])]
-        batch.row_ids, batch.next_row_id = [0], 1
-        generator.fork(batch, 0, copies=copies - 1)
-        generator.decode(batch, sampling)
+        children = generator.fork(rows, source, copies)
+        generator.decode(rows, sampling, row_ids=children)
+        generator.release(rows, children)
 
     def reprefill_and_continue():
         generator.generate([history] * copies, sampling)
 
-    fork, reprefill = best_of(repeats, fork_and_continue, reprefill_and_continue)
-    return {"fork_s": fork, "reprefill_s": reprefill, "speedup_fork": reprefill / fork}
+    (fork, _), (prefill, _), (fork_c, _), (prefill_c, _) = best_of(
+        repeats, fork_only, prefill_only, fork_and_continue, reprefill_and_continue)
+    return {"fork_ms": fork * 1e3, "prefill_ms": prefill * 1e3, "fork_speedup": prefill / fork,
+            "fork_continue_ms": fork_c * 1e3, "prefill_continue_ms": prefill_c * 1e3,
+            "continue_speedup": prefill_c / fork_c, "continue_tokens": new_tokens}
 
 
-def _copy_cache(cache):
-    import copy
-    return copy.deepcopy(cache)
+def bench_memory(model, tokenizer, rows: int, new_tokens: int, eos_ids: list[int]) -> dict:
+    """Bytes of K/V held at the end of the same generation: our slot cache vs a DynamicCache."""
+    generator = Generator(model, tokenizer, eos_token_ids=eos_ids)
+    prompts = random_prompts(len(tokenizer), rows)
+    batch = generator.prefill(prompts)
+    generator.decode(batch, SamplingParams(max_new_tokens=new_tokens, seed=0, **SAMPLING))
+    input_ids, mask = left_padded(prompts)
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=0, do_sample=True,
+                         top_k=0, eos_token_id=eos_ids or None, return_dict_in_generate=True, **SAMPLING)
+    cache = out.past_key_values
+    hf = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return {"ours_bytes": batch.cache.nbytes(), "dynamic_cache_bytes": hf, "ratio": batch.cache.nbytes() / hf,
+            "ours_slots": batch.cache.num_slots, "ours_capacity": batch.cache.capacity}
+
+
+def copy_bandwidth(megabytes: int = 1024) -> float:
+    """Device memory bandwidth in bytes/s from a large copy (bytes read + bytes written)."""
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=DEVICE)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    (elapsed, _), = best_of(5, lambda: target.copy_(source))
+    return 2 * source.numel() / elapsed
+
+
+def bench_decode_step(model, tokenizer, rows: int, context: int, steps: int, repeats: int, compiled: list[bool]) -> dict:
+    """ms per decoding step of `rows` rows at a `context`-token history, eager and compiled, vs
+    the floor (weights + the K/V the step must read) / bandwidth."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element * rows * context
+    bandwidth = copy_bandwidth() if DEVICE.type == "cuda" else copy_bandwidth(256)
+    floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
+    result = {"rows": rows, "context": context, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+              "bandwidth_gb_s": bandwidth / 1e9, "floor_ms": floor_ms}
+    prompts = [list(p) for p in torch.randint(3, len(tokenizer), (rows, context), generator=torch.Generator().manual_seed(3)).tolist()]
+    for compile_ in compiled:
+        generator = Generator(model, tokenizer, eos_token_ids=[], compile=compile_, max_rows=rows,
+                              max_length=context + steps * (repeats + 2) + 8)
+        batch = generator.prefill(prompts)
+        sampling = SamplingParams(max_new_tokens=steps, seed=0, **SAMPLING)
+        generator.decode(batch, SamplingParams(max_new_tokens=3, seed=0, **SAMPLING))  # warm-up / capture
+        (elapsed, _), = best_of(repeats, lambda g=generator, b=batch, s=sampling: g.decode(b, s))
+        name = "compiled" if compile_ else "eager"
+        result[f"{name}_ms"] = elapsed / steps * 1e3
+        result[f"{name}_over_floor"] = result[f"{name}_ms"] / floor_ms
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--rows", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--hiddens", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--eos-ids", type=int, default=6, help="ids that end a row in the 'eos' runs")
     parser.add_argument("--arch", default="tiny", choices=["tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"],
-                        help="tiny (--hidden/--layers) or a real architecture with random weights")
-    parser.add_argument("--history", type=int, default=512)
-    parser.add_argument("--copies", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+                        help="tiny (the CPU table) or a real architecture with random weights (decode steps)")
+    parser.add_argument("--context", type=int, default=512, help="--arch: history length of the decode-step rows")
+    parser.add_argument("--steps", type=int, default=32, help="--arch: decoding steps timed per repeat")
+    parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
+                        help="--arch: also time the compiled step (auto = on a GPU)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer()
-    model = build_model(args.hidden, args.layers, vocab=(len(tokenizer) + 63) // 64 * 64, arch=args.arch)
+    setup = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(DEVICE)} | vars(args)
     with torch.inference_mode():
-        result = {
-            "setup": {k: getattr(args, k) for k in ("arch", "rows", "new_tokens", "hidden", "layers", "history", "copies")}
-            | {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(DEVICE)},
-            "throughput": bench_throughput(model, tokenizer, args.rows, args.new_tokens, args.repeats),
-            "fork": bench_fork(model, tokenizer, args.history, args.copies, 16, args.repeats),
-        }
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    print(f"setup: {result['setup']}")
-    print(f"{'mode':<10} {'ours tok/s':>12} {'generate tok/s':>15} {'ours/generate':>14}")
-    for name, r in result["throughput"].items():
-        print(f"{name:<10} {r['ours_tokens_per_s']:>12.0f} {r['hf_tokens_per_s']:>15.0f} {r['ratio_ours_over_hf']:>13.2f}x")
-    f = result["fork"]
-    print(f"fork {args.copies} rows from a {args.history}-token history, +16 tokens: fork {f['fork_s']*1e3:.1f} ms, "
-          f"re-prefill {f['reprefill_s']*1e3:.1f} ms, fork is {f['speedup_fork']:.2f}x faster")
+        result = run_arch(args, tokenizer) if args.arch != "tiny" else run_tiny(args, tokenizer)
+    result = {"setup": setup} | result
+    print(json.dumps(result, indent=2) if args.json else render(result))
+
+
+def run_tiny(args, tokenizer) -> dict:
+    vocab = (len(tokenizer) + 63) // 64 * 64
+    eos = list(range(10, 10 + args.eos_ids))
+    table, extra = [], {}
+    for hidden in args.hiddens:
+        model = build_model(hidden, args.layers, vocab)
+        for rows in args.rows:
+            for stops, ids in (("eos", eos), ("no stop", [])):
+                r = bench_throughput(model, tokenizer, rows, args.new_tokens, ids, args.repeats)
+                table.append({"hidden": hidden, "rows": rows, "stops": stops} | r)
+        if hidden == args.hiddens[0]:
+            extra["churn"] = bench_churn(model, tokenizer, max(args.rows), 500, args.repeats)
+            extra["fork"] = bench_fork(model, tokenizer, 512, 8, 16, args.repeats)
+            extra["memory"] = bench_memory(model, tokenizer, max(args.rows), args.new_tokens, eos)
+    return {"throughput": table} | extra
+
+
+def run_arch(args, tokenizer) -> dict:
+    model = build_model(0, 0, 0, arch=args.arch)
+    compiled = {"auto": [False, DEVICE.type == "cuda"], "yes": [False, True], "no": [False]}[args.compile]
+    steps = [bench_decode_step(model, tokenizer, rows, args.context, args.steps, args.repeats, sorted(set(compiled)))
+             for rows in args.rows]
+    return {"decode_step": steps}
+
+
+def render(result: dict) -> str:
+    lines = [f"setup: {result['setup']}"]
+    if "throughput" in result:
+        lines.append("| hidden | B | stops | ours tok/s (tokens) | generate tok/s (tokens) | ours / generate |")
+        lines.append("|---|---|---|---|---|---|")
+        for r in result["throughput"]:
+            lines.append(f"| {r['hidden']} | {r['rows']} | {r['stops']} | {r['ours_tokens_per_s']:.0f} ({r['ours_tokens']}) "
+                         f"| {r['hf_tokens_per_s']:.0f} ({r['hf_tokens']}) | {r['ratio']:.2f}x |")
+        c, f, m = result["churn"], result["fork"], result["memory"]
+        lines.append(f"decoding step of {c['rows']} rows: {c['step_ms_before']:.2f} ms, after {c['events']} forks + "
+                     f"retirements {c['step_ms_after']:.2f} ms ({c['after_over_before']:.2f}x)")
+        lines.append(f"8 rows from a 512-token history: fork {f['fork_ms']:.2f} ms vs re-prefill {f['prefill_ms']:.1f} ms "
+                     f"({f['fork_speedup']:.0f}x); with +{f['continue_tokens']} tokens {f['fork_continue_ms']:.1f} vs "
+                     f"{f['prefill_continue_ms']:.1f} ms ({f['continue_speedup']:.1f}x)")
+        lines.append(f"K/V memory at the end: slot cache {m['ours_bytes'] / 2**20:.1f} MiB vs DynamicCache "
+                     f"{m['dynamic_cache_bytes'] / 2**20:.1f} MiB ({m['ratio']:.2f}x)")
+    for s in result.get("decode_step", []):
+        lines.append(f"B={s['rows']} context={s['context']}: floor {s['floor_ms']:.2f} ms "
+                     f"({s['bandwidth_gb_s']:.0f} GB/s); " + ", ".join(
+                         f"{k} {s[k + '_ms']:.2f} ms ({s[k + '_over_floor']:.1f}x floor)"
+                         for k in ("eager", "compiled") if k + "_ms" in s))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

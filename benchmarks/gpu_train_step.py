@@ -17,7 +17,9 @@ typical weight values (≈ 1e-4), so the update can round away to nothing.
 
     python benchmarks/gpu_train_step.py --config configs/small/qwen2.5-0.5b_reasoning_paper.yaml \
         --json out.json [key=value overrides]
-Run it on a GPU; on a CPU pass `--tiny` to check the script itself on a small model.
+Run it on a GPU; on a CPU pass `--tiny` to check the script itself on a small model. The
+generator decodes with its compiled static-shape step on a GPU (`Generator(compile='auto')`);
+`decode_step` reports the rollout's ms per decoding step next to the weight-reading floor.
 """
 
 from __future__ import annotations
@@ -88,6 +90,33 @@ def build_inputs(root: Path, architecture: dict, rows: int, seed: int) -> Path:
     return root / "model"
 
 
+def copy_bandwidth(megabytes: int = 1024) -> float:
+    """Device memory bandwidth in bytes/s from a large copy (bytes read + bytes written)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(6):
+        start = time.perf_counter()
+        target.copy_(source)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() / best
+
+
+def decode_step_figures(model, metrics: dict) -> dict:
+    """The rollout's time per decoding step (an upper bound: prefills, forced tokens and tool
+    calls are inside time/generation) next to the floor of reading the weights once."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth(1024 if torch.cuda.is_available() else 128)
+    steps = max(metrics.get("rollout/decode_steps", 0.0), 1.0)
+    step_ms = metrics["time/generation"] / steps * 1e3
+    floor_ms = weight_bytes / bandwidth * 1e3
+    return {"decode_steps": steps, "generation_ms_per_decode_step": step_ms, "bandwidth_gb_s": bandwidth / 1e9,
+            "weights_read_floor_ms": floor_ms, "step_over_weights_floor": step_ms / floor_ms}
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()}
 
@@ -147,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         "generated_tokens_per_second": metrics["rollout/generated_tokens"] / metrics["time/generation"],
         "trained_tokens_per_second": metrics["train/trained_tokens"] / metrics["time/update"],
         "fraction_of_weights_changed": changed / total,
+        "decode_step": decode_step_figures(model, metrics),
         "metrics": {k: v for k, v in metrics.items() if k.startswith(("time/", "rollout/", "train/", "loss/", "reward/"))},
     }
     text = json.dumps(result, indent=1)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from arpo_ref.entropy import token_entropy, topk_logprobs, truncated_segment_entropy
+from arpo_ref.sampling import policy_scores
 
 
 def test_uniform_and_point_mass():
@@ -58,3 +59,36 @@ def test_topk_logprobs():
     top = topk_logprobs(logits, 2)
     expected = torch.log_softmax(logits, -1)[:, [3, 2]]
     assert torch.allclose(top, expected)
+
+
+def test_policy_scores_is_the_updates_logprob_and_entropy():
+    """The generator records, and the update must recompute, the same numbers: policy_scores over a
+    model's teacher-forced logits equals update.token_logprobs (padded vocabulary masked) and a
+    float64 recomputation, so update.py can call it instead of its own copy of the formula."""
+    from tiny import load_model, load_tokenizer
+
+    from arpo_ref.update import token_logprobs
+
+    tokenizer, model = load_tokenizer(), load_model("qwen2")
+    vocab = len(tokenizer)
+    ids = torch.tensor([tokenizer.encode("The capital of Zorvia is Quellmar.", add_special_tokens=False)])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+        logprobs, entropy = policy_scores(logits, ids[:, 1:], vocab)
+        expected_lp, expected_h = token_logprobs(model, ids, mask, vocab, with_entropy=True)
+    assert torch.allclose(logprobs, expected_lp[:, 1:], atol=1e-6)
+    assert torch.allclose(entropy, expected_h[:, 1:], atol=1e-5)
+    reference = torch.log_softmax(logits.double()[..., :vocab], -1)
+    assert torch.allclose(logprobs.double(), reference.gather(-1, ids[:, 1:, None]).squeeze(-1), atol=1e-5)
+    # Temperature changes the entropy, never the (temperature-1) log-prob.
+    hot_lp, hot_h = policy_scores(logits, ids[:, 1:], vocab, temperature=1.7)
+    assert torch.equal(hot_lp, logprobs)
+    assert torch.allclose(hot_h, token_entropy(logits[..., :vocab], 1.7))
+
+
+def test_policy_scores_carries_gradients():
+    logits = torch.randn(2, 3, 10, requires_grad=True)
+    logprobs, entropy = policy_scores(logits, torch.randint(0, 8, (2, 3)), vocab_size=8)
+    (logprobs.sum() + entropy.sum()).backward()
+    assert logits.grad is not None and torch.all(logits.grad[..., 8:] == 0)

@@ -9,7 +9,7 @@ from tiny import load_model, load_tokenizer
 from arpo_ref.generation import Generator, SamplingParams, filter_top_k_top_p
 from arpo_ref.scripted import ScriptedLM, script_policy
 
-ARCHS = ["qwen2", "llama"]
+ARCHS = ["qwen2", "llama", "mistral"]  # mistral: a sliding window of 8 tokens
 PROMPTS = [
     "The capital of",
     "<think> I should search. </think> <search> Zorvia",
@@ -49,7 +49,7 @@ def entropy64(logits, temperature):
     return -(logp.exp() * torch.where(torch.isfinite(logp), logp, torch.zeros_like(logp))).sum(-1)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["gemma2"])
 def test_greedy_equals_model_generate(arch):
     tokenizer, model = load_tokenizer(), load_model(arch)
     prompts = encode(tokenizer, PROMPTS)

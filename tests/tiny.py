@@ -16,7 +16,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma2Config,
     LlamaConfig,
+    MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -83,6 +85,10 @@ def model_dir(arch: str = "qwen2", seed: int = 0, tags_as_tokens: bool = True) -
         config = LlamaConfig(**common)
     elif arch == "qwen3":
         config = Qwen3Config(**common, head_dim=16)
+    elif arch == "mistral":  # a sliding window shorter than the tests' rows
+        config = MistralConfig(**common, sliding_window=8)
+    elif arch == "gemma2":  # alternating sliding/full layers, soft-capping, eager attention
+        config = Gemma2Config(**common, head_dim=16, sliding_window=8)
     else:
         raise ValueError(f"unknown tiny arch {arch!r}")
     torch.manual_seed(seed)

@@ -62,6 +62,9 @@ class SamplingConfig:
     """Keep only the k most likely tokens; 0 = off."""
     top_p: float = 1.0
     """Nucleus sampling threshold; 1.0 = off."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """Decode with a static-shape step through torch.compile (CUDA graphs on a GPU): the
+    Generator's `compile`; auto = on for CUDA, off on a CPU (where it is not faster)."""
 
     def validate(self) -> None:
         if self.temperature < 0:

@@ -33,7 +33,11 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
         would otherwise lose the small tail probabilities).
     """
     scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-    log_probs = torch.log_softmax(scaled, dim=-1)
+    return entropy_from_log_probs(torch.log_softmax(scaled, dim=-1))
+
+
+def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    """H = −Σ_j p_j log p_j from normalised log-probs [..., V] -> [...] (the one formula)."""
     probs = log_probs.exp()
     # p·log p is 0·(−inf) = nan at masked ids; the limit is 0.
     terms = torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs))

@@ -1,22 +1,28 @@
-"""A hand-written token generator over any Hugging Face causal LM, with a KV cache.
+"""A hand-written token generator over any Hugging Face causal LM, with a slot KV cache.
 
 ARPO's rollout (§3.2) needs four things `model.generate` does not give: per-token entropy,
 stopping on tool tags then inserting tool results as forced tokens, forking a row at a branch
 point without re-reading its history, and rows that leave the batch when they finish. This
 module drives the model's forward pass directly to provide them.
 
-How rows share one cache (`RowBatch`):
-* Every row's history lives in one `DynamicCache`; column j of the cache is the j-th forward
-  position, and a 2-D `attention_mask` says which columns of each row hold real tokens. Rows of
-  different lengths therefore leave holes (mask 0) and the mask may have holes anywhere.
-* Position ids are given per row: a token's position is the number of real tokens before it in
-  its row, so holes do not shift rotary positions and a row computes exactly what it would alone.
-* The last token of every row is kept *pending* (not yet in the cache). A decoding step feeds the
-  pending tokens of the active rows and samples the next ones; forcing tokens feeds the pending
-  token plus all forced tokens but the last. So finishing, forking and forcing never waste a
-  forward pass, and no [B, V] logits are kept between calls.
-* Forking copies cache rows with `DynamicCache.reorder_cache` (an index_select with repeats);
-  releasing rows drops them the same way.
+The three parts of the engine, each in one place:
+* the KV cache (`engine.kv_cache.SlotCache`): every row owns a slot of pre-allocated memory, a
+  row's token at position p sits at column p of its slot; retiring frees the slot, forking copies
+  one row's prefix, nothing ever copies every row;
+* the mask (`engine.forward.slot_mask`): a row's query at position p sees columns 0..p of its own
+  slot; positions are given per row, so each row computes exactly what it would alone;
+* the sampling step (`sampling.sample_step`): from the logits once, the token, its log-prob under
+  the policy and the entropy of the sampling distribution.
+
+The last token of every row is kept *pending* (not yet in the cache). A decoding step feeds the
+pending tokens of the decoding rows and samples the next ones; forcing tokens feeds the pending
+token plus all forced tokens but the last. So finishing, forking and forcing never waste a forward
+pass, and no [B, V] logits are kept between calls. Only the rows being fed go through a forward
+(waiting rows do not), and attention reads only up to the longest of them, not the capacity.
+
+`compile` ('auto' = on for CUDA): decoding steps then feed all slots at once over the whole
+capacity (static shapes) through `torch.compile`, CUDA graphs on a GPU; tokens and log-probs are
+the same as eager (tested).
 
 Deviations and limits:
 * Entropy is that of the full temperature-T distribution, before top-k/top-p truncation (ARPO.md
@@ -24,25 +30,22 @@ Deviations and limits:
 * Log-probs are under the temperature-1 policy (what the PPO ratio needs), not the sampling one.
 * A stop string is detected in the decoded text of the tokens generated since the last `decode`
   call; the token that completes it is kept even if it carries extra characters after it.
-* Sliding-window attention counts cache columns, so holes shorten the effective window; models
-  that use it are supported but not bit-identical to unbatched generation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
-from .sampling import filter_top_k_top_p, make_rng, sample_next
+from .engine import DecodeStep, ForwardPlan, SlotCache, SlotForward
+from .sampling import filter_top_k_top_p, make_rng, sample_next, sample_step
 from .stopping import StopRules, default_eos_ids
 
 __all__ = ["Generator", "GeneratedSequence", "RowBatch", "SamplingParams", "filter_top_k_top_p",
-           "make_rng", "sample_next"]
+           "make_rng", "sample_next", "sample_step"]
 
 FINISH_REASONS = ("stop", "eos", "length")
 
@@ -94,21 +97,21 @@ class GeneratedSequence:
 
 @dataclass
 class RowBatch:
-    """The live rows of a generation, sharing one KV cache. Rows are addressed by stable ids."""
+    """The live rows of a generation, each in its own slot of one cache. Rows have stable ids."""
 
-    cache: DynamicCache
-    attention_mask: torch.Tensor
-    """[B, S] long: 1 = cache column j of row b holds a real token, 0 = hole."""
-    num_cached: torch.Tensor
-    """[B] long: real tokens of each row in the cache = position id of its pending token."""
+    cache: SlotCache
     histories: list[list[int]]
     """Every token of each row: prompt, generated and forced tokens, including the pending one."""
     row_ids: list[int]
+    slots: list[int] = field(default_factory=list)
+    """The cache slot of each row."""
+    lengths: list[int] = field(default_factory=list)
+    """Tokens of each row in the cache = the position id of its pending token."""
     next_row_id: int = 0
     generated_tokens: int = 0
     """Tokens sampled so far (all rows); prefill and forced tokens are not counted."""
     forward_tokens: int = 0
-    """Real (unmasked) tokens fed through the model so far: what compute was spent on."""
+    """Real (not padding) tokens fed through the model so far: what compute was spent on."""
     decode_steps: int = 0
     """Decoding forward passes so far (one per sampled column, whatever the number of rows): on a
     GPU, where a step of a small batch costs about the same as a step of a large one, the time."""
@@ -122,9 +125,14 @@ class RowBatch:
         except ValueError:
             raise KeyError(f"row {row_id} is not live (live rows: {self.row_ids})") from None
 
+    @property
+    def num_cached(self) -> torch.Tensor:
+        """[B] long: tokens of each row in the cache (kept for callers of the old field)."""
+        return torch.tensor(self.lengths, dtype=torch.long)
+
 
 class Generator:
-    """Decode any `AutoModelForCausalLM` with a KV cache, recording log-probs and entropies.
+    """Decode any `AutoModelForCausalLM` with a slot KV cache, recording log-probs and entropies.
 
     Args:
         model: a causal LM in eval mode, on any device and dtype.
@@ -132,9 +140,20 @@ class Generator:
             sampled.
         eos_token_ids: ids that end a row with reason 'eos'; default: the tokenizer's EOS id and
             the model's generation config EOS ids.
+        compile: 'auto' (on for CUDA, off elsewhere), True/'on' or False/'off': decode with a
+            static-shape step through `torch.compile` (CUDA graphs on a GPU); `sampling.compile`
+            in the config.
+        max_rows, max_length: size every new batch's cache up front (rows at once, tokens per
+            row), so it never grows; 0 = start small and grow geometrically.
     """
 
-    def __init__(self, model, tokenizer, eos_token_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, model, tokenizer, eos_token_ids: Sequence[int] | None = None,
+                 compile: bool | str = "auto", max_rows: int = 0, max_length: int = 0) -> None:
+        compile = {"on": True, "off": False}.get(compile, compile)
+        if compile not in ("auto", True, False):
+            raise ValueError(f"compile must be 'auto', 'on'/True or 'off'/False, got {compile!r}")
+        if max_rows < 0 or max_length < 0:
+            raise ValueError(f"max_rows and max_length must be >= 0 (0 = grow), got {max_rows}, {max_length}")
         self.model = model
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
@@ -144,9 +163,16 @@ class Generator:
         self.eos_token_ids = self.stops.eos_token_ids
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         forward_args = inspect.signature(model.forward).parameters
-        self._keeps_logits = "logits_to_keep" in forward_args
         # transformers 5.x renamed the cache argument `past_key_values` -> `cache`.
-        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in forward_args  # only the last column's logits
+        self.forward = SlotForward(model, cache_arg, keeps_logits=self._keeps_logits)
+        self.compiled = self.device.type == "cuda" if compile == "auto" else bool(compile)
+        self.decode_step = DecodeStep(self.forward, compiled=self.compiled) if self.compiled else None
+        self.max_rows, self.max_length = max_rows, max_length
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.num_layers = getattr(text, "num_hidden_layers", 1)
 
     @property
     def device(self) -> torch.device:
@@ -168,83 +194,65 @@ class Generator:
 
     # ------------------------------------------------------------------ row operations
     def new_batch(self) -> RowBatch:
-        """An empty batch with an empty cache."""
-        return RowBatch(
-            cache=self._new_cache(),
-            attention_mask=torch.zeros(0, 0, dtype=torch.long, device=self.device),
-            num_cached=torch.zeros(0, dtype=torch.long, device=self.device),
-            histories=[],
-            row_ids=[],
-        )
+        """An empty batch with an empty cache (sized by max_rows / max_length when given)."""
+        cache = SlotCache(self.num_layers, max(self.max_rows, 1), max(self.max_length, 1))
+        return RowBatch(cache=cache, histories=[], row_ids=[])
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], rows: RowBatch | None = None) -> RowBatch:
         """Add one row per prompt to `rows` (a new batch by default) and read the prompts.
 
-        New rows joining a batch that already has a cache get hole-only cache rows first, then
-        their prompts are read in one forward chunk; the other rows are not touched.
+        The new rows take free slots and their prompts are read in one forward pass; the other
+        rows are not touched.
         """
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        if rows is None or len(rows) == 0:
-            rows = rows if rows is not None else self.new_batch()
-            rows.cache, rows.attention_mask = self._new_cache(), rows.attention_mask[:0, :0]
-            rows.num_cached = rows.num_cached[:0]
-        else:
-            # Copy row 0's cache rows as placeholders, then mask all of their columns out.
-            self._select(rows, list(range(len(rows))) + [0] * len(prompts))
-            rows.attention_mask[-len(prompts):] = 0
-            rows.num_cached[-len(prompts):] = 0
+        rows = rows if rows is not None else self.new_batch()
         first = rows.next_row_id
-        rows.row_ids.extend(range(first, first + len(prompts)))
-        rows.next_row_id += len(prompts)
-        rows.histories.extend([[p[0]] for p in prompts])
-        if len(rows.num_cached) < len(rows):
-            rows.num_cached = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-            rows.attention_mask = torch.zeros(len(rows), 0, dtype=torch.long, device=self.device)
+        self._add_rows(rows, rows.cache.allocate(len(prompts)), [[p[0]] for p in prompts], [0] * len(prompts))
         self.append(rows, {first + i: list(p[1:]) for i, p in enumerate(prompts)})
         return rows
 
     @torch.inference_mode()
     def append(self, rows: RowBatch, forced: dict[int, list[int]]) -> None:
-        """Append forced tokens (e.g. a tool result) to some rows, all in one forward chunk.
+        """Append forced tokens (e.g. a tool result) to some rows, all in one forward pass.
 
         `forced` maps row id -> token ids; rows may receive different numbers of tokens and rows
-        not named receive none. The rows' pending tokens are fed along with the new ones.
+        not named receive none (and are not in the forward). The rows' pending tokens are fed
+        along with the new ones.
         """
-        chunks = [[] for _ in rows.row_ids]
+        fed, chunks = [], []
         for row_id, token_ids in forced.items():
             b = rows.index(row_id)
             if token_ids:
-                chunks[b] = [rows.histories[b][-1]] + list(token_ids[:-1])
+                fed.append(b)
+                chunks.append([rows.histories[b][-1]] + list(token_ids[:-1]))
                 rows.histories[b].extend(token_ids)
-        self._forward_chunk(rows, chunks)
+        if fed:
+            self._forward_rows(rows, fed, chunks)
 
+    @torch.inference_mode()
     def fork(self, rows: RowBatch, row_id: int, copies: int = 1) -> list[int]:
         """Add `copies` new rows whose history (and cache) is row `row_id`'s; return their ids.
 
-        Copies cache rows; the shared history is not read again by the model.
+        Copies that row's cached prefix into free slots; nothing is read again by the model.
         """
         if copies < 1:
             raise ValueError(f"copies must be >= 1, got {copies}")
         b = rows.index(row_id)
-        index = list(range(len(rows))) + [b] * copies
-        self._select(rows, index)
-        new_ids = list(range(rows.next_row_id, rows.next_row_id + copies))
-        rows.next_row_id += copies
-        rows.row_ids.extend(new_ids)
-        rows.histories.extend(list(rows.histories[b]) for _ in range(copies))
-        return new_ids
+        slots = rows.cache.allocate(copies)
+        rows.cache.copy_prefix(rows.slots[b], slots, rows.lengths[b])
+        return self._add_rows(rows, slots, [list(rows.histories[b]) for _ in slots], [rows.lengths[b]] * copies)
 
     def release(self, rows: RowBatch, row_ids: Sequence[int]) -> None:
-        """Drop finished rows from the batch (and their cache rows)."""
+        """Drop finished rows from the batch: their slots are freed, nothing is copied."""
         drop = {rows.index(r) for r in row_ids}
+        rows.cache.free([rows.slots[b] for b in drop])
         keep = [b for b in range(len(rows)) if b not in drop]
-        self._select(rows, keep)
-        rows.row_ids = [rows.row_ids[b] for b in keep]
-        rows.histories = [rows.histories[b] for b in keep]
+        for name in ("row_ids", "histories", "slots", "lengths"):
+            values = getattr(rows, name)
+            setattr(rows, name, [values[b] for b in keep])
 
-    # ------------------------------------------------------------------ decoding
     @torch.inference_mode()
     def decode(
         self,
@@ -259,7 +267,7 @@ class Generator:
     ) -> dict[int, GeneratedSequence]:
         """Sample new tokens for `row_ids` (default: all rows) until each row stops.
 
-        Rows not decoded keep their state (their cache columns get holes). Each row stops on an
+        Rows not decoded keep their state (and stay out of the forward passes). Each row stops on an
         EOS id ('eos'), on a stop string in the text generated by this call ('stop'), or after
         `max_new_tokens` new tokens ('length'): an int for all rows or a dict row id -> limit;
         default `sampling.max_new_tokens`. `resume` maps row ids to the output of an earlier call
@@ -281,10 +289,16 @@ class Generator:
         for b in set(budget_left) - set(active):
             outputs[rows.row_ids[b]].finish_reason = "length"
         stop_chars = self.stops.char_mask(tuple(stop_strings))
+        # Eager: growth stops at what this call can need (every row at its limit). Compiled: plain
+        # doubling, so few distinct cache shapes (each is a new graph).
+        if not self.compiled:
+            rows.cache.length_limit = max((rows.lengths[b] + budget_left[b] for b in active), default=0)
         stopped = len(budget_left) - len(active)
         while active and (pause_after is None or stopped < pause_after):
+            if not self.compiled:  # the decoding rows in one run of slots: views, not gathers
+                rows.cache.pack(rows.slots, rows.lengths, active)
             logits = self._step_logits(rows, active)  # (A, V)
-            tokens, logprobs, entropies, top = sample_next(logits, sampling, rng, self.vocab_size)
+            tokens, logprobs, entropies, top = sample_step(logits, sampling, rng, self.vocab_size)
             rows.generated_tokens += len(active)
             rows.decode_steps += 1
             still_active = []
@@ -307,78 +321,62 @@ class Generator:
                     out.finish_reason = reason
                     stopped += 1
             active = still_active
+        rows.cache.length_limit = 0
         return outputs
 
     # ------------------------------------------------------------------ internals
-    def _new_cache(self) -> DynamicCache:
-        # With the model config the cache gets the right layer kinds (e.g. sliding-window layers).
-        config = getattr(self.model, "config", None)
-        if config is not None and hasattr(config, "get_text_config"):
-            with contextlib.suppress(TypeError):  # transformers releases whose DynamicCache takes no config
-                return DynamicCache(config=config)
-        return DynamicCache()
+    @staticmethod
+    def _add_rows(rows: RowBatch, slots: list[int], histories: list[list[int]], lengths: list[int]) -> list[int]:
+        new_ids = list(range(rows.next_row_id, rows.next_row_id + len(slots)))
+        rows.next_row_id += len(slots)
+        rows.row_ids.extend(new_ids)
+        rows.slots.extend(slots)
+        rows.histories.extend(histories)
+        rows.lengths.extend(lengths)
+        return new_ids
 
     def _step_logits(self, rows: RowBatch, active: list[int]) -> torch.Tensor:
         """Feed the pending tokens of the `active` rows; return their next-token logits (A, V)."""
-        B = len(rows)
-        pending = torch.tensor([h[-1] for h in rows.histories], dtype=torch.long)
-        fed = torch.zeros(B, dtype=torch.bool)
-        fed[active] = True
-        input_ids = torch.where(fed, pending, torch.full_like(pending, self.pad_token_id))
-        logits = self._forward(rows, input_ids[:, None], fed.long()[:, None])  # (B, V)
-        if len(active) == B:  # every row decodes: no gather needed
-            return logits.float()
-        return logits[torch.tensor(active, device=logits.device)].float()
+        cache = rows.cache
+        if self.decode_step is None or not cache.layers[0].is_initialized:
+            return self._forward_rows(rows, active, [[rows.histories[b][-1]] for b in active]).float()
+        # Static step: every slot gets a token; free and waiting slots a pad written past their length.
+        cache.ensure_capacity(max(rows.lengths[b] for b in active) + 1)
+        tokens = torch.full((cache.num_slots,), self.pad_token_id, dtype=torch.long)
+        lengths = torch.zeros(cache.num_slots, dtype=torch.long)
+        lengths[rows.slots] = torch.tensor(rows.lengths, dtype=torch.long)
+        slots = torch.tensor([rows.slots[b] for b in active], dtype=torch.long)
+        tokens[slots] = torch.tensor([rows.histories[b][-1] for b in active], dtype=torch.long)
+        logits = self.decode_step(cache, tokens.to(self.device), lengths.to(self.device))
+        for b in active:
+            rows.lengths[b] += 1
+        rows.forward_tokens += len(active)
+        return logits[slots.to(self.device)]
 
-    def _forward_chunk(self, rows: RowBatch, chunks: list[list[int]]) -> torch.Tensor | None:
-        """Feed chunk b to row b in one forward pass; rows with shorter chunks get holes.
-
-        Returns the next-token logits (B, V) when the chunk is one column wide (a decoding
-        step), else None.
-        """
-        width = max((len(c) for c in chunks), default=0)
-        if width == 0:
-            return None
-        input_ids = torch.full((len(chunks), width), self.pad_token_id, dtype=torch.long)
-        new_mask = torch.zeros(len(chunks), width, dtype=torch.long)
-        for b, chunk in enumerate(chunks):
-            input_ids[b, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
-            new_mask[b, : len(chunk)] = 1
-        return self._forward(rows, input_ids, new_mask)
-
-    def _forward(self, rows: RowBatch, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor | None:
-        """One forward pass appending W columns to every row's cache. (B, W) ids and mask."""
-        input_ids, new_mask = input_ids.to(self.device), new_mask.to(self.device)
-        width = input_ids.shape[1]
-        # Holes repeat the last real position: they are masked out, the value only must be valid.
-        offsets = torch.cumsum(new_mask, dim=1) - new_mask  # (B, W) real tokens before column
-        position_ids = rows.num_cached[:, None] + offsets
-        rows.attention_mask = torch.cat([rows.attention_mask, new_mask], dim=1)  # (B, S + W)
-        # Only single-token decoding steps need logits, and only at the last column.
-        kwargs = {"logits_to_keep": 1} if self._keeps_logits else {}
-        kwargs[self._cache_arg] = rows.cache
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=rows.attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **kwargs,
-        )
-        returned = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        rows.cache = returned if returned is not None else rows.cache
-        lengths = new_mask.sum(dim=1)
-        rows.num_cached = rows.num_cached + lengths
-        rows.forward_tokens += int(lengths.sum())
-        return out.logits[:, -1] if width == 1 else None  # (B, V)
-
-    def _select(self, rows: RowBatch, index: list[int]) -> None:
-        """Keep/duplicate rows by index: cache rows, mask rows and counters alike."""
-        idx = torch.tensor(index, dtype=torch.long, device=self.device)
-        if rows.cache.get_seq_length() > 0:
-            rows.cache.reorder_cache(idx)
-        rows.attention_mask = rows.attention_mask[idx]
-        rows.num_cached = rows.num_cached[idx]
-
+    def _forward_rows(self, rows: RowBatch, fed: list[int], chunks: list[list[int]]) -> torch.Tensor:
+        """Feed chunk i to row fed[i], only those rows, in one forward pass; shorter chunks are
+        padded (the padding is written past the row's length). Returns last-column logits (n, V)
+        in the order of `fed` (meaningful for rows whose chunk is the widest)."""
+        order = sorted(range(len(fed)), key=lambda i: rows.slots[fed[i]])  # slot order: views, not copies
+        slots = [rows.slots[fed[i]] for i in order]
+        width = max(len(c) for c in chunks)
+        starts = torch.tensor([rows.lengths[fed[i]] for i in order], dtype=torch.long)
+        read_length = int(starts.max()) + width
+        rows.cache.ensure_capacity(read_length)
+        input_ids = torch.full((len(fed), width), self.pad_token_id, dtype=torch.long)
+        for row, i in enumerate(order):
+            input_ids[row, : len(chunks[i])] = torch.tensor(chunks[i], dtype=torch.long)
+        positions = (starts[:, None] + torch.arange(width)).to(self.device)  # [n, W]
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        slot_index = None if contiguous else torch.tensor(slots, dtype=torch.long, device=self.device)
+        plan = ForwardPlan(positions, read_length, first_slot=slots[0], slot_index=slot_index)
+        logits = self.forward(rows.cache, input_ids.to(self.device), plan)
+        for b, chunk in zip(fed, chunks, strict=True):
+            rows.lengths[b] += len(chunk)
+            rows.forward_tokens += len(chunk)
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order)] = torch.arange(len(order))
+        return logits[back.to(logits.device)]
 
 
 def _copy_sequence(sequence: GeneratedSequence | None) -> GeneratedSequence:

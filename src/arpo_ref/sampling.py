@@ -1,7 +1,8 @@
 """Choosing the next token: temperature, top-k, top-p, seeded draws, and scoring the choice.
 
-Used by `arpo_ref.generation` at every decoding step. Pure functions of logits, so they test
-without a model. Log-probs are under the temperature-1 policy (what the PPO ratio needs);
+Used by `arpo_ref.generation` at every decoding step (`sample_step`) and by the update
+(`policy_scores`, the one log-prob/entropy function of the project). Pure functions of logits,
+so they test without a model. Log-probs are under the temperature-1 policy (what the PPO ratio needs);
 entropies are those of the full temperature-T distribution, before top-k/top-p (ARPO.md §1).
 """
 
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .entropy import token_entropy
+from .entropy import entropy_from_log_probs, token_entropy
 
 if TYPE_CHECKING:
     from .generation import SamplingParams
@@ -27,45 +28,81 @@ def make_rng(seed: int | None, device: torch.device) -> torch.Generator:
     return rng
 
 
-def sample_next(
+def policy_log_probs(logits: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """log-softmax of the temperature-1 policy in float32, over the real vocabulary only:
+    ids >= vocab_size (padding of the model's vocabulary) do not exist. [..., V] -> [..., V']."""
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits[..., :vocab_size]  # a view, no copy
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def policy_scores(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    log_probs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """THE log-prob and entropy of the project: what the generator records for every sampled
+    token and what the update recomputes for every trained one, from the logits once.
+
+    Args:
+        logits: [..., V] next-token scores (any float dtype; computed in float32).
+        tokens: [...] long, the chosen tokens.
+        vocab_size: ids >= vocab_size (a padded model vocabulary) get probability 0.
+        temperature: T of the distribution whose entropy is wanted (0 = greedy: T = 1).
+        with_entropy: False skips the entropy (returns None).
+        log_probs: `policy_log_probs(logits, vocab_size)` when the caller already has it.
+
+    Returns:
+        log π(token) under the temperature-1 policy [...]; entropy (nats) of softmax(logits / T)
+        over the full real vocabulary [...] or None. Differentiable.
+    """
+    if log_probs is None:
+        log_probs = policy_log_probs(logits, vocab_size)
+    chosen = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+    if not with_entropy:
+        return chosen, None
+    if temperature in (0, 1):  # the sampling distribution is the policy's: reuse its log-probs
+        return chosen, entropy_from_log_probs(log_probs)
+    return chosen, token_entropy(logits[..., : log_probs.shape[-1]], temperature)
+
+
+def sample_step(
     logits: torch.Tensor,
     sampling: SamplingParams,
     rng: torch.Generator,
     vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Pick one token per row and score it.
+    """One decoding step's choice: pick one token per row and score it, from the logits once.
 
     Args:
         logits: (A, V) float32 next-token scores of A rows.
         sampling: temperature / top-k / top-p.
         rng: the seeded sampling generator (on the logits' device).
-        vocab_size: ids >= vocab_size (padding of the model's vocabulary) get probability 0.
+        vocab_size: ids >= vocab_size (padding of the model's vocabulary) are never chosen.
 
     Returns:
         tokens (A,) long; logprobs (A,) under the temperature-1 policy; entropies (A,) of the
         temperature-T distribution (before top-k/top-p); top-k log-probs (A, k) or None.
     """
-    if vocab_size is not None and vocab_size < logits.shape[-1]:
-        logits = logits[:, :vocab_size]  # padded-vocabulary ids simply do not exist (a view, no copy)
-    policy_logprobs = torch.log_softmax(logits, dim=-1)  # (A, V), temperature 1
-    probs = None
-    if sampling.temperature in (0, 1):  # the sampling distribution is the policy's: reuse it
-        probs = policy_logprobs.exp()
-        # Finite logits give finite log-probs, and p·log p → 0 where p underflows to 0.
-        entropies = -(probs * policy_logprobs).sum(-1)
-    else:
-        entropies = token_entropy(logits, sampling.temperature)
+    log_probs = policy_log_probs(logits, vocab_size)
+    logits = logits[:, : log_probs.shape[-1]]
     if sampling.temperature == 0:
-        tokens = logits.argmax(dim=-1)
-        scaled = logits
+        tokens, scaled = logits.argmax(dim=-1), logits
     else:
         scaled = logits if sampling.temperature == 1 else logits / sampling.temperature
+        probs = log_probs.exp() if sampling.temperature == 1 else None
         tokens = _draw(scaled, probs, sampling.top_k, sampling.top_p, rng)
-    logprobs = policy_logprobs.gather(1, tokens[:, None]).squeeze(1)
+    logprobs, entropies = policy_scores(logits, tokens, temperature=sampling.temperature, log_probs=log_probs)
     top = None
     if sampling.topk_logprobs > 0:
-        top = torch.log_softmax(scaled, dim=-1).topk(sampling.topk_logprobs, dim=-1).values
+        top = torch.log_softmax(scaled.float(), dim=-1).topk(sampling.topk_logprobs, dim=-1).values
     return tokens, logprobs, entropies, top
+
+
+sample_next = sample_step  # the name before the engine; kept for callers
 
 
 def _draw(scaled: torch.Tensor, probs: torch.Tensor | None, top_k: int, top_p: float,

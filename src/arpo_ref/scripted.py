@@ -3,7 +3,8 @@ row's full history. For tests of the generator and the rollout, where we need to
 what the "model" writes and how uncertain it is (e.g. high entropy right after a tool result).
 
 It plugs into `arpo_ref.generation.Generator` like any Hugging Face causal LM: it accepts
-`input_ids`, a 2-D `attention_mask` with holes, `position_ids` and a `DynamicCache`. The trick is
+`input_ids`, an attention mask (the generator's 4-D additive one over its slot cache, or a 2-D
+one with holes over a `DynamicCache`), `position_ids` and the cache. The trick is
 that its "KV cache" stores the token ids themselves (as float keys of one layer), so forking,
 releasing and hole handling go through the same cache code paths as a real model, and the
 policy can read back the whole history of each row.
@@ -60,7 +61,6 @@ class ScriptedLM(nn.Module):
             cache = DynamicCache()
         B, W = input_ids.shape
         self.forward_calls += 1
-        self.forward_tokens += int(attention_mask[:, -W:].sum())
         ids = input_ids.float()[:, None, :, None]  # (B, 1, W, 1): token ids stored as keys
         keys, _ = cache.update(ids, ids, 0)
         all_ids = keys[:, 0, :, 0].long()  # (B, S)
@@ -68,15 +68,28 @@ class ScriptedLM(nn.Module):
         first = W - logits_to_keep if logits_to_keep else 0  # columns whose logits are wanted
         for b in range(B):
             for j in range(first, W):
-                col = all_ids.shape[1] - W + j
-                if attention_mask[b, col] == 0:
+                history = self._history(all_ids[b], attention_mask, b, j, W)
+                if history is None:
                     continue
-                history = all_ids[b, : col + 1][attention_mask[b, : col + 1].bool()].tolist()
                 out = self.policy(history)
                 logits[b, j] = self.peaked_logits(out) if isinstance(out, int) else out
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return SimpleNamespace(logits=logits.to(self._device_anchor.device), cache=cache)
+
+
+    def _history(self, ids: torch.Tensor, attention_mask: torch.Tensor, b: int, j: int, W: int):
+        """The tokens query (b, j) sees, in order, or None for a hole. Two mask forms: a 4-D
+        additive mask [B, 1, W, S] (0 = visible: the generator's slot cache, where column = position)
+        or a 2-D 0/1 mask [B, S] over the columns of a `DynamicCache`."""
+        if attention_mask.dim() == 4:
+            self.forward_tokens += 1
+            return ids[attention_mask[b, 0, j] == 0].tolist()
+        col = ids.shape[0] - W + j
+        if attention_mask[b, col] == 0:
+            return None
+        self.forward_tokens += 1
+        return ids[: col + 1][attention_mask[b, : col + 1].bool()].tolist()
 
 
 def script_policy(scripts: dict[tuple[int, ...], list[int]], eos_id: int):

@@ -1,0 +1,7 @@
+"""The generation engine's parts: a slot KV cache, the attention mask over slots, and the
+static-shape decoding step. `arpo_ref.generation.Generator` puts them together."""
+
+from .forward import DecodeStep, SlotForward, slot_mask
+from .kv_cache import ForwardPlan, SlotCache, SlotLayer
+
+__all__ = ["DecodeStep", "ForwardPlan", "SlotCache", "SlotForward", "SlotLayer", "slot_mask"]

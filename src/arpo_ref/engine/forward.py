@@ -1,0 +1,100 @@
+"""One forward pass over slots: the attention mask from per-row positions, and the decoding step.
+
+The mask. A batch row's new token at position p (= its column in the slot, see `kv_cache`) may
+attend to columns 0..p of its own slot, and nothing else: columns past p are stale or belong to
+tokens not yet written. That is all the bookkeeping attention needs, given as an ADDITIVE float
+mask [n, 1, W, L] (0 = visible, dtype min = hidden): a boolean 4-D mask is silently misread by
+eager attention in transformers 5.x, an additive one is read correctly by SDPA and eager alike.
+Padding queries (rows with a shorter chunk than the batch's) see their own columns too, so their
+values stay finite; they write at or past the row's length, which the row overwrites later.
+
+The decoding step. `DecodeStep` feeds one token to EVERY slot at once (free and waiting slots
+get a pad token written past their length), over the whole capacity: all shapes are static, so
+`torch.compile(mode="reduce-overhead")` can capture it as a CUDA graph. On a CPU the eager path
+(only the decoding rows, only up to their longest length) is faster, so compiling is off there
+by default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import ForwardPlan, SlotCache
+
+
+def slot_mask(positions: torch.Tensor, read_length: int, dtype: torch.dtype,
+              sliding_window: int | None = None) -> torch.Tensor:
+    """Additive mask [n, 1, W, L]: query (i, j) at position positions[i, j] sees columns <= it.
+
+    With `sliding_window` w, it sees only the last w positions (columns > position - w), exactly
+    as the model would alone, since columns are positions.
+    """
+    columns = torch.arange(read_length, device=positions.device)
+    visible = columns[None, None, :] <= positions[:, :, None]  # [n, W, L]
+    if sliding_window:
+        visible &= columns[None, None, :] > positions[:, :, None] - sliding_window
+    hidden = torch.zeros(visible.shape, dtype=dtype, device=positions.device)
+    return hidden.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+class SlotForward:
+    """Runs the model over some slots: sets the cache's plan, builds the masks, returns logits.
+
+    Args:
+        model: a Hugging Face causal LM (or anything with its forward signature).
+        cache_arg: the name of the forward's cache argument ('cache' or 'past_key_values').
+    """
+
+    def __init__(self, model, cache_arg: str, keeps_logits: bool) -> None:
+        self.model = model
+        self.cache_arg = cache_arg
+        self.keeps_logits = keeps_logits
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        layer_types = getattr(text, "layer_types", None) or ()
+        window = getattr(text, "sliding_window", None)
+        # Models mixing full and sliding-window layers take one mask per layer kind (a dict);
+        # a model with a window and no layer kinds (Mistral) slides in every layer.
+        self.mixed = bool(window) and "sliding_attention" in layer_types
+        self.sliding_window = window if self.mixed or (window and not layer_types) else None
+        self.dtype = next(model.parameters()).dtype
+
+    def masks(self, positions: torch.Tensor, read_length: int):
+        if not self.mixed:
+            return slot_mask(positions, read_length, self.dtype, self.sliding_window)
+        return {"full_attention": slot_mask(positions, read_length, self.dtype),
+                "sliding_attention": slot_mask(positions, read_length, self.dtype, self.sliding_window)}
+
+    def __call__(self, cache: SlotCache, input_ids: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
+        """Logits of the last column, [n, V]."""
+        cache.plan = plan
+        kwargs = {"logits_to_keep": 1} if self.keeps_logits else {}
+        kwargs[self.cache_arg] = cache
+        out = self.model(input_ids=input_ids, attention_mask=self.masks(plan.positions, plan.read_length),
+                         position_ids=plan.positions, use_cache=True, **kwargs)
+        cache.plan = None
+        return out.logits[:, -1]
+
+
+class DecodeStep:
+    """One token for every slot, all shapes static: [slots, 1] ids and positions -> [slots, V].
+
+    `compiled=True` wraps it in `torch.compile` (mode 'reduce-overhead' on CUDA = CUDA graphs,
+    the default mode elsewhere). A new cache size (growth) is a new shape, so a new graph.
+    """
+
+    def __init__(self, forward: SlotForward, compiled: bool) -> None:
+        self.forward = forward
+        self.compiled = compiled
+        self._fn = self._step
+        if compiled:
+            device = next(forward.model.parameters()).device
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self._fn = torch.compile(self._step, mode=mode, dynamic=False)
+
+    def _step(self, cache: SlotCache, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.forward(cache, input_ids, ForwardPlan(positions, cache.capacity))
+
+    def __call__(self, cache: SlotCache, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens, lengths: [slots] long (a slot's token is written at its length)."""
+        return self._fn(cache, tokens[:, None], lengths[:, None]).float()

@@ -1,0 +1,135 @@
+"""The slot KV cache under the generator: slots are reused, the cache grows past its first size,
+no row operation touches another row's slot, and the compiled decoding step equals eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_generation import PROMPTS, encode, hf_generate_batched
+from tiny import load_model, load_tokenizer
+
+from arpo_ref.engine import SlotCache, slot_mask
+from arpo_ref.generation import Generator, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
+
+
+def slot_contents(rows, slot, length):
+    return [layer.keys[slot, :, :length].clone() for layer in rows.cache.layers]
+
+
+def test_a_retired_rows_slot_is_reused_by_a_new_row_that_generates_like_a_fresh_one():
+    """Retiring a row only frees its slot: the slot's stale keys stay, and the next prompt takes
+    the slot and must generate exactly what it generates alone (stale columns are never seen)."""
+    tokenizer, model = load_tokenizer(), load_model("qwen2")
+    prompts = encode(tokenizer, PROMPTS)
+    generator = Generator(model, tokenizer, eos_token_ids=[])
+    rows = generator.prefill(prompts[:3])
+    generator.decode(rows, GREEDY)
+    retired = rows.row_ids[1]
+    freed = rows.slots[rows.index(retired)]
+    slots_before = rows.cache.num_slots
+    generator.release(rows, [retired])
+    (new_row,) = generator.prefill([prompts[4]], rows).row_ids[-1:]
+    assert rows.slots[rows.index(new_row)] == freed and rows.cache.num_slots == slots_before
+    out = generator.decode(rows, GREEDY, row_ids=[new_row])[new_row]
+    assert out.token_ids == hf_generate_batched(model, tokenizer, [prompts[4]], 24)[0]
+
+
+def test_the_cache_grows_past_its_first_size_and_generation_is_unchanged():
+    """Started at 1 slot x 4 columns, the cache must grow (slots and columns, keeping what it
+    holds) and still give model.generate's tokens for prompts of different lengths."""
+    tokenizer, model = load_tokenizer(), load_model("llama")
+    prompts = encode(tokenizer, PROMPTS)
+    generator = Generator(model, tokenizer, eos_token_ids=[], max_rows=1, max_length=4)
+    rows = generator.new_batch()
+    assert (rows.cache.num_slots, rows.cache.capacity) == (1, 4)
+    generator.prefill(prompts[:2], rows)
+    generator.prefill(prompts[2:], rows)  # more rows join a cache that already holds two
+    outs = generator.decode(rows, SamplingParams(temperature=0, max_new_tokens=40))
+    assert rows.cache.num_slots >= len(prompts) and rows.cache.capacity > 40 and rows.cache.growths >= 3
+    reference = hf_generate_batched(model, tokenizer, prompts, 40)
+    assert [outs[r].token_ids for r in rows.row_ids] == reference
+
+
+def test_fork_and_release_touch_only_their_own_slots():
+    """A fork writes only into the new rows' slots and a release writes nothing: the other rows'
+    keys stay bit-identical and nothing is re-allocated (no event copies every row)."""
+    tokenizer, model = load_tokenizer(), load_model("qwen2")
+    generator = Generator(model, tokenizer, eos_token_ids=[], max_rows=8)
+    rows = generator.prefill(encode(tokenizer, PROMPTS[:4]))
+    generator.decode(rows, SamplingParams(temperature=1.0, max_new_tokens=5, seed=0))
+    others = {r: slot_contents(rows, rows.slots[rows.index(r)], rows.lengths[rows.index(r)]) for r in rows.row_ids}
+    pointers, growths = [layer.keys.data_ptr() for layer in rows.cache.layers], rows.cache.growths
+    children = generator.fork(rows, rows.row_ids[2], copies=3)
+    generator.release(rows, [rows.row_ids[0], children[0]])
+    for r, before in others.items():
+        if r in rows.row_ids:
+            after = slot_contents(rows, rows.slots[rows.index(r)], rows.lengths[rows.index(r)])
+            assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    parent = rows.index(rows.row_ids[1])  # row_ids[1] is the old row 2, the parent
+    for child in children[1:]:
+        b = rows.index(child)
+        assert rows.lengths[b] == rows.lengths[parent]
+        assert all(torch.equal(a, c) for a, c in zip(slot_contents(rows, rows.slots[b], rows.lengths[b]),
+                                                     slot_contents(rows, rows.slots[parent], rows.lengths[parent]),
+                                                     strict=True))
+    assert [layer.keys.data_ptr() for layer in rows.cache.layers] == pointers and rows.cache.growths == growths
+
+
+def test_churn_reuses_slots_so_the_cache_does_not_grow():
+    """Hundreds of forks and retirements with 4 live rows keep the cache at its first size: the
+    cost of a decoding step cannot grow with the rows retired or forked so far."""
+    tokenizer, model = load_tokenizer(), load_model("qwen2")
+    generator = Generator(model, tokenizer, eos_token_ids=[])
+    rows = generator.prefill(encode(tokenizer, PROMPTS[:4]))
+    sizes = []
+    for i in range(300):
+        parent = rows.row_ids[i % 4]
+        generator.fork(rows, parent, 1)
+        generator.release(rows, [parent])
+        sizes.append((rows.cache.num_slots, rows.cache.growths))
+    assert len(rows) == 4 and set(sizes[1:]) == {sizes[0]}  # a fifth slot once, then reuse
+
+
+def test_slot_mask_sees_own_columns_up_to_the_position_and_the_window():
+    positions = torch.tensor([[2, 3], [0, 1]])
+    visible = slot_mask(positions, 5, torch.float32) == 0  # [2, 1, 2, 5]
+    assert visible[0, 0].tolist() == [[True, True, True, False, False], [True, True, True, True, False]]
+    assert visible[1, 0].tolist() == [[True, False, False, False, False], [True, True, False, False, False]]
+    windowed = slot_mask(positions, 5, torch.float32, sliding_window=2) == 0
+    assert windowed[0, 0].tolist() == [[False, True, True, False, False], [False, False, True, True, False]]
+
+
+def test_bad_sizes_and_options_fail_clearly():
+    tokenizer, model = load_tokenizer(), load_model("qwen2")
+    with pytest.raises(ValueError, match="compile"):
+        Generator(model, tokenizer, compile="yes")
+    with pytest.raises(ValueError, match="max_rows"):
+        Generator(model, tokenizer, max_rows=-1)
+    with pytest.raises(ValueError, match="slot"):
+        SlotCache(2, num_slots=0)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_step_gives_the_eager_tokens_and_logprobs():
+    """torch.compile of the static step (all slots x 1 token over the whole capacity) on the CPU:
+    same sampled tokens and log-probs as the eager path, through a fork and a waiting row."""
+    tokenizer, model = load_tokenizer(), load_model("qwen2")
+    prompts = encode(tokenizer, PROMPTS[:3])
+
+    def run(compiled: bool):
+        generator = Generator(model, tokenizer, eos_token_ids=[], compile=compiled, max_rows=6, max_length=64)
+        rows = generator.prefill(prompts)
+        sampling = SamplingParams(temperature=1.0, max_new_tokens=6)
+        rng = torch.Generator().manual_seed(0)
+        first = generator.decode(rows, sampling, rng=rng)
+        (child,) = generator.fork(rows, rows.row_ids[1])
+        second = generator.decode(rows, sampling, rng=rng, row_ids=[rows.row_ids[0], child])  # row 2 waits
+        third = generator.decode(rows, sampling, rng=rng)  # then all rows again
+        return [(o.token_ids, o.logprobs, o.entropies) for o in [*first.values(), *second.values(), *third.values()]]
+
+    for (tokens, logprobs, entropies), (c_tokens, c_logprobs, c_entropies) in zip(run(False), run(True), strict=True):
+        assert tokens == c_tokens
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(c_logprobs), atol=1e-4)
+        assert torch.allclose(torch.tensor(entropies), torch.tensor(c_entropies), atol=1e-4)
