@@ -92,3 +92,15 @@ def test_policy_scores_carries_gradients():
     logprobs, entropy = policy_scores(logits, torch.randint(0, 8, (2, 3)), vocab_size=8)
     (logprobs.sum() + entropy.sum()).backward()
     assert logits.grad is not None and torch.all(logits.grad[..., 8:] == 0)
+
+
+def test_entropy_gradient_is_finite_where_a_probability_is_zero():
+    """p·log p at p = 0 is 0, and so must be its gradient: multiplying before masking gave NaN in
+    the backward (0·(−inf)) for logits of −inf, e.g. ids a caller masked out."""
+    import torch
+
+    from arpo_ref.entropy import entropy_from_log_probs
+
+    logits = torch.tensor([[1.0, 2.0, float("-inf")]], requires_grad=True)
+    entropy_from_log_probs(torch.log_softmax(logits, -1)).sum().backward()
+    assert torch.isfinite(logits.grad[:, :2]).all()

@@ -142,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 records = records[: config.data.max_eval_prompts]
             name = Path(path).stem
             metric = pick_metric(name, args.metric)
-            metrics, trees = evaluate(Generator(model, tokenizer), registry, records, config.rollout,
+            metrics, trees = evaluate(Generator(model, tokenizer, compile=config.sampling.compile), registry, records, config.rollout,
                                       _system_prompt(config.data.system_prompt), config.reward.build_reward_fn(),
                                       samples=args.samples, sampling=sampling, metric=metric, judge=judge,
                                       seed=config.seed)
@@ -164,7 +164,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     model, tokenizer = _policy(config)
     with ToolRegistry.from_config(config.tools) as registry:
-        engine = AdaptiveRollout(Generator(model, tokenizer), registry, config.rollout, config.sampling, seed=config.seed)
+        engine = AdaptiveRollout(Generator(model, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling, seed=config.seed)
         prompt = render_prompt(tokenizer, args.question, _system_prompt(config.data.system_prompt))
         result = engine([prompt], metadata=[{"question": args.question}])
     print(render(result.trees[0], tokenizer.decode, width=100))

@@ -178,7 +178,7 @@ def _resolve(base: DemoConfig, world, out: Path) -> Config:
 
 
 def _evaluate(model, tokenizer, registry, records, config: Config):
-    metrics, trees = evaluate(Generator(model, tokenizer), registry, records, config.rollout,
+    metrics, trees = evaluate(Generator(model, tokenizer, compile=config.sampling.compile), registry, records, config.rollout,
                               config.data.system_prompt, config.reward.build_reward_fn())
     return metrics, trees
 
@@ -187,7 +187,7 @@ def _write_tree(out: Path, model, tokenizer, registry, config: Config, world) ->
     """One adaptive rollout of an eval question, rendered (rollout_tree.txt) and as JSON."""
     from .episode import render_prompt
 
-    engine = AdaptiveRollout(Generator(model, tokenizer), registry, config.rollout, config.sampling, seed=config.seed)
+    engine = AdaptiveRollout(Generator(model, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling, seed=config.seed)
     question = world.eval[0]
     tree = engine([render_prompt(tokenizer, question.question, config.data.system_prompt)],
                   metadata=[{"question": question.question, "answer": question.answer}]).trees[0]

@@ -39,8 +39,9 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
 def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
     """H = −Σ_j p_j log p_j from normalised log-probs [..., V] -> [...] (the one formula)."""
     probs = log_probs.exp()
-    # p·log p is 0·(−inf) = nan at masked ids; the limit is 0.
-    terms = torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs))
+    # p·log p is 0·(−inf) = nan at masked ids; the limit is 0. Mask log p before multiplying, so
+    # the backward does not meet 0·(−inf) either.
+    terms = probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))
     return -terms.sum(dim=-1)
 
 

@@ -219,20 +219,14 @@ def packed_token_logprobs(model, packed: PackedRows, vocab_size: int, with_entro
 
 def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, with_entropy: bool,
                          temperature: float = 1.0):
-    """log softmax(logits / temperature)[target] and, optionally, the entropy, of logits (..., V).
+    """log softmax(logits / temperature)[target] and, optionally, the entropy, of logits (..., V):
+    the generator's own `sampling.policy_scores` on the temperature-divided logits, so recorded
+    and recomputed values come from one function. Ids >= vocab_size (a model's padded
+    vocabulary) do not exist, as in the generator."""
+    from .sampling import policy_scores
 
-    Ids >= vocab_size (a model's padded vocabulary) get probability 0, as in the generator. The
-    entropy's p·log p is taken as 0 where p = 0 before multiplying, so its gradient stays finite
-    (0·(−inf) would make it NaN)."""
-    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
-    if vocab_size < logits.shape[-1]:
-        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_size, float("-inf"))
-    log_probs = torch.log_softmax(logits, dim=-1)
-    chosen = log_probs.gather(-1, targets[..., None]).squeeze(-1)
-    if not with_entropy:
-        return chosen, None
-    probs = log_probs.exp()
-    return chosen, -(probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))).sum(-1)
+    logits = logits if temperature == 1.0 else logits.float() / temperature
+    return policy_scores(logits, targets, vocab_size, with_entropy=with_entropy)
 
 
 def tree_micro_batches(leaves: torch.Tensor, group_ids: torch.Tensor, max_leaves: int,

@@ -109,7 +109,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     reward_fn = config.reward.build_reward_fn()
     estimator = get_estimator(cfg.estimator)
     policy = accelerator.unwrap_model(model)
-    rollout = AdaptiveRollout(Generator(policy, tokenizer), registry, config.rollout, config.sampling,
+    rollout = AdaptiveRollout(Generator(policy, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling,
                               seed=config.seed + 1000 * accelerator.process_index)
     per_process = cfg.prompts_per_process(accelerator.num_processes)
     if accelerator.is_main_process:
@@ -312,7 +312,7 @@ def _evaluate_shared(model, policy, tokenizer, registry, records: list[Record], 
     mine = records[rank::world_size()]
     rows = config.train.rollout_batch_prompts * config.rollout.rollout_budget or 64  # as many rows as a rollout
     with gathered(model):  # FSDP: processes evaluate different numbers of records
-        metrics, _ = evaluate(Generator(policy, tokenizer), registry, mine, config.rollout, system, reward_fn,
+        metrics, _ = evaluate(Generator(policy, tokenizer, compile=config.sampling.compile), registry, mine, config.rollout, system, reward_fn,
                               batch_size=rows)
     metrics = mean_over_processes(metrics, weight=float(len(mine)))
     return metrics | {"eval/questions": float(len(records))}
