@@ -41,43 +41,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine import DecodeStep, ForwardPlan, SlotCache, SlotForward
-from .sampling import filter_top_k_top_p, make_rng, sample_next, sample_step
+from .sampling import SamplingParams, filter_top_k_top_p, make_rng, sample_next, sample_step
 from .stopping import StopRules, default_eos_ids
 
 __all__ = ["Generator", "GeneratedSequence", "RowBatch", "SamplingParams", "filter_top_k_top_p",
            "make_rng", "sample_next", "sample_step"]
 
 FINISH_REASONS = ("stop", "eos", "length")
-
-
-@dataclass
-class SamplingParams:
-    """How to pick the next token. temperature 0 means greedy decoding."""
-
-    temperature: float = 1.0
-    """Softmax temperature T of the sampling distribution; 0 = greedy (argmax)."""
-    top_k: int = 0
-    """Keep only the k most likely tokens before sampling; 0 = off."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches p; 1 = off."""
-    max_new_tokens: int = 256
-    """Most tokens one `decode` call may generate per row."""
-    seed: int | None = None
-    """Seed of the sampling generator; the same seed, prompts and batch give the same samples."""
-    topk_logprobs: int = 0
-    """Also record the k largest log-probs at every step (the official rollout's entropy input)."""
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.topk_logprobs < 0:
-            raise ValueError(f"topk_logprobs must be >= 0, got {self.topk_logprobs}")
 
 
 @dataclass
