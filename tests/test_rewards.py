@@ -257,7 +257,7 @@ def test_the_released_codes_own_example_scores_one_point_one():
         "\\(\\boxed{12}\\). Both confirm that n = 12.</answer>"
     )
     outcome = score_response(response, "12", "official")
-    assert (outcome.answer, outcome.used_search, outcome.used_python) == ("12", True, True)
+    assert (outcome.answer, outcome.tools_used) == ("12", ("python", "search"))
     assert both_modes(response, "12") == pytest.approx((1.1, 1.1))
 
 
@@ -266,7 +266,7 @@ def test_score_response_reports_its_parts():
     assert outcome.format_error is None
     assert outcome.answer == "Paris France"
     assert outcome.f1 == pytest.approx(2 / 3)
-    assert (outcome.used_search, outcome.used_python) == (True, False)
+    assert (outcome.tools_used, outcome.bonus) == (("search",), False)
     bad = score_response("", "Paris", "official")
     assert (bad.reward, bad.answer, bad.f1) == (-1.0, None, 0.0)
     assert bad.format_error == "no <think> block"

@@ -40,7 +40,7 @@ import torch
 
 from .config import RolloutConfig, SamplingConfig
 from .entropy import truncated_segment_entropy
-from .episode import run_tool_calls
+from .episode import run_tool_calls, segment_call
 from .generation import GeneratedSequence, Generator, RowBatch, SamplingParams
 from .tools.registry import summarize_results
 from .tree import BranchDecision, RolloutTree, ToolCall
@@ -190,16 +190,15 @@ class AdaptiveRollout:
         limits = self.config.max_calls_per_tool
         if not limits:
             return False
-        text = self.generator.tokenizer.decode(t.tree.nodes[t.node_id].token_ids).rstrip()
-        return any(text.endswith(f"</{tag}>") and t.calls_per_tool.get(tag, 0) >= limit
-                   for tag, limit in limits.items())
+        call = segment_call(self.generator.tokenizer, t.tree.nodes[t.node_id].token_ids)
+        return call is not None and call.tag in limits and t.calls_per_tool.get(call.tag, 0) >= limits[call.tag]
 
     def _run_tools(self, rows: RowBatch, calling: list[Trajectory]) -> list[Trajectory]:
         if not calling:
             return []
-        texts = [self.generator.tokenizer.decode(t.tree.nodes[t.node_id].token_ids) for t in calling]
+        segments = [t.tree.nodes[t.node_id].token_ids for t in calling]
         start = time.perf_counter()
-        steps = run_tool_calls(self.registry, self.generator.tokenizer, texts)
+        steps = run_tool_calls(self.registry, self.generator.tokenizer, segments)
         self.stats["time/tools"] += time.perf_counter() - start
         forced, called = {}, []
         for t, step in zip(calling, steps):
