@@ -143,3 +143,36 @@ def test_tiny_random_model_episode_with_a_tool_error():
             mask = batch.loss_mask[i, column: column + len(node.token_ids)]
             assert bool((mask == (1.0 if node.kind == "model" else 0.0)).all())
             column += len(node.token_ids)
+
+
+class _PieceTokenizer:
+    """Token ids are indices into a list of text pieces (one piece may be `>.`)."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, **_):
+        return "".join(self.pieces[i] for i in ids)
+
+    def encode(self, text, add_special_tokens=False):
+        return [len(self.pieces)] * max(1, len(text) // 8)  # result ids: only their count matters here
+
+
+def test_a_stop_token_with_trailing_text_runs_its_call_through_the_episode():
+    """Regression (issue 13): the stop token `>.` ended `</search>` with a '.', the episode parsed
+    the segment's text, found no call at its end and inserted no result (the leaf then scored -1).
+    The call is now read from the segment's ids, the stop token being the last one."""
+    from arpo_ref.episode import run_tool_calls, segment_call
+    from arpo_ref.tools.base import ToolResult
+    from arpo_ref.tools.tags import ParsedCall
+
+    tok = _PieceTokenizer(["<search>", " capital", " </search", ">.", ">"])
+
+    class Registry:
+        def run_batch(self, calls):
+            return [ToolResult(text=f"found {call[1]}") for call in calls]
+
+    assert segment_call(tok, [0, 1, 2, 3]) == ParsedCall("search", "capital")
+    assert segment_call(tok, [0, 1, 2, 4]) == ParsedCall("search", "capital")
+    (step,) = run_tool_calls(Registry(), tok, [[0, 1, 2, 3]])
+    assert step is not None and step.result.text == "found capital"

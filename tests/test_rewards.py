@@ -257,7 +257,7 @@ def test_the_released_codes_own_example_scores_one_point_one():
         "\\(\\boxed{12}\\). Both confirm that n = 12.</answer>"
     )
     outcome = score_response(response, "12", "official")
-    assert (outcome.answer, outcome.used_search, outcome.used_python) == ("12", True, True)
+    assert (outcome.answer, outcome.tools_used) == ("12", ("python", "search"))
     assert both_modes(response, "12") == pytest.approx((1.1, 1.1))
 
 
@@ -266,7 +266,7 @@ def test_score_response_reports_its_parts():
     assert outcome.format_error is None
     assert outcome.answer == "Paris France"
     assert outcome.f1 == pytest.approx(2 / 3)
-    assert (outcome.used_search, outcome.used_python) == (True, False)
+    assert (outcome.tools_used, outcome.bonus) == (("search",), False)
     bad = score_response("", "Paris", "official")
     assert (bad.reward, bad.answer, bad.f1) == (-1.0, None, 0.0)
     assert bad.format_error == "no <think> block"
@@ -342,3 +342,40 @@ def test_reward_config_builds_a_bound_reward_fn():
     assert RewardConfig(multi_tool_bonus=0.0).build_reward_fn()(response, "Paris") == 1.0
     assert RewardConfig(mode="official", format_penalty=-2.0).build_reward_fn()("", "Paris") == -2.0
     assert RewardConfig(mode="arpo_ref.rewards:arpo_reward").build_reward_fn() is arpo_reward
+
+
+# ---------------------------------------------------------------------------- every registered tool
+CALCULATOR = "<calculator>6 * 7</calculator>" + inserted("42")
+WEATHER = "<weather>Paris</weather>" + inserted("sunny </python> <answer>\\boxed{Rome}</answer>")
+
+
+def test_a_calculator_trajectory_scores_like_a_python_one_in_both_modes():
+    """Regression (issue 13): answers.py and rewards.py hard-coded `search|python` as the tool
+    tags, so in paper mode a correct trajectory that used the calculator scored -1.0 (its
+    `</calculator> <result>` was read as a forged result) while the same one with python scored
+    1.0; in official mode the tags inside a calculator result counted as the policy's."""
+    assert both_modes(trajectory(CALCULATOR)) == both_modes(trajectory(PYTHON)) == (1.0, 1.0)
+
+
+def test_a_users_own_tool_is_read_from_the_names_it_is_registered_under():
+    """A tool registered as `weather`: its result (which here contains a closing tool tag and a
+    rival answer) is blanked in both modes once its name is passed, as the registry's names are."""
+    response = trajectory(WEATHER)
+    names = ("search", "python", "weather")
+    assert [arpo_reward(response, "Paris", mode, tool_names=names) for mode in ("paper", "official")] == [1.0, 1.0]
+    assert extract_answer(response, names) == "Paris"
+    assert arpo_reward(response, "Paris", "paper") == -1.0  # not a registered tool: forged <result>
+
+
+def test_official_multi_tool_bonus_keeps_the_released_pair_paper_counts_any_two_tools():
+    """The released r_M names search and python; paper mode reads eq. 8 as 'two different tools'."""
+    paper, official = both_modes(trajectory(SEARCH, CALCULATOR))
+    assert paper == pytest.approx(1.1) and official == pytest.approx(1.0)
+
+
+def test_a_stop_token_with_text_after_the_closing_tag_still_counts_as_an_answered_call():
+    """Regression (issue 13): one token `>.` completes `</search>`, so the policy's text reads
+    `</search>.` and the result is inserted after the dot. The inserted-result rule accepted only
+    whitespace there, so the result looked forged and the leaf scored -1."""
+    response = trajectory("<search>capital of France</search>." + inserted("Paris is the capital."))
+    assert both_modes(response) == (1.0, 1.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from arpo_ref.tools import RESULT_TEMPLATE, ToolCall, format_result, parse_tool_call, stop_strings
+from arpo_ref.tools import RESULT_TEMPLATE, ParsedCall, format_result, parse_tool_call, stop_strings
 
 
 def test_result_format_is_the_official_one():
@@ -18,15 +18,15 @@ def test_stop_strings_are_the_closing_tags():
 
 @pytest.mark.parametrize("text, expected", [
     # a plain call; content is stripped
-    ("<think>add</think> <python>\nprint(1 + 1)\n</python>", ToolCall("python", "print(1 + 1)")),
+    ("<think>add</think> <python>\nprint(1 + 1)\n</python>", ParsedCall("python", "print(1 + 1)")),
     # trailing whitespace after the closing tag is still a call
-    ("<search> capital of France </search>\n  ", ToolCall("search", "capital of France")),
+    ("<search> capital of France </search>\n  ", ParsedCall("search", "capital of France")),
     # nested / repeated opening tags: the last (innermost) opening wins
-    ("<python>a = 1\n<python>print(2)</python>", ToolCall("python", "print(2)")),
+    ("<python>a = 1\n<python>print(2)</python>", ParsedCall("python", "print(2)")),
     # an earlier, already answered call does not leak into the new one
-    ("<python>x</python> <result>\nx\n</result> then <python>y</python>", ToolCall("python", "y")),
+    ("<python>x</python> <result>\nx\n</result> then <python>y</python>", ParsedCall("python", "y")),
     # an unknown tag is still a call: the registry answers that the tool is unknown
-    ("<browse>http://example.com</browse>", ToolCall("browse", "http://example.com")),
+    ("<browse>http://example.com</browse>", ParsedCall("browse", "http://example.com")),
 ])
 def test_completed_calls(text, expected):
     assert parse_tool_call(text) == expected
@@ -58,3 +58,17 @@ def test_closing_tag_without_opening_is_a_call_with_a_problem():
 def test_a_call_unpacks_like_a_tag_content_tuple():
     tag, content, problem = parse_tool_call("<calculator>1+2</calculator>")
     assert (tag, content, problem) == ("calculator", "1+2", None)
+
+
+def test_a_closing_tag_completed_by_a_token_that_carries_more_text_is_the_call():
+    """Regression (issue 13): generation stops on the token that completes `</search>`, and that
+    token may carry more text (`>.`). parse_tool_call wanted the tag at the very end, so the turn
+    ended with no call. Told where the stop token starts, it finds the tag inside that token."""
+    from arpo_ref.tools.tags import ParsedCall
+
+    text = "<search> capital of France </search>."
+    assert parse_tool_call(text) is None  # without the stop token's position: the old reading
+    stop_at = len("<search> capital of France </search")
+    assert parse_tool_call(text, stop_token_at=stop_at) == ParsedCall("search", "capital of France")
+    # a closing tag completed BEFORE the stop token is not this turn's call
+    assert parse_tool_call("<search> a </search> and then.", stop_token_at=len("<search> a </search> and")) is None

@@ -2,7 +2,9 @@
 (arpo_ref.rewards) and evaluation (arpo_ref.evaluate).
 
 * `blank_tool_results`: the response with the text of inserted tool results blanked (the tags
-  stay), so nothing the environment wrote counts as the policy's;
+  stay), so nothing the environment wrote counts as the policy's. What a call and an inserted
+  result look like comes from `arpo_ref.tools.tags.ToolSyntax`; functions here take the tool
+  names (`ToolRegistry.names`; default: the built-in tools) as plain values;
 * `extract_answer`: the last balanced `\\boxed{…}` (or `\\boxed x`) of the response, inside the last
   `<answer>` block when there is one;
 * `normalize_answer`, `f1_score`, `exact_match`: SQuAD-style normalisation (lower case, no
@@ -18,25 +20,28 @@ import string
 from collections import Counter
 from collections.abc import Iterable
 
+from .tools.tags import BUILTIN_TOOL_NAMES, RESULT_CLOSE, tool_syntax
+
 GroundTruth = str | Iterable[str]
 
 
 # ---------------------------------------------------------------------------- tool results
-_INSERTED_RESULT = re.compile(r"</(?:search|python)>\s*<result>")
-
-
-def blank_tool_results(response: str) -> tuple[str, int]:
+def blank_tool_results(response: str, tool_names: Iterable[str] = BUILTIN_TOOL_NAMES
+                       ) -> tuple[str, int]:
     """The response with the text of every inserted tool result removed, and how many there were.
 
     ARPO.md §5: results are inserted by the environment right after a call's closing tag, so
     any tag inside them is not the policy's. Tags stay: "</search> <result>…</result>" becomes
     "</search> <result></result>". A result cut off by the length limit keeps only "<result>".
+    `tool_names`: the tags of the enabled tools; a closing tag of any of them may be followed
+    by an inserted result (`ToolSyntax.inserted_result`).
     """
+    inserted_result = tool_syntax(tool_names).inserted_result
     pieces, position, count = [], 0, 0
-    while (match := _INSERTED_RESULT.search(response, position)) is not None:
+    while (match := inserted_result.search(response, position)) is not None:
         pieces.append(response[position : match.end()])
         count += 1
-        end = response.find("</result>", match.end())
+        end = response.find(RESULT_CLOSE, match.end())
         if end == -1:
             return "".join(pieces), count
         position = end
@@ -73,14 +78,15 @@ def _answer_block(text: str) -> str | None:
     return blocks[-1] if blocks else None
 
 
-def extract_answer(response: str) -> str | None:
+def extract_answer(response: str, tool_names: Iterable[str] = BUILTIN_TOOL_NAMES) -> str | None:
     """The final answer of a trajectory (ARPO.md §5 `<answer>… \\boxed{…} </answer>`).
 
-    Inserted tool results are ignored. Returns the last balanced `\\boxed` content of the last
-    `<answer>` block, else that block's stripped text; with no block, the last `\\boxed` of
-    the whole response; None when there is neither.
+    Inserted tool results (after a closing tag of one of `tool_names`) are ignored. Returns
+    the last balanced `\\boxed` content of the last `<answer>` block, else that block's
+    stripped text; with no block, the last `\\boxed` of the whole response; None when there
+    is neither.
     """
-    text, _ = blank_tool_results(response)
+    text, _ = blank_tool_results(response, tool_names)
     block = _answer_block(text)
     boxed = last_boxed_content(block if block is not None else text)
     if boxed is not None:

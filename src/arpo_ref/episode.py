@@ -16,16 +16,21 @@ Deviations from the official code:
   sampled; we end the trajectory without it ('tool_limit'), so every trained token is on-policy.
 * A malformed call (empty, no opening tag) gets an error result the model can read, instead of
   silently ending the trajectory (see `arpo_ref.tools.tags`).
+
+A stop token may carry text after the closing tag (one token `>.` completes `</search>`): the
+call is still parsed (`segment_call`), and that text stays in the model segment, since those are
+the ids the policy sampled; the result is inserted after it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib import resources
 
 from .tools.base import ToolResult
 from .tools.registry import ToolRegistry
-from .tools.tags import ToolCall, format_result, parse_tool_call
+from .tools.tags import ParsedCall, format_result, parse_tool_call
 
 SYSTEM_PROMPTS = ("reasoning", "search")
 
@@ -89,18 +94,29 @@ def encode_demonstration(tokenizer, prompt_ids: list[int], segments: list[dict])
 class ToolStep:
     """The outcome of one call: the parsed call, the tool's result and the ids to insert."""
 
-    call: ToolCall
+    call: ParsedCall
     result: ToolResult
     result_ids: list[int]
 
 
-def run_tool_calls(registry: ToolRegistry, tokenizer, segment_texts: list[str]) -> list[ToolStep | None]:
-    """Parse the call that ends each segment and run all calls in parallel (ARPO.md §5).
+def segment_call(tokenizer, token_ids: list[int]) -> ParsedCall | None:
+    """The call completed by the last token of a model segment (the stop token), or None.
+
+    The tag may end inside that token (`>.`); where the token's text starts is the length of
+    what the segment decodes to without it (their common prefix, for partial UTF-8).
+    """
+    text = tokenizer.decode(token_ids)
+    before = tokenizer.decode(token_ids[:-1])
+    return parse_tool_call(text, stop_token_at=len(os.path.commonprefix([before, text])))
+
+
+def run_tool_calls(registry: ToolRegistry, tokenizer, segments: list[list[int]]) -> list[ToolStep | None]:
+    """Parse the call that ends each segment (token ids) and run all calls in parallel (ARPO.md §5).
 
     Returns, per segment, a `ToolStep`, or None when the segment does not end with a call.
     Failures are results (error text for the model), never exceptions.
     """
-    calls = [parse_tool_call(text) for text in segment_texts]
+    calls = [segment_call(tokenizer, ids) for ids in segments]
     todo = [i for i, call in enumerate(calls) if call is not None]
     results = registry.run_batch([calls[i] for i in todo])
     steps: list[ToolStep | None] = [None] * len(calls)

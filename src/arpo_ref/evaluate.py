@@ -85,7 +85,7 @@ def evaluate(generator: Generator, registry, records: list[Record], rollout: Rol
     config = dataclasses.replace(rollout, mode="grpo", rollout_budget=samples, num_global=samples)
     sampling = sampling or SamplingConfig(temperature=0.0)
     engine = AdaptiveRollout(generator, registry, config, sampling, seed=seed)
-    tokenizer = generator.tokenizer
+    tokenizer, tool_names = generator.tokenizer, (registry.names if registry is not None else ())
     trees, solved, any_solved, f1s, rewards, calls, lengths = [], [], [], [], [], [], []
     for start in range(0, len(records), batch_size):
         chunk = records[start: start + batch_size]
@@ -96,7 +96,7 @@ def evaluate(generator: Generator, registry, records: list[Record], rollout: Rol
             for leaf in tree.leaves:
                 segments = tree.response_segments(leaf)
                 text = tokenizer.decode([t for n in segments for t in n.token_ids], skip_special_tokens=True)
-                ok, f1 = score(extract_answer(text), record, metric, judge)
+                ok, f1 = score(extract_answer(text, tool_names), record, metric, judge)
                 outcomes.append(ok)
                 f1s.append(f1)
                 if reward_fn is not None:

@@ -1,6 +1,6 @@
 """Hierarchical outcome reward of ARPO (paper eq. 8, §3.4; ARPO.md §6), in two modes.
 
-    R = Acc + r_M   format valid, answer right (r_M = 0.1 if both search and python were used)
+    R = Acc + r_M   format valid, answer right (r_M = 0.1 for a multi-tool trajectory, below)
     R = 0           format valid, answer wrong
     R = −1          format invalid
 
@@ -12,10 +12,19 @@ Answer extraction, F1 and exact match live in `arpo_ref.answers` (re-exported he
 The `response` is the trajectory text after the prompt, decoded without special tokens, with
 tool results inline as the environment inserted them (" <result>\\n…\\n</result>").
 
+Tools: which tags are calls, and where a result was inserted, is `arpo_ref.tools.tags.ToolSyntax`
+of `tool_names` (callers pass `ToolRegistry.names`; default: the built-in python, search and
+calculator). Every tool named there is checked and blanked like python and search, in both modes.
+Multi-tool bonus r_M:
+- paper: the policy closed calls of at least two different tools. Eq. 8 writes "search and
+  python", the paper's only tools; with those two tools the rule is the same.
+- official: the released rule, kept as it is: both `</search>` and `</python>` were closed
+  (`OFFICIAL_BONUS_TOOLS`); other tools never earn it.
+
 Paper-mode decisions (the paper leaves them open):
 - Format valid: exactly one `<answer>…</answer>`, last (only whitespace or special-token text
   such as `<|im_end|>` after it); `<think>` tags and tool tags open and close in turn, never
-  nested; every closed call has an inserted result; the model never writes `<result>` tags
+  nested (tool tags: those of `tool_names`); every closed call has an inserted result; the model never writes `<result>` tags
   itself (a forged tool result). `<think>` and `\\boxed{}` are not required.
 - Right: F1 > 0 and F1 ≥ `correct_threshold` (default 0.5); the reward is then the F1 (+ r_M).
   The paper's "correct" is undefined for a graded Acc; 0 < F1 < 0.5 (more wrong words than right
@@ -25,7 +34,10 @@ Where this deviates from the official code, and why:
 1. Both modes first blank the text of inserted tool results (the tags stay). The official code
    counts tags anywhere, so a search snippet containing "<answer>" gets −1 and one containing
    "</python>" earns the multi-tool bonus; the environment wrote those, not the policy.
-   An inserted result is a `<result>` right after a closing tool tag, up to the next `</result>`.
+   An inserted result is a `<result>` right after a closing tool tag (and the rest of the token
+   that completed the tag, e.g. the "." of a `>.` token), up to the next `</result>`.
+4. The official format rule "each <search>/<python> is answered by a result" is applied to
+   every tool of `tool_names` (the released code has no other tools).
 2. The answer is the last balanced `\\boxed{…}` (or `\\boxed x`). The official code prefers any
    `\\boxed x` (with a space) over a later `\\boxed{…}`.
 3. Ground truths that are JSON lists of strings are decoded into several golds. The official
@@ -39,7 +51,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -55,17 +67,21 @@ from .answers import (  # noqa: F401  (re-exported: the reward's Acc and format 
     normalize_answer,
     parse_golds,
 )
+from .tools.tags import BUILTIN_TOOL_NAMES, RESULT_CLOSE, RESULT_OPEN, ToolSyntax, tool_syntax
 
 RewardFunction = Callable[[str, GroundTruth], float]
+
+OFFICIAL_BONUS_TOOLS = ("search", "python")
+"""The released reward's r_M condition: both of these tools were called."""
 
 # ---------------------------------------------------------------------------- format rules
 _TRAILING_AFTER_ANSWER = re.compile(r"(?:\s|<\|[^|<>]*\|>|</s>)*")
 
 
-def _tags_alternate(text: str, names: str) -> bool:
-    """True when the tags named by the regex alternative `names` open and close in turn."""
+def _tags_alternate(text: str, tag: re.Pattern[str]) -> bool:
+    """True when the tags matched by `tag` (groups: "/" or "", name) open and close in turn."""
     open_name = None
-    for closing, name in re.findall(rf"<(/?)({names})>", text):
+    for closing, name in tag.findall(text):
         if open_name is None and not closing:
             open_name = name
         elif closing and name == open_name:
@@ -75,7 +91,10 @@ def _tags_alternate(text: str, names: str) -> bool:
     return open_name is None
 
 
-def _paper_format_error(text: str, num_results: int) -> str | None:
+_THINK_TAG = re.compile(r"<(/?)(think)>")
+
+
+def _paper_format_error(text: str, num_results: int, syntax: ToolSyntax) -> str | None:
     if text.count("<answer>") != 1 or text.count("</answer>") != 1:
         return "need exactly one <answer> and one </answer>"
     answer_end = text.find("</answer>")
@@ -83,14 +102,14 @@ def _paper_format_error(text: str, num_results: int) -> str | None:
         return "</answer> comes before <answer>"
     if not _TRAILING_AFTER_ANSWER.fullmatch(text, answer_end + len("</answer>")):
         return "text after </answer>"
-    if not _tags_alternate(text, "think"):
+    if not _tags_alternate(text, _THINK_TAG):
         return "<think> tags unbalanced or nested"
-    if not _tags_alternate(text, "search|python"):
+    if not _tags_alternate(text, syntax.tool_tag):
         return "tool tags unbalanced or nested"
-    num_calls = text.count("</search>") + text.count("</python>")
+    num_calls = sum(text.count(closing) for closing in syntax.stop_strings)
     if num_calls != num_results:
         return "a tool call has no inserted result"
-    if text.count("<result>") != num_results or text.count("</result>") != num_results:
+    if text.count(RESULT_OPEN) != num_results or text.count(RESULT_CLOSE) != num_results:
         return "<result> tags written by the model"
     return None
 
@@ -108,14 +127,14 @@ def _official_calls_answered(text: str, tool: str) -> bool:
     return True
 
 
-def _official_format_error(text: str) -> str | None:
+def _official_format_error(text: str, syntax: ToolSyntax) -> str | None:
     if text.count("<think>") != text.count("</think>"):
         return "<think> </think> not paired"
     if text.count("<think>") == 0:
         return "no <think> block"
     if text.count("<answer>") != 1 or text.count("</answer>") != 1:
         return "need exactly one <answer> and one </answer>"
-    for tool in ("search", "python"):
+    for tool in syntax.tool_names:
         if not _official_calls_answered(text, tool):
             return f"<{tool}> not followed in order by </{tool}> and <result>…</result>"
     answer_start, answer_end = text.find("<answer>"), text.find("</answer>")
@@ -128,13 +147,18 @@ def _official_format_error(text: str) -> str | None:
     return None
 
 
-def format_error(response: str, mode: str = "paper") -> str | None:
-    """Why the response breaks the format rule of `mode` (eq. 8's "format"); None when valid."""
-    text, num_results = blank_tool_results(response)
+def format_error(response: str, mode: str = "paper",
+                 tool_names: Iterable[str] = BUILTIN_TOOL_NAMES) -> str | None:
+    """Why the response breaks the format rule of `mode` (eq. 8's "format"); None when valid.
+
+    `tool_names`: the tags of the enabled tools (`ToolRegistry.names`).
+    """
+    syntax = tool_syntax(tool_names)
+    text, num_results = blank_tool_results(response, syntax.tool_names)
     if mode == "paper":
-        return _paper_format_error(text, num_results)
+        return _paper_format_error(text, num_results, syntax)
     if mode == "official":
-        return _official_format_error(text)
+        return _official_format_error(text, syntax)
     raise ValueError(f"mode: unknown format rule {mode!r}; choose 'paper' or 'official'")
 
 
@@ -151,10 +175,16 @@ class RewardOutcome:
     """The extracted answer scored against the golds; None when the format is invalid."""
     f1: float
     """Acc: token F1 of the answer, max over golds; 0 when the format is invalid."""
-    used_search: bool
-    """The policy closed at least one <search> call (tags inside tool results ignored)."""
-    used_python: bool
-    """The policy closed at least one <python> call."""
+    tools_used: tuple[str, ...]
+    """Tools whose closing tag the policy wrote (tags inside tool results ignored)."""
+    bonus: bool
+    """Whether the trajectory qualifies for r_M (mode's rule; added only to a right answer)."""
+
+
+def earns_multi_tool_bonus(tools_used: Iterable[str], mode: str) -> bool:
+    """r_M's condition: paper, two different tools; official, search and python (module doc)."""
+    used = set(tools_used)
+    return set(OFFICIAL_BONUS_TOOLS) <= used if mode == "official" else len(used) >= 2
 
 
 def score_response(
@@ -165,28 +195,31 @@ def score_response(
     multi_tool_bonus: float = 0.1,
     format_penalty: float = -1.0,
     correct_threshold: float = 0.5,
+    tool_names: Iterable[str] = BUILTIN_TOOL_NAMES,
 ) -> RewardOutcome:
     """Eq. 8 reward of `response` with its parts; `mode` is "paper" or "official".
 
     multi_tool_bonus = r_M; format_penalty = the −1 of eq. 8; correct_threshold = the F1 an
-    answer needs to count as right (paper mode only: official rewards any F1 > 0).
+    answer needs to count as right (paper mode only: official rewards any F1 > 0);
+    tool_names = the tags of the enabled tools (`ToolRegistry.names`).
     """
-    error = format_error(response, mode)
-    text, _ = blank_tool_results(response)
-    used_search, used_python = "</search>" in text, "</python>" in text
+    syntax = tool_syntax(tool_names)
+    error = format_error(response, mode, syntax.tool_names)
+    text, _ = blank_tool_results(response, syntax.tool_names)
+    tools_used = syntax.calls_closed(text)
+    bonus = earns_multi_tool_bonus(tools_used, mode)
     if error is not None:
-        return RewardOutcome(format_penalty, error, None, 0.0, used_search, used_python)
+        return RewardOutcome(format_penalty, error, None, 0.0, tools_used, bonus)
     if mode == "official":
         answer_block = text[text.find("<answer>") + len("<answer>") : text.find("</answer>")]
         answer = last_boxed_content(answer_block)
         threshold = 0.0
     else:
-        answer, threshold = extract_answer(response), correct_threshold
+        answer, threshold = extract_answer(response, syntax.tool_names), correct_threshold
     f1 = f1_score(answer, ground_truth)
     right = f1 > 0 and f1 >= threshold
-    bonus = multi_tool_bonus if used_search and used_python else 0.0
-    reward = f1 + bonus if right else 0.0
-    return RewardOutcome(reward, None, answer, f1, used_search, used_python)
+    reward = f1 + (multi_tool_bonus if bonus else 0.0) if right else 0.0
+    return RewardOutcome(reward, None, answer, f1, tools_used, bonus)
 
 
 def arpo_reward(
@@ -197,6 +230,7 @@ def arpo_reward(
     multi_tool_bonus: float = 0.1,
     format_penalty: float = -1.0,
     correct_threshold: float = 0.5,
+    tool_names: Iterable[str] = BUILTIN_TOOL_NAMES,
 ) -> float:
     """Hierarchical reward R of ARPO eq. 8: format_penalty (−1), 0, or Acc (+ r_M).
 
@@ -212,6 +246,7 @@ def arpo_reward(
         multi_tool_bonus=multi_tool_bonus,
         format_penalty=format_penalty,
         correct_threshold=correct_threshold,
+        tool_names=tool_names,
     )
     return outcome.reward
 
@@ -267,7 +302,8 @@ class RewardConfig:
     """paper = eq. 8 with the minimal format rule; official = the released reward; or a dotted
     path 'package.module:function' to fn(response, ground_truth) -> float (imported by validate)."""
     multi_tool_bonus: float = 0.1
-    """r_M: added to a right answer's F1 when the policy used both search and python; 0 = off."""
+    """r_M: added to a right answer's F1 when the policy used two different tools (official mode:
+    search and python, the released rule); 0 = off."""
     format_penalty: float = -1.0
     """Reward of a response that breaks the format rule (eq. 8: −1)."""
     correct_threshold: float = 0.5
@@ -293,8 +329,12 @@ class RewardConfig:
             threshold = self.correct_threshold
             raise ValueError(f"correct_threshold: use an F1 in [0, 1], not {threshold}")
 
-    def build_reward_fn(self) -> RewardFunction:
-        """fn(response, ground_truth) -> float, this section's numbers bound for built-in modes."""
+    def build_reward_fn(self, tool_names: Iterable[str] = BUILTIN_TOOL_NAMES) -> RewardFunction:
+        """fn(response, ground_truth) -> float, this section's numbers bound for built-in modes.
+
+        `tool_names`: the tags of the enabled tools (pass `ToolRegistry.names`); a user
+        function by dotted path is returned as it is.
+        """
         if self.mode not in REWARD_FUNCTIONS:
             return get_reward_fn(self.mode)
         return partial(
@@ -302,4 +342,5 @@ class RewardConfig:
             multi_tool_bonus=self.multi_tool_bonus,
             format_penalty=self.format_penalty,
             correct_threshold=self.correct_threshold,
+            tool_names=tool_syntax(tool_names).tool_names,
         )

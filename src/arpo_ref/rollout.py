@@ -40,7 +40,7 @@ import torch
 
 from .config import RolloutConfig, SamplingConfig
 from .entropy import truncated_segment_entropy
-from .episode import run_tool_calls
+from .episode import run_tool_calls, segment_call
 from .generation import GeneratedSequence, Generator, RowBatch, SamplingParams
 from .tools.registry import summarize_results
 from .tree import BranchDecision, RolloutTree, ToolCall
@@ -149,8 +149,8 @@ class AdaptiveRollout:
             calling = self._close_segments(rows)  # 3. nodes, leaves, tool calls and results
             if calling:
                 start = time.perf_counter()
-                texts = [self._call_text(t) for t in calling]
-                steps = run_tool_calls(self.registry, self.generator.tokenizer, texts)
+                segments = [self._call_segment(t) for t in calling]
+                steps = run_tool_calls(self.registry, self.generator.tokenizer, segments)
                 self.stats["time/tools"] += time.perf_counter() - start
                 calling = self._insert_results(rows, calling, steps)
             if cfg.mode == "official":  # 4. decide after the results
@@ -208,12 +208,12 @@ class AdaptiveRollout:
         limits = self.config.max_calls_per_tool
         if not limits:
             return False
-        text = self.generator.tokenizer.decode(t.tree.nodes[t.node_id].token_ids).rstrip()
-        return any(text.endswith(f"</{tag}>") and t.calls_per_tool.get(tag, 0) >= limit
-                   for tag, limit in limits.items())
+        call = segment_call(self.generator.tokenizer, t.tree.nodes[t.node_id].token_ids)
+        return call is not None and call.tag in limits and t.calls_per_tool.get(call.tag, 0) >= limits[call.tag]
 
-    def _call_text(self, t: Trajectory) -> str:
-        return self.generator.tokenizer.decode(t.tree.nodes[t.node_id].token_ids)
+    def _call_segment(self, t: Trajectory) -> list[int]:
+        """The ids of the model segment that ended with `t`'s call (its stop token last)."""
+        return t.tree.nodes[t.node_id].token_ids
 
     def _insert_results(self, rows: RowBatch, calling: list[Trajectory], steps) -> list[Trajectory]:
         """Tool nodes and forced result tokens (one forward chunk) for the calls of `calling`."""

@@ -37,13 +37,13 @@ class ToolPool:
         self.intervals: list[tuple[float, float]] = []
         self.blocked = self.row_wait = 0.0
 
-    def _run(self, text: str):
+    def _run(self, segment: list[int]):
         start = time.perf_counter()
-        (step,) = run_tool_calls(self.registry, self.tokenizer, [text])
+        (step,) = run_tool_calls(self.registry, self.tokenizer, [segment])
         return step, start, time.perf_counter()
 
-    def submit(self, trajectory, text: str, step: int) -> None:
-        self.pending[self.executor.submit(self._run, text)] = (trajectory, time.perf_counter(), step)
+    def submit(self, trajectory, segment: list[int], step: int) -> None:
+        self.pending[self.executor.submit(self._run, segment)] = (trajectory, time.perf_counter(), step)
 
     def collect(self, block: bool, step: int, join_steps: int) -> list[tuple[object, object]]:
         """(trajectory, ToolStep | None) of the calls that join now, in submission order.
@@ -102,7 +102,7 @@ def run_continuous(engine, rows, trees) -> None:
                 step += 1
                 for t in engine._close_segments(rows):  # closed on a tool tag: to the pool
                     t.waiting_on_tool = True
-                    pool.submit(t, engine._call_text(t), step)
+                    pool.submit(t, engine._call_segment(t), step)
     finally:
         pool.close()
     busy = pool.busy_time()

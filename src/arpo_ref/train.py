@@ -106,7 +106,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     train_records = records_for(config.data, config.data.train_path, quiet)
     eval_records = _eval_records(config, quiet)
     system = _system_prompt(config.data.system_prompt)
-    reward_fn = config.reward.build_reward_fn()
+    reward_fn = config.reward.build_reward_fn(registry.names)
     estimator = get_estimator(cfg.estimator)
     policy = accelerator.unwrap_model(model)
     rollout = AdaptiveRollout(Generator(policy, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling,

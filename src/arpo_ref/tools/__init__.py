@@ -1,12 +1,12 @@
 """Tools the policy calls during rollouts (ARPO.md §5): python, search, calculator.
 
     registry = ToolRegistry.from_config(ToolsConfig(enabled=["python", "calculator"]))
-    call = parse_tool_call(turn_text)                 # ToolCall(tag, content, problem) or None
+    call = parse_tool_call(turn_text)                 # ParsedCall(tag, content, problem) or None
     results = registry.run_batch([call, ...])         # parallel; never raises
     inserted = format_result(results[0].text)         # " <result>\\n...\\n</result>"
 
-Modules: `base` (ToolResult, Tool protocol, error kinds), `tags` (parsing and the result
-format), `registry` (parallel execution, metrics), `python_tool` + `sandbox` +
+Modules: `base` (ToolResult, Tool protocol, error kinds), `tags` (ToolSyntax: the call and
+result syntax, parsing), `registry` (parallel execution, metrics), `python_tool` + `sandbox` +
 `sandbox_bootstrap` (the sandboxed interpreter), `search` + `bm25` (offline search),
 `calculator`, `config` (the `tools:` config section).
 """
@@ -27,12 +27,15 @@ from .search import (
     load_query_cache,
 )
 from .tags import (
+    BUILTIN_TOOL_NAMES,
     NON_TOOL_TAGS,
     RESULT_TEMPLATE,
-    ToolCall,
+    ParsedCall,
+    ToolSyntax,
     format_result,
     parse_tool_call,
     stop_strings,
+    tool_syntax,
 )
 
 __all__ = [
@@ -44,6 +47,6 @@ __all__ = [
     "ToolRegistry", "summarize_results",
     "NO_RESULTS", "BM25Backend", "SearchBackend", "SearchTool", "format_passages",
     "load_query_cache",
-    "NON_TOOL_TAGS", "RESULT_TEMPLATE", "ToolCall", "format_result", "parse_tool_call",
-    "stop_strings",
+    "BUILTIN_TOOL_NAMES", "NON_TOOL_TAGS", "RESULT_TEMPLATE", "ParsedCall", "ToolSyntax",
+    "format_result", "parse_tool_call", "stop_strings", "tool_syntax",
 ]

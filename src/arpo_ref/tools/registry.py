@@ -26,7 +26,7 @@ from .calculator import Calculator
 from .config import ToolsConfig
 from .python_tool import PythonTool
 from .search import SearchTool
-from .tags import stop_strings
+from .tags import ToolSyntax, tool_syntax
 
 
 class ToolRegistry:
@@ -56,9 +56,14 @@ class ToolRegistry:
         """Tags of the enabled tools."""
         return list(self.tools)
 
+    @property
+    def syntax(self) -> ToolSyntax:
+        """The call and result syntax of the enabled tools (what rewards and parsing take)."""
+        return tool_syntax(self.tools)
+
     def stop_strings(self) -> list[str]:
         """Closing tags generation should stop on."""
-        return stop_strings(self.tools)
+        return self.syntax.stop_strings
 
     def run(self, tag: str, content: str, problem: str | None = None) -> ToolResult:
         """Run one call; `problem` (from `tags.parse_tool_call`) short-circuits to an error."""
@@ -82,7 +87,7 @@ class ToolRegistry:
 
     def run_batch(self, calls: Sequence[tuple[str, str] | tuple[str, str, str | None]]
                   ) -> list[ToolResult]:
-        """Run calls `(tag, content)` (or `tags.ToolCall`s) in parallel; results in call order."""
+        """Run calls `(tag, content)` (or `tags.ParsedCall`s) in parallel; results in call order."""
         if len(calls) <= 1:
             return [self.run(*call) for call in calls]
         return list(self._pool().map(lambda call: self.run(*call), calls))
