@@ -23,9 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from arpo_ref.data import load_records  # noqa: E402
 from arpo_ref.demo import _evaluate, cold_start  # noqa: E402
-from arpo_ref.train import train  # noqa: E402
+from arpo_ref.tasks.data import load_records  # noqa: E402
+from arpo_ref.training.train import train  # noqa: E402
 
 MODES = {"paper": ["rollout.mode=paper"], "official": ["rollout.mode=official"],
          "grpo": ["rollout.mode=grpo", "rollout.num_global={M}"]}

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny import load_tokenizer  # noqa: E402  (the tests' local tokenizer; nothing downloaded)
 
-from arpo_ref.generation import Generator, SamplingParams  # noqa: E402
+from arpo_ref.engine.generation import Generator, SamplingParams  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_train_step import ARCHITECTURES  # noqa: E402  (published sizes of the configs' models)

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from arpo_ref.config import load_config  # noqa: E402
 from arpo_ref.demo import cold_start  # noqa: E402
+from arpo_ref.engine.generation import Generator  # noqa: E402
 from arpo_ref.episode import render_prompt  # noqa: E402
-from arpo_ref.generation import Generator  # noqa: E402
 from arpo_ref.rollout import AdaptiveRollout  # noqa: E402
 from arpo_ref.tasks.toy_world.world import load_toy_world  # noqa: E402
 from arpo_ref.tools.registry import ToolRegistry  # noqa: E402

@@ -36,14 +36,14 @@ from bench_rollout import load_agent  # noqa: E402
 
 from arpo_ref.advantages import get_estimator  # noqa: E402
 from arpo_ref.config import load_config  # noqa: E402
+from arpo_ref.engine.generation import Generator  # noqa: E402
 from arpo_ref.episode import render_prompt  # noqa: E402
-from arpo_ref.generation import Generator  # noqa: E402
-from arpo_ref.packing import pack_if_cheaper  # noqa: E402
 from arpo_ref.rollout import AdaptiveRollout  # noqa: E402
 from arpo_ref.tools.registry import ToolRegistry  # noqa: E402
-from arpo_ref.train import score_leaves  # noqa: E402
+from arpo_ref.training.packing import pack_if_cheaper  # noqa: E402
+from arpo_ref.training.train import score_leaves  # noqa: E402
+from arpo_ref.training.update import micro_batches, ppo_update, recompute_logprobs  # noqa: E402
 from arpo_ref.tree import RolloutTree, to_batch  # noqa: E402
-from arpo_ref.update import micro_batches, ppo_update, recompute_logprobs  # noqa: E402
 
 PACKINGS = ("padded", "tree")
 

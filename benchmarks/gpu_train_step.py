@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from arpo_ref.config import load_config
 from arpo_ref.tasks.toy_world.tokenizer import train_tokenizer
-from arpo_ref.train import train
+from arpo_ref.training.train import train
 
 # Architectures of the models the configs name (from their published config.json files).
 ARCHITECTURES = {
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     timer = time.perf_counter()  # one python call: is the sandbox fast on this machine?
     probe = PythonTool(config.tools.python)("print(6 * 7)")
     print(f"python tool probe: {time.perf_counter() - timer:.2f}s -> {probe!r}", flush=True)
-    from arpo_ref.policy import load_policy
+    from arpo_ref.training.policy import load_policy
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_policy(config, device)
     before = snapshot(model)

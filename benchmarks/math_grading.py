@@ -14,8 +14,8 @@ import json
 import logging
 from pathlib import Path
 
-from arpo_ref.math_equivalence import math_equal
-from arpo_ref.math_symbolic import math_verify_equal
+from arpo_ref.scoring.math_equivalence import math_equal
+from arpo_ref.scoring.math_symbolic import math_verify_equal
 
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "math_grading.jsonl"
 GRADERS = {"ours": math_equal, "math-verify": math_verify_equal}

@@ -12,7 +12,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM
 
 from arpo_ref.config import load_config
-from arpo_ref.train import load_policy, train
+from arpo_ref.training.train import load_policy, train
 
 out_dir, *overrides = sys.argv[1:]
 resume = "--resume" in overrides

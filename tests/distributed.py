@@ -27,7 +27,7 @@ def train_two_processes(out: Path, *args: str) -> list[dict]:
 def _mean_metrics_worker(rank: int, port: int, reported: list[dict], out: Path) -> None:
     import torch.distributed as dist
 
-    from arpo_ref.metrics import mean_over_processes
+    from arpo_ref.training.metrics import mean_over_processes
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(reported))
     try:
@@ -101,7 +101,7 @@ def update_worker(part) -> dict:
     from transformers import AutoModelForCausalLM
 
     from arpo_ref.config import load_config
-    from arpo_ref.update import ppo_update
+    from arpo_ref.training.update import ppo_update
 
     model_path, overrides, vocab_size, batch, advantages, reference = part
     accelerator = Accelerator(cpu=True)

@@ -9,7 +9,7 @@ import sys
 import datasets
 import pytest
 
-from arpo_ref.data import DataError, Record, load_records, parse_hub_name
+from arpo_ref.tasks.data import DataError, Record, load_records, parse_hub_name
 
 PLAIN = [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "What is 1 + 1?", "answer": "2"}]
 LISTED = [{"question": "Name a prime.", "answer": ["2", "3"]}, {"question": "Name an even prime.", "answer": ["2"]}]
@@ -107,7 +107,7 @@ def test_a_missing_local_path_still_says_it_does_not_exist(hub):
 
 def test_datasets_is_imported_only_for_datasets(tmp_path, monkeypatch):
     """Importing `datasets` takes seconds; reading a plain file must not pay for it."""
-    script = "import sys, arpo_ref.data; assert 'datasets' not in sys.modules"
+    script = "import sys, arpo_ref.tasks.data; assert 'datasets' not in sys.modules"
     subprocess.run([sys.executable, "-c", script], check=True)
     (tmp_path / "plain.jsonl").write_text('{"question": "q", "answer": "a"}\n')
     monkeypatch.setitem(sys.modules, "datasets", None)  # any `import datasets` now fails

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from arpo_ref.config import ConfigError, load_config
-from arpo_ref.data import DataError, load_records, records_for
 from arpo_ref.rewards import extract_answer
+from arpo_ref.tasks.data import DataError, load_records, records_for
 
 GSM8K_ROWS = [  # the layout of openai/gsm8k: a worked solution whose last line is "#### answer"
     {"question": "Tom has 3 bags of 4 apples. How many apples?", "answer": "3 bags * 4 = <<3*4=12>>12 apples.\n#### 12"},

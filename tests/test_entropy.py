@@ -6,8 +6,8 @@ import math
 
 import torch
 
+from arpo_ref.engine.sampling import policy_scores
 from arpo_ref.entropy import token_entropy, topk_logprobs, truncated_segment_entropy
-from arpo_ref.sampling import policy_scores
 
 
 def test_uniform_and_point_mass():
@@ -67,7 +67,7 @@ def test_policy_scores_is_the_updates_logprob_and_entropy():
     float64 recomputation, so update.py can call it instead of its own copy of the formula."""
     from tiny import load_model, load_tokenizer
 
-    from arpo_ref.update import token_logprobs
+    from arpo_ref.training.update import token_logprobs
 
     tokenizer, model = load_tokenizer(), load_model("qwen2")
     vocab = len(tokenizer)

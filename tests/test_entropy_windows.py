@@ -28,7 +28,7 @@ from tiny import load_model, load_tokenizer
 from torch import nn
 
 from arpo_ref.config import RolloutConfig, SamplingConfig
-from arpo_ref.generation import Generator
+from arpo_ref.engine.generation import Generator
 from arpo_ref.rollout import AdaptiveRollout
 from arpo_ref.tools.base import ToolResult
 from arpo_ref.tools.registry import ToolRegistry

@@ -7,10 +7,10 @@ import pytest
 from tiny import load_model, load_tokenizer
 
 from arpo_ref.config import RolloutConfig, SamplingConfig
+from arpo_ref.engine.generation import Generator
+from arpo_ref.engine.scripted import ScriptedLM
 from arpo_ref.episode import encode_demonstration, encode_result, render_prompt, system_prompt
-from arpo_ref.generation import Generator
 from arpo_ref.rollout import AdaptiveRollout
-from arpo_ref.scripted import ScriptedLM
 from arpo_ref.tools import ToolRegistry
 from arpo_ref.tools.calculator import Calculator
 from arpo_ref.tree import to_batch

@@ -11,10 +11,10 @@ import torch
 from tiny import load_tokenizer
 
 from arpo_ref.config import RolloutConfig, SamplingConfig
-from arpo_ref.data import DataError, Record, load_records
+from arpo_ref.engine.generation import Generator
+from arpo_ref.engine.scripted import ScriptedLM
 from arpo_ref.evaluate import evaluate, pick_metric, results_table, score
-from arpo_ref.generation import Generator
-from arpo_ref.scripted import ScriptedLM
+from arpo_ref.tasks.data import DataError, Record, load_records
 from arpo_ref.tools import ToolRegistry
 from arpo_ref.tools.base import ToolResult
 from arpo_ref.tools.calculator import Calculator

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny import load_model, load_tokenizer
 
-from arpo_ref.generation import Generator, SamplingParams, filter_top_k_top_p
-from arpo_ref.scripted import ScriptedLM, script_policy
+from arpo_ref.engine.generation import Generator, SamplingParams, filter_top_k_top_p
+from arpo_ref.engine.scripted import ScriptedLM, script_policy
 
 ARCHS = ["qwen2", "llama", "mistral"]  # mistral: a sliding window of 8 tokens
 PROMPTS = [
@@ -224,7 +224,7 @@ def test_bad_sampling_params_and_rows_fail_clearly():
 def test_sampler_draws_from_exactly_the_filtered_distribution(top_k, top_p):
     """The sampler draws in sorted order (no filtered copy of the logits); its empirical
     distribution must match softmax(filter_top_k_top_p(logits))."""
-    from arpo_ref.generation import sample_next
+    from arpo_ref.engine.generation import sample_next
 
     logits = torch.log(torch.tensor([[0.30, 0.25, 0.15, 0.12, 0.10, 0.05, 0.03]])).repeat(20000, 1)
     rng = torch.Generator().manual_seed(0)

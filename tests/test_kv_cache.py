@@ -9,7 +9,7 @@ from test_generation import PROMPTS, encode, hf_generate_batched
 from tiny import load_model, load_tokenizer
 
 from arpo_ref.engine import SlotCache, slot_mask
-from arpo_ref.generation import Generator, SamplingParams
+from arpo_ref.engine.generation import Generator, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
 

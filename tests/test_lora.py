@@ -1,4 +1,4 @@
-"""LoRA adapters (arpo_ref.lora): config, merge against a float64 reference, π_ref with the
+"""LoRA adapters (arpo_ref.training.lora): config, merge against a float64 reference, π_ref with the
 adapters off, KV-cache generation, and a two-step training run on a tiny model."""
 
 from __future__ import annotations
@@ -13,10 +13,16 @@ import torch
 from tiny import load_model, load_tokenizer, model_dir, tokenizer_dir
 from transformers import AutoModelForCausalLM
 
-import arpo_ref.train as train_module
+import arpo_ref.training.train as train_module
 from arpo_ref.config import ConfigError, LoRAConfig, load_config
-from arpo_ref.generation import Generator, SamplingParams
-from arpo_ref.lora import AdaptersOff, adapters_disabled, apply_lora, has_lora, merged_state_dict
+from arpo_ref.engine.generation import Generator, SamplingParams
+from arpo_ref.training.lora import (
+    AdaptersOff,
+    adapters_disabled,
+    apply_lora,
+    has_lora,
+    merged_state_dict,
+)
 
 pytest.importorskip("peft")
 
@@ -122,7 +128,7 @@ def test_generation_with_the_kv_cache_matches_the_merged_model():
 
 def test_peft_is_imported_only_when_lora_is_on():
     """A run without LoRA neither needs peft installed nor pays for importing it."""
-    script = ("import sys, torch; from arpo_ref.config import LoRAConfig; from arpo_ref.lora import apply_lora, has_lora; "
+    script = ("import sys, torch; from arpo_ref.config import LoRAConfig; from arpo_ref.training.lora import apply_lora, has_lora; "
               "m = torch.nn.Linear(2, 2); assert apply_lora(m, LoRAConfig()) is m and not has_lora(m); "
               "assert 'peft' not in sys.modules")
     subprocess.run([sys.executable, "-c", script], check=True)

@@ -390,7 +390,7 @@ def test_clip_mode_from_the_config_reaches_policy_loss(monkeypatch):
     from accelerate import Accelerator
     from tiny import load_model, load_tokenizer
 
-    import arpo_ref.update as update
+    import arpo_ref.training.update as update
     from arpo_ref.config import load_config
     from arpo_ref.testing import make_batch
 

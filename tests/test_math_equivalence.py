@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from arpo_ref.math_equivalence import math_equal, normalize_math, parse_number
+from arpo_ref.scoring.math_equivalence import math_equal, normalize_math, parse_number
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ def test_symbolic_check_off_the_main_thread_falls_back_to_rules():
     symbolic step answers False (rules alone), without an error, and numbers still grade right."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from arpo_ref.math_symbolic import can_use_math_verify, symbolic_equal
+    from arpo_ref.scoring.math_symbolic import can_use_math_verify, symbolic_equal
 
     assert can_use_math_verify() and symbolic_equal("x+1", "1+x")
     with ThreadPoolExecutor(1) as pool:
@@ -153,7 +153,7 @@ def test_corpus_no_false_positives_and_at_least_math_verify():
     import json
     from pathlib import Path
 
-    from arpo_ref.math_symbolic import math_verify_equal
+    from arpo_ref.scoring.math_symbolic import math_verify_equal
 
     path = Path(__file__).parent / "data" / "math_grading.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,4 +1,4 @@
-"""The start-up memory estimate (arpo_ref.memory) against measured sizes: the KV cache the
+"""The start-up memory estimate (arpo_ref.training.memory) against measured sizes: the KV cache the
 generator actually holds, AdamW's actual state, and the split across FSDP shards."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from tiny import model_dir, tokenizer_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from arpo_ref.generation import Generator
-from arpo_ref.memory import estimate_memory
+from arpo_ref.engine.generation import Generator
+from arpo_ref.training.memory import estimate_memory
 
 
 def tensor_bytes(tensors) -> int:
@@ -103,7 +103,7 @@ def test_memory_command_prints_the_estimate_training_prints(tmp_path, capsys):
 
     from arpo_ref.cli import main
     from arpo_ref.config import load_config
-    from arpo_ref.policy import load_policy, memory_line
+    from arpo_ref.training.policy import load_policy, memory_line
 
     shutil.copytree(tokenizer_dir(), tmp_path / "model", dirs_exist_ok=True)
     shutil.copytree(model_dir("qwen2"), tmp_path / "model", dirs_exist_ok=True)

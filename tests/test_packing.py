@@ -1,4 +1,4 @@
-"""Tree packing (arpo_ref.packing): forwarding each shared prefix token once gives the per-leaf
+"""Tree packing (arpo_ref.training.packing): forwarding each shared prefix token once gives the per-leaf
 log-probs, entropies and gradients, on trees with branches at several depths and tool results."""
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ from tiny import load_model, load_tokenizer, model_dir
 from transformers import AutoModelForCausalLM
 
 from arpo_ref.loss import policy_loss
-from arpo_ref.packing import (
+from arpo_ref.training.packing import (
     distinct_tokens,
     pack_if_cheaper,
     pack_rows,
     packed_token_logprobs,
     tree_micro_batches,
 )
+from arpo_ref.training.update import token_logprobs
 from arpo_ref.tree import RolloutTree, to_batch
-from arpo_ref.update import token_logprobs
 
 # (node, parent, kind, tokens): branches after the prompt, after a tool result and one deeper
 BRANCHY = [(0, None, "prompt", 10), (1, 0, "model", 8), (2, 1, "tool", 5), (3, 2, "model", 7),
@@ -173,7 +173,7 @@ def test_a_tree_packed_update_lands_on_the_parameters_of_a_padded_one(batch, bud
     from accelerate import Accelerator
 
     from arpo_ref.config import load_config
-    from arpo_ref.update import micro_batches, ppo_update
+    from arpo_ref.training.update import micro_batches, ppo_update
 
     generator = torch.Generator().manual_seed(4)
     batch = dataclasses.replace(batch, old_logprobs=-torch.rand(batch.loss_mask.shape, generator=generator) * batch.loss_mask)
@@ -202,7 +202,7 @@ def test_a_tree_packed_update_lands_on_the_parameters_of_a_padded_one(batch, bud
 def test_memory_estimate_counts_the_packed_masks_of_leaves_that_share_nothing():
     """The estimate's mask is the bytes of the masks `pack_rows` builds in its worst case: leaves
     that share no token, filling sequences of 2 × their length."""
-    from arpo_ref.memory import estimate_memory
+    from arpo_ref.training.memory import estimate_memory
 
     model = load_model("qwen2")
     leaves, tokens = 4, 9

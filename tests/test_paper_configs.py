@@ -16,9 +16,9 @@ from distributed import train_two_processes
 from tiny import model_dir, tokenizer_dir
 
 from arpo_ref.config import load_config
-from arpo_ref.data import load_records
 from arpo_ref.demo import DemoConfig
-from arpo_ref.train import train
+from arpo_ref.tasks.data import load_records
+from arpo_ref.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)

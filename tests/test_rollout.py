@@ -10,9 +10,9 @@ import torch
 from tiny import load_model, load_tokenizer
 
 from arpo_ref.config import RolloutConfig, SamplingConfig
-from arpo_ref.generation import Generator
+from arpo_ref.engine.generation import Generator
+from arpo_ref.engine.scripted import ScriptedLM
 from arpo_ref.rollout import AdaptiveRollout
-from arpo_ref.scripted import ScriptedLM
 from arpo_ref.tools.base import ToolResult
 from arpo_ref.tools.registry import ToolRegistry
 from arpo_ref.tree import RolloutTree, render, to_batch
@@ -396,7 +396,7 @@ def test_a_row_back_from_a_fast_tool_decodes_while_another_waits_on_a_slow_one()
             len(response) - 1 - response[::-1].index(RESULT_END))
         return script[min(position, len(script) - 1)]
 
-    from arpo_ref.scripted import ScriptedLM
+    from arpo_ref.engine.scripted import ScriptedLM
     holder = {}
     model = ScriptedLM(lambda h: policy(h, holder), vocab_size=len(TOK), confidence=0.99)
     tool = SlowSearch({"slow": 0.5})
@@ -436,7 +436,7 @@ def _sampled_rollout_with_tool_delays(delays, join_steps):
             return (ANSWER + [EOS])[min(len(response) - after - 1, len(ANSWER))]
         return (scripts[prompt] + [EOS])[min(len(response), len(scripts[prompt]))]
 
-    from arpo_ref.scripted import ScriptedLM
+    from arpo_ref.engine.scripted import ScriptedLM
     model = ScriptedLM(policy, vocab_size=len(TOK), confidence=0.7)
     engine = AdaptiveRollout(Generator(model, TOK), ToolRegistry([SlowSearch(delays)]),
                              RolloutConfig(mode="grpo", rollout_budget=2, num_global=2, max_response_tokens=40,

@@ -12,9 +12,10 @@ from accelerate import Accelerator
 from tiny import load_model, load_tokenizer
 
 from arpo_ref.config import ConfigError, field_docs, load_config
+from arpo_ref.engine.generation import Generator, SamplingParams
 from arpo_ref.episode import encode_demonstration, encode_segment, render_prompt
-from arpo_ref.generation import Generator, SamplingParams
-from arpo_ref.sft import (
+from arpo_ref.tasks.toy_world.demonstrations import Demonstration, Segment
+from arpo_ref.training.sft import (
     SFTConfig,
     SFTExample,
     backward_batch,
@@ -24,7 +25,6 @@ from arpo_ref.sft import (
     supervised_finetune,
     tokenize_demonstrations,
 )
-from arpo_ref.tasks.toy_world.demonstrations import Demonstration, Segment
 
 SYSTEM = "You are a helpful agent."
 

@@ -13,8 +13,8 @@ from tiny import model_dir, tokenizer_dir
 from transformers import AutoModelForCausalLM
 
 from arpo_ref.config import ConfigError, load_config
-from arpo_ref.data import DataError
-from arpo_ref.train import train
+from arpo_ref.tasks.data import DataError
+from arpo_ref.training.train import train
 
 ROWS = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in
         [(2, 3), (7, 6), (10, 4), (1, 1), (9, 9), (12, 30), (5, 8), (4, 4)]]
@@ -146,7 +146,7 @@ def test_metrics_are_combined_over_processes_by_kind(tmp_path):
 
 
 def test_rollout_chunks_sum_counters_and_weight_means_by_prompts():
-    from arpo_ref.metrics import combine_metrics, summed_over_chunks
+    from arpo_ref.training.metrics import combine_metrics, summed_over_chunks
 
     chunks = [({"rollout/decode_steps": 10.0, "reward/mean": 1.0, "tools/error_rate": 0.25, "rollout/longest_path_tokens": 7.0}, 3),
               ({"rollout/decode_steps": 5.0, "reward/mean": 0.0, "tools/calls/python": 4.0, "rollout/longest_path_tokens": 9.0}, 1)]
@@ -205,7 +205,7 @@ def test_token_budget_micro_batches_and_checkpointing_give_the_same_gradient():
     from tiny import load_model, load_tokenizer
 
     from arpo_ref.testing import make_batch
-    from arpo_ref.update import ppo_update
+    from arpo_ref.training.update import ppo_update
 
     batch = make_batch([[[(0, 6), (1, 9)], [(0, 6), (2, 3)], [(0, 6), (3, 20)]], [[(4, 4), (5, 12)], [(4, 4), (6, 2)]]],
                        rewards=[1.0, 0.0, 0.5, 0.2, 0.9])
@@ -234,7 +234,7 @@ def test_token_budget_micro_batches_and_checkpointing_give_the_same_gradient():
 
 
 def test_pack_by_tokens_respects_the_budget():
-    from arpo_ref.memory import pack_by_tokens
+    from arpo_ref.training.memory import pack_by_tokens
 
     lengths = torch.tensor([10, 30, 5, 40, 40, 100, 3])
     batches = pack_by_tokens(lengths, max_tokens=80, max_rows=3)
@@ -269,7 +269,11 @@ def test_adamw_steps_of_lr_1e6_vanish_in_bfloat16_weights():
 
 
 def test_training_loads_float32_weights_and_warns_about_16_bit_ones(workspace):
-    from arpo_ref.policy import check_trainable_precision, load_policy, mixed_precision_mode
+    from arpo_ref.training.policy import (
+        check_trainable_precision,
+        load_policy,
+        mixed_precision_mode,
+    )
 
     config = load_config(overrides=overrides(workspace, "precision"))
     assert next(load_policy(config, torch.device("cpu"), training=True)[0].parameters()).dtype == torch.float32

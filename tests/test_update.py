@@ -16,7 +16,7 @@ from tiny import load_model, load_tokenizer, model_dir
 
 from arpo_ref.config import ConfigError, load_config
 from arpo_ref.testing import make_batch
-from arpo_ref.update import ppo_update, recompute_logprobs
+from arpo_ref.training.update import ppo_update, recompute_logprobs
 
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP, KL_COEF, ENTROPY_COEF = 0.2, 0.28, 3.0, 0.1, 0.01
 # Four prompts whose leaves differ in length and hold untrained tool results (False), so

@@ -41,8 +41,8 @@ from collections.abc import Callable
 
 import torch
 
-from arpo_ref.metrics import reduce_over_processes
-from arpo_ref.tree import RolloutBatch
+from .training.metrics import reduce_over_processes
+from .tree import RolloutBatch
 
 Estimator = Callable[[RolloutBatch], torch.Tensor]
 Reducer = Callable[[torch.Tensor], torch.Tensor]

@@ -33,7 +33,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from .policy import planned_memory_line
+    from .training.policy import planned_memory_line
 
     if args.processes < 1:
         print("arpo-ref memory: --processes must be >= 1", file=sys.stderr)
@@ -54,7 +54,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .generation import Generator, SamplingParams
+    from .engine.generation import Generator, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -81,7 +81,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .training.train import train
 
     train(load_config(args.config, args.overrides), resume=args.resume)
     return 0
@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _policy(config, training: bool = False):
     import torch
 
-    from .policy import load_policy
+    from .training.policy import load_policy
 
     return load_policy(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=training)
 
@@ -98,9 +98,9 @@ def _policy(config, training: bool = False):
 def cmd_sft(args: argparse.Namespace) -> int:
     import json
 
-    from .lora import save_pretrained_merged
-    from .sft import supervised_finetune, tokenize_demonstrations
-    from .train import _system_prompt
+    from .training.lora import save_pretrained_merged
+    from .training.sft import supervised_finetune, tokenize_demonstrations
+    from .training.train import _system_prompt
 
     config = load_config(args.config, args.overrides)
     model, tokenizer = _policy(config, training=True)  # float32 weights; LoRA adapters when enabled
@@ -116,7 +116,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import SamplingConfig
-    from .data import records_for
+    from .engine.generation import Generator
     from .evaluate import (
         accuracy_by_kind,
         evaluate,
@@ -125,9 +125,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results_table,
         write_results,
     )
-    from .generation import Generator
+    from .tasks.data import records_for
     from .tools.registry import ToolRegistry
-    from .train import _system_prompt
+    from .training.train import _system_prompt
 
     config = load_config(args.config, args.overrides)
     model, tokenizer = _policy(config)
@@ -154,11 +154,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
+    from .engine.generation import Generator
     from .episode import render_prompt
-    from .generation import Generator
     from .rollout import AdaptiveRollout
     from .tools.registry import ToolRegistry
-    from .train import _system_prompt
+    from .training.train import _system_prompt
     from .tree import render
 
     config = load_config(args.config, args.overrides)

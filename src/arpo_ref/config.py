@@ -30,10 +30,10 @@ from .configfile import (  # noqa: F401  (re-exported: arpo_ref.config is where 
     to_dict,
     validate_all,
 )
-from .lora import LoRAConfig
 from .rewards import RewardConfig
-from .sft import SFTConfig
 from .tools.config import ToolsConfig
+from .training.lora import LoRAConfig
+from .training.sft import SFTConfig
 
 
 # ---------------------------------------------------------------------------- sections
@@ -193,7 +193,7 @@ class DataConfig:
     """Evaluate on at most this many prompts; 0 = all."""
 
     def validate(self) -> None:
-        from .data import compile_answer_pattern
+        from .tasks.data import compile_answer_pattern
 
         compile_answer_pattern(self.answer_pattern)  # a bad expression fails at load, not at the first row
         if self.max_eval_prompts < 0:
@@ -265,14 +265,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory, ~30% more update time."""
     fsdp: bool = False
-    """Shard weights, gradients and AdamW state across processes with FSDP2 (arpo_ref.sharding):
+    """Shard weights, gradients and AdamW state across processes with FSDP2 (arpo_ref.training.sharding):
     for models whose float32 training state does not fit on one GPU (from ~3B on 80 GB). Needs
     several processes (configs/accelerate/fsdp.yaml); the rollout gathers the full weights."""
     micro_batch_tokens: int = 0
     """Pack micro-batches by padded size (rows × longest row ≤ this); 0 = fixed `micro_batch_leaves`."""
     packing: Literal["tree", "padded"] = "tree"
     """How the update forwards leaves (old log-probs, π_ref, PPO): "tree" forwards each token that
-    leaves share once (one sequence per tree with a tree attention mask, arpo_ref.packing; micro-
+    leaves share once (one sequence per tree with a tree attention mask, arpo_ref.training.packing; micro-
     batches of whole trees, the token budget counting packed tokens); "padded": one padded row per
     leaf. Same log-probs and gradient."""
     rollout_batch_prompts: int = 0

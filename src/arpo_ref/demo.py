@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from .config import Config, load_config, save_config
-from .data import load_records
+from .engine.generation import Generator
 from .evaluate import accuracy_by_kind, evaluate
-from .generation import Generator
 from .rollout import AdaptiveRollout
-from .sft import supervised_finetune, tokenize_demonstrations
+from .tasks.data import load_records
 from .tasks.toy_world.world import ToyWorldConfig, build_toy_world
 from .tools.registry import ToolRegistry
-from .train import train
+from .training.sft import supervised_finetune, tokenize_demonstrations
+from .training.train import train
 from .tree import render
 
 PACKAGED_CONFIGS = ("demo", "demo_grpo")

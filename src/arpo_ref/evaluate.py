@@ -23,13 +23,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .answers import exact_match, extract_answer, f1_score, parse_golds
 from .config import RolloutConfig, SamplingConfig
-from .data import Record
+from .engine.generation import Generator
 from .episode import render_prompt
-from .generation import Generator
-from .math_equivalence import math_equal
 from .rollout import AdaptiveRollout
+from .scoring.answers import exact_match, extract_answer, f1_score, parse_golds
+from .scoring.math_equivalence import math_equal
+from .tasks.data import Record
 from .tree import RolloutTree
 
 QA_NAMES = ("hotpot", "2wiki", "musique", "bamboogle", "nq", "triviaqa", "popqa")

@@ -7,7 +7,7 @@
 Acc is token-level F1 against the gold answers (SQuAD normalisation, max over golds).
 `paper` follows eq. 8 with the minimal format rule below; `official` reproduces the released
 `deep_research.py` reward. `math_equal` (re-exported from `math_equivalence`) is for evaluation.
-Answer extraction, F1 and exact match live in `arpo_ref.answers` (re-exported here).
+Answer extraction, F1 and exact match live in `arpo_ref.scoring.answers` (re-exported here).
 
 The `response` is the trajectory text after the prompt, decoded without special tokens, with
 tool results inline as the environment inserted them (" <result>\\n…\\n</result>").
@@ -55,9 +55,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
-from arpo_ref.math_equivalence import math_equal  # noqa: F401  (evaluation imports it from here)
-
-from .answers import (  # noqa: F401  (re-exported: the reward's Acc and format rules use them)
+from .scoring.answers import (  # noqa: F401  (re-exported: the reward's Acc and format rules use them)
     GroundTruth,
     blank_tool_results,
     exact_match,
@@ -67,6 +65,7 @@ from .answers import (  # noqa: F401  (re-exported: the reward's Acc and format 
     normalize_answer,
     parse_golds,
 )
+from .scoring.math_equivalence import math_equal  # noqa: F401  (evaluation imports it from here)
 from .tools.tags import BUILTIN_TOOL_NAMES, RESULT_CLOSE, RESULT_OPEN, ToolSyntax, tool_syntax
 
 RewardFunction = Callable[[str, GroundTruth], float]

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import RolloutConfig, SamplingConfig
+from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
 from .entropy import truncated_segment_entropy
 from .episode import run_tool_calls, segment_call
-from .generation import GeneratedSequence, Generator, RowBatch, SamplingParams
 from .tools.registry import summarize_results
 from .tree import BranchDecision, RolloutTree, ToolCall
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from arpo_ref.tree import RolloutBatch
+from .tree import RolloutBatch
 
 Segment = tuple[int, int] | tuple[int, int, bool]
 """(node_id, num_tokens) or (node_id, num_tokens, trained): one tree node on a leaf's path."""

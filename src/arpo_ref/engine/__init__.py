@@ -1,5 +1,5 @@
 """The generation engine's parts: a slot KV cache, the attention mask over slots, and the
-static-shape decoding step. `arpo_ref.generation.Generator` puts them together."""
+static-shape decoding step. `arpo_ref.engine.generation.Generator` puts them together."""
 
 from .forward import DecodeStep, SlotForward, slot_mask
 from .kv_cache import ForwardPlan, SlotCache, SlotLayer

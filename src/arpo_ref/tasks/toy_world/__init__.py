@@ -47,8 +47,8 @@ Deviation from the paper: its cold start uses 54K trajectories from stronger mod
 demonstrations are templates filled with the gold facts, kept only when the real tools returned them.
 """
 
-from arpo_ref.tasks.toy_world.corpus import Passage
-from arpo_ref.tasks.toy_world.demonstrations import (
+from .corpus import Passage
+from .demonstrations import (
     RESULT_PREFIX,
     RESULT_SUFFIX,
     Demonstration,
@@ -57,10 +57,10 @@ from arpo_ref.tasks.toy_world.demonstrations import (
     build_demonstration,
     format_result,
 )
-from arpo_ref.tasks.toy_world.prompt import SYSTEM_PROMPT, chat_messages
-from arpo_ref.tasks.toy_world.questions import KINDS, Fact, Question, evaluate_expression
-from arpo_ref.tasks.toy_world.tiny_model import make_tiny_model, padded_vocab_size
-from arpo_ref.tasks.toy_world.tokenizer import (
+from .prompt import SYSTEM_PROMPT, chat_messages
+from .questions import KINDS, Fact, Question, evaluate_expression
+from .tiny_model import make_tiny_model, padded_vocab_size
+from .tokenizer import (
     CHAT_TEMPLATE,
     END_TOKEN,
     PAD_TOKEN,
@@ -68,7 +68,7 @@ from arpo_ref.tasks.toy_world.tokenizer import (
     TAGS,
     train_tokenizer,
 )
-from arpo_ref.tasks.toy_world.world import ToyWorld, ToyWorldConfig, build_toy_world, load_toy_world
+from .world import ToyWorld, ToyWorldConfig, build_toy_world, load_toy_world
 
 __all__ = [
     "CHAT_TEMPLATE", "END_TOKEN", "KINDS", "PAD_TOKEN", "RESULT_PREFIX", "RESULT_SUFFIX", "START_TOKEN",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from arpo_ref.tasks.toy_world.entities import Entity
+from .entities import Entity
 
 NOTES = {
     "city": ("{entity} holds a market with {number} stalls.", 1000, 9999),

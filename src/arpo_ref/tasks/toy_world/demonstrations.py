@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from arpo_ref.tasks.toy_world.entities import attribute_spec
-from arpo_ref.tasks.toy_world.questions import Fact, Question
+from .entities import attribute_spec
+from .questions import Fact, Question
 
 RESULT_PREFIX = " <result>\n"
 RESULT_SUFFIX = "\n</result>"

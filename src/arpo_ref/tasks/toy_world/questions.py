@@ -21,8 +21,8 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 
-from arpo_ref.tasks.toy_world.corpus import fact_passage_id
-from arpo_ref.tasks.toy_world.entities import ATTRIBUTES, Entity
+from .corpus import fact_passage_id
+from .entities import ATTRIBUTES, Entity
 
 KINDS = ("search", "python", "both")
 OPERATION_WORDS = {"+": "plus", "-": "minus", "*": "times"}

@@ -33,25 +33,25 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from arpo_ref.tasks.toy_world.corpus import Passage, make_corpus
-from arpo_ref.tasks.toy_world.demonstrations import (
+from .corpus import Passage, make_corpus
+from .demonstrations import (
     Demonstration,
     RunTool,
     Segment,
     build_demonstration,
     direct_demonstration,
 )
-from arpo_ref.tasks.toy_world.entities import make_entities
-from arpo_ref.tasks.toy_world.prompt import SYSTEM_PROMPT
-from arpo_ref.tasks.toy_world.questions import (
+from .entities import make_entities
+from .prompt import SYSTEM_PROMPT
+from .questions import (
     KINDS,
     Fact,
     Question,
     make_sft_questions,
     make_splits,
 )
-from arpo_ref.tasks.toy_world.tiny_model import make_tiny_model
-from arpo_ref.tasks.toy_world.tokenizer import train_tokenizer
+from .tiny_model import make_tiny_model
+from .tokenizer import train_tokenizer
 
 
 @dataclass

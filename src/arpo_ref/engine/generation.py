@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import DecodeStep, ForwardPlan, SlotCache, SlotForward
+from . import DecodeStep, ForwardPlan, SlotCache, SlotForward
 from .sampling import SamplingParams, filter_top_k_top_p, make_rng, sample_next, sample_step
 from .stopping import StopRules, default_eos_ids
 

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from .episode import encode_demonstration, render_prompt
+from ..episode import encode_demonstration, render_prompt
 
 
 # ---------------------------------------------------------------------------------------------

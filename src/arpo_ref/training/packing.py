@@ -223,7 +223,7 @@ def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size
     the generator's own `sampling.policy_scores` on the temperature-divided logits, so recorded
     and recomputed values come from one function. Ids >= vocab_size (a model's padded
     vocabulary) do not exist, as in the generator."""
-    from .sampling import policy_scores
+    from ..engine.sampling import policy_scores
 
     logits = logits if temperature == 1.0 else logits.float() / temperature
     return policy_scores(logits, targets, vocab_size, with_entropy=with_entropy)

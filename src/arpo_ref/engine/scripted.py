@@ -2,7 +2,7 @@
 row's full history. For tests of the generator and the rollout, where we need to control exactly
 what the "model" writes and how uncertain it is (e.g. high entropy right after a tool result).
 
-It plugs into `arpo_ref.generation.Generator` like any Hugging Face causal LM: it accepts
+It plugs into `arpo_ref.engine.generation.Generator` like any Hugging Face causal LM: it accepts
 `input_ids`, an attention mask (the generator's 4-D additive one over its slot cache, or a 2-D
 one with holes over a `DynamicCache`), `position_ids` and the cache. The trick is
 that its "KV cache" stores the token ids themselves (as float keys of one layer), so forking,

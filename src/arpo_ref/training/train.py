@@ -15,10 +15,10 @@ estimator's batch statistics are over all processes) and DDP averages gradients.
 used to normalise the loss are summed over processes, and each process's loss is multiplied by the
 number of processes, so the update equals the one a single process would make on all prompts.
 With `train.fsdp` the weights, gradients and AdamW state are sharded instead of replicated
-(arpo_ref.sharding): the rollout gathers the full weights, and the update pads every process to
+(arpo_ref.training.sharding): the rollout gathers the full weights, and the update pads every process to
 the same number of micro-batches.
 
-The update itself (step 6) is in arpo_ref.update.
+The update itself (step 6) is in arpo_ref.training.update.
 
 Deviation: the official code takes one optimizer step per mini-batch of 16 prompts; so do we
 (`train.mini_batches`), but mini-batches are formed from whole prompts of the step, in order.
@@ -45,13 +45,16 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from .advantages import estimate_advantages, get_estimator
+from ..advantages import estimate_advantages, get_estimator
+from ..config import Config, save_config
+from ..engine.generation import Generator
+from ..episode import render_prompt, system_prompt
+from ..evaluate import evaluate
+from ..rollout import AdaptiveRollout
+from ..tasks.data import Record, records_for
+from ..tools.registry import ToolRegistry
+from ..tree import RolloutTree, to_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, save_config
-from .data import Record, records_for
-from .episode import render_prompt, system_prompt
-from .evaluate import evaluate
-from .generation import Generator
 from .lora import AdaptersOff, has_lora, save_pretrained_merged
 from .metrics import combine_metrics, mean_over_processes, summed_over_chunks, world_size
 from .policy import (
@@ -61,7 +64,6 @@ from .policy import (
     memory_line,
     mixed_precision_mode,
 )
-from .rollout import AdaptiveRollout
 from .sharding import (
     full_state,
     gathered,
@@ -70,8 +72,6 @@ from .sharding import (
     save_full_pretrained,
     shard_policy,
 )
-from .tools.registry import ToolRegistry
-from .tree import RolloutTree, to_batch
 from .update import (  # noqa: F401  (token_logprobs: public here too)
     logprob_temperature,
     ppo_update,
@@ -233,7 +233,7 @@ def _prepare_policy(config: Config, accelerator, model, tokenizer, log):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-    if cfg.fsdp:  # sharded by arpo_ref.sharding, not wrapped by Accelerate
+    if cfg.fsdp:  # sharded by arpo_ref.training.sharding, not wrapped by Accelerate
         return model, tokenizer, reference, optimizer, scheduler
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return model, tokenizer, reference, optimizer, scheduler

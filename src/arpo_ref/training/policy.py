@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from .config import Config
+from ..config import Config
 from .lora import apply_lora, has_lora
 from .memory import estimate_memory
 from .sharding import shard_policy
@@ -20,7 +20,7 @@ from .sharding import shard_policy
 
 def load_policy(config: Config, device, training: bool = False):
     """The model and tokenizer of `config.model`; `training` resolves dtype auto to float32 and
-    adds the LoRA adapters of `model.lora` when enabled (arpo_ref.lora)."""
+    adds the LoRA adapters of `model.lora` when enabled (arpo_ref.training.lora)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, dtype = _name(config), _weights_dtype(config, training)
@@ -32,7 +32,7 @@ def load_policy(config: Config, device, training: bool = False):
 
 
 def load_sharded_policy(config: Config, device, mixed_precision: str):
-    """The model (FSDP-sharded over the processes, arpo_ref.sharding) and tokenizer of
+    """The model (FSDP-sharded over the processes, arpo_ref.training.sharding) and tokenizer of
     `config.model`, for `train.fsdp`, without a full copy of the weights on every process: each
     builds the model on the meta device and shards it, and process 0 alone reads the checkpoint
     and sends each tensor to the others, which keep their shard. Host memory: one full float32
@@ -129,7 +129,7 @@ def check_trainable_precision(model, config: Config, log) -> None:
 
 
 def memory_line(policy, config: Config, per_process: int, mixed_precision: str, processes: int = 1) -> str:
-    """The start-up memory estimate of one of `processes` processes (arpo_ref.memory), as a log
+    """The start-up memory estimate of one of `processes` processes (arpo_ref.training.memory), as a log
     line; with `train.fsdp` the training state is sharded over the processes."""
     dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
     compute = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, dtype)

@@ -1,6 +1,6 @@
 """Choosing the next token: temperature, top-k, top-p, seeded draws, and scoring the choice.
 
-Used by `arpo_ref.generation` at every decoding step (`sample_step`) and by the update
+Used by `arpo_ref.engine.generation` at every decoding step (`sample_step`) and by the update
 (`policy_scores`, the one log-prob/entropy function of the project). Pure functions of logits,
 so they test without a model. Log-probs are under the temperature-1 policy (what the PPO ratio needs);
 entropies are those of the full temperature-T distribution, before top-k/top-p (ARPO.md §1).
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .entropy import entropy_from_log_probs, token_entropy
+from ..entropy import entropy_from_log_probs, token_entropy
 
 
 @dataclass

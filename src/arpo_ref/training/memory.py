@@ -103,7 +103,7 @@ def estimate_memory(model_config, num_parameters: int, dtype: str, prompts_per_p
     `dtype` is the weights' dtype; `compute_dtype` the autocast dtype (default: the weights'),
     which sizes the KV cache: under bf16 autocast the keys and values are bf16.
     `trainable_parameters` (default: all) size the gradients and AdamW state (LoRA: the adapters).
-    `processes` > 1: DDP, or FSDP over that many processes when `sharded` (arpo_ref.sharding).
+    `processes` > 1: DDP, or FSDP over that many processes when `sharded` (arpo_ref.training.sharding).
     `reference_dtype`: the dtype of a frozen copy of the model for the KL penalty (None: no copy).
     `packing` "tree" adds the packed sequences' attention masks.
     """

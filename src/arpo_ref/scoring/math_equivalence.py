@@ -13,7 +13,7 @@ How it decides, in order:
 3. Two answers of known kinds are compared by the rules below, with no tolerance: integers,
    decimals and fractions as exact rationals (`1000000` != `1000001`, `1e400` != `1e401`).
 4. An opaque expression (`2\\sqrt{2}`, `x+1`) equal to the other side as text is equal; otherwise
-   `arpo_ref.math_symbolic` asks math-verify (SymPy) whether the two are symbolically equal, and
+   `arpo_ref.scoring.math_symbolic` asks math-verify (SymPy) whether the two are symbolically equal, and
    an exact number is handed to it as an exact rational so its float rounding cannot make
    `3.14159265` equal `\\pi`.
 
@@ -341,7 +341,7 @@ def math_equal(prediction: str, gold: str, symbolic: bool = True) -> bool:
 
     Both are normalised (`normalize_math`), parsed (`parse_answer`) and compared by the rules of
     the module docstring; with `symbolic`, expressions the rules cannot settle are compared by
-    `arpo_ref.math_symbolic.symbolic_equal` (math-verify), else they must be equal as text.
+    `arpo_ref.scoring.math_symbolic.symbolic_equal` (math-verify), else they must be equal as text.
     An empty answer is never equal to anything.
     """
     prediction_text, gold_text = normalize_math(prediction), normalize_math(gold)

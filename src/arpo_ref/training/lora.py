@@ -33,7 +33,7 @@ import torch
 
 @dataclass
 class LoRAConfig:
-    """Low-rank adapters W = W₀ + (α/r)·B·A on the policy (arpo_ref.lora; needs `pip install arpo_ref[lora]`)."""
+    """Low-rank adapters W = W₀ + (α/r)·B·A on the policy (arpo_ref.training.lora; needs `pip install arpo_ref[lora]`)."""
 
     enabled: bool = False
     """Train LoRA adapters instead of every weight; the base weights W₀ stay frozen. The run's

@@ -7,7 +7,7 @@ log-probs it needs.
 * `ppo_update`: PPO epochs × `train.mini_batches` mini-batches of whole prompts, one optimizer step
   each; micro-batches (fixed size or packed by a token budget) accumulate gradients.
 * `rows_logprobs`: the forward of one micro-batch, padded (a row per leaf) or tree-packed
-  (`train.packing`, arpo_ref.packing: each shared prefix token once), with the same values.
+  (`train.packing`, arpo_ref.training.packing: each shared prefix token once), with the same values.
 
 Normalisers (tokens, sequences) are summed over processes and each process's loss is multiplied
 by the number of processes, so DDP's or FSDP's gradient average equals the gradient one process
@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from .config import Config
-from .loss import policy_loss
+from ..config import Config
+from ..loss import policy_loss
+from ..tree import RolloutBatch
 from .memory import pack_by_tokens
 from .metrics import UpdateMetrics, combine_metrics
 from .packing import (
@@ -40,7 +41,6 @@ from .packing import (
     tree_micro_batches,
 )
 from .sharding import is_sharded, micro_batch_padding
-from .tree import RolloutBatch
 
 
 def logprob_temperature(config: Config) -> float:
@@ -70,7 +70,7 @@ def rows_logprobs(model, batch: RolloutBatch, rows: torch.Tensor, vocab_size: in
                   packing: str = "padded", temperature: float = 1.0):
     """`token_logprobs` of the leaves `rows` at `temperature`, trimmed to their longest: (R, W)
     log-probs and entropies (or None). packing "padded": one padded row per leaf; "tree": the
-    rows' trees packed, every shared prefix token forwarded once (arpo_ref.packing), same values;
+    rows' trees packed, every shared prefix token forwarded once (arpo_ref.training.packing), same values;
     padded where packing would cost more (`packing.pack_if_cheaper`)."""
     width = int(batch.attention_mask[rows].sum(1).max())  # drop columns that are padding in every row
     input_ids, attention_mask = batch.input_ids[rows, :width], batch.attention_mask[rows, :width]

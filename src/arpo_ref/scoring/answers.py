@@ -20,7 +20,7 @@ import string
 from collections import Counter
 from collections.abc import Iterable
 
-from .tools.tags import BUILTIN_TOOL_NAMES, RESULT_CLOSE, tool_syntax
+from ..tools.tags import BUILTIN_TOOL_NAMES, RESULT_CLOSE, tool_syntax
 
 GroundTruth = str | Iterable[str]
 

@@ -135,7 +135,7 @@ def full_state(model: torch.nn.Module, optimizer=None) -> tuple[dict, dict | Non
 def load_full_state(model: torch.nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
     """Load `full_state`'s dicts into the sharded model and its optimizer: process 0's tensors are
     broadcast one by one and each process keeps its shard; the other processes' dicts are not
-    read (load them memory-mapped, as arpo_ref.checkpoint does, and they cost no memory)."""
+    read (load them memory-mapped, as arpo_ref.training.checkpoint does, and they cost no memory)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,

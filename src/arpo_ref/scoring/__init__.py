@@ -1,0 +1,1 @@
+"""scoring: see README.md for the module map."""
