@@ -89,3 +89,28 @@ def test_the_package_has_no_import_cycle():
     assert len(graph) > 20 and any(graph.values()), "the import graph was not read"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+LONG_FUNCTIONS_ALLOWED = {
+    "train": "the RL loop reads top to bottom in its numbered phases (STYLE.md allows it)",
+    "policy_loss": "78 lines: one formula per aggregation mode; to be split (issue 14)",
+    "decode": "69 lines: the generator's decode loop; to be split (issue 14)",
+}
+
+
+def test_files_and_functions_stay_small():
+    """STYLE.md: files of about 400 lines at most, functions of about 60; the known exceptions
+    are listed above with their reason, so a new long function fails here."""
+    import ast
+
+    too_long = []
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 400:
+            too_long.append(f"{path.relative_to(SRC)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 60 and node.name not in LONG_FUNCTIONS_ALLOWED:
+                    too_long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}(): {length} lines")
+    assert not too_long, "over the size limits:\n" + "\n".join(too_long)
