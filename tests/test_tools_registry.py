@@ -12,9 +12,9 @@ from arpo_ref.config import field_docs
 from arpo_ref.tools import (
     Calculator,
     CalculatorToolConfig,
+    ParsedCall,
     PythonToolConfig,
     SearchToolConfig,
-    ParsedCall,
     ToolRegistry,
     ToolResult,
     ToolsConfig,

@@ -24,13 +24,12 @@ the ids the policy sampled; the result is inserted after it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib import resources
 
 from .tools.base import ToolResult
 from .tools.registry import ToolRegistry
-import os
-
 from .tools.tags import ParsedCall, format_result, parse_tool_call
 
 SYSTEM_PROMPTS = ("reasoning", "search")
