@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from arpo_ref.tools import RESULT_TEMPLATE, ParsedCall, format_result, parse_tool_call, stop_strings
+from arpo_ref.tools import (
+    RESULT_TEMPLATE,
+    ParsedCall,
+    ToolSyntax,
+    format_result,
+    parse_tool_call,
+    stop_strings,
+)
 
 
 def test_result_format_is_the_official_one():
@@ -58,3 +65,21 @@ def test_closing_tag_without_opening_is_a_call_with_a_problem():
 def test_a_call_unpacks_like_a_tag_content_tuple():
     tag, content, problem = parse_tool_call("<calculator>1+2</calculator>")
     assert (tag, content, problem) == ("calculator", "1+2", None)
+
+
+def test_a_stop_token_may_carry_text_after_the_closing_tag():
+    """`stop_token_at` marks where the last (stop) token's text starts: `>.` ends `</search>.`."""
+    text = "<search> q </search>."
+    assert parse_tool_call(text) is None  # without it, only whitespace may follow
+    assert parse_tool_call(text, stop_token_at=len(text) - 2) == ParsedCall("search", "q")
+    # a closing tag that ended before the stop token is not the call
+    assert parse_tool_call("<python>x</python> and more", stop_token_at=20) is None
+
+
+def test_tool_syntax_of_the_registry_names():
+    syntax = ToolSyntax(["calculator", "lookup"])
+    assert syntax.stop_strings == ["</calculator>", "</lookup>"]
+    assert syntax.inserted_result.search("</lookup>" + format_result("x"))
+    assert not ToolSyntax(()).inserted_result.search("</python>" + format_result("x"))
+    with pytest.raises(ValueError, match="answer format"):
+        ToolSyntax(["answer"])
