@@ -24,22 +24,29 @@ def ids(text):
 
 
 def conversation_agent(turns_by_prompt):
+    return scripted_agent(TOK, turns_by_prompt)
+
+
+def scripted_agent(tok, turns_by_prompt):
     """A scripted agent that writes, for each prompt, its list of model turns in order; after the
     k-th `</result>` it writes turn k. Each turn is emitted as the tokenizer's own encoding."""
-    scripts = {tuple(p): [ids(t) for t in turns] for p, turns in turns_by_prompt.items()}
-    result_end = ids("</result>")[-1]
+    scripts = {tuple(p): [tok.encode(t, add_special_tokens=False) for t in turns]
+               for p, turns in turns_by_prompt.items()}
+    result_end = tok.encode("</result>", add_special_tokens=False)  # one id, or several
+    EOS = tok.eos_token_id
 
     def policy(history):
         prompt = next((p for p in scripts if tuple(history[: len(p)]) == p), None)
         if prompt is None:
             return EOS
         response = history[len(prompt):]
-        done = response.count(result_end)
-        since = len(response) - (len(response) - 1 - response[::-1].index(result_end)) - 1 if done else len(response)
+        ends = [i + len(result_end) for i in range(len(response) - len(result_end) + 1)
+                if response[i: i + len(result_end)] == result_end]
+        done, since = len(ends), len(response) - (ends[-1] if ends else 0)
         turn = scripts[prompt][min(done, len(scripts[prompt]) - 1)] + ([EOS] if done >= len(scripts[prompt]) - 1 else [])
         return turn[since] if since < len(turn) else EOS
 
-    return ScriptedLM(policy, vocab_size=len(TOK), confidence=0.99)
+    return ScriptedLM(policy, vocab_size=len(tok), confidence=0.99)
 
 
 def run(turns_by_prompt, max_tool_calls=3, registry=None):
@@ -176,3 +183,63 @@ def test_a_stop_token_with_trailing_text_runs_its_call_through_the_episode():
     assert segment_call(tok, [0, 1, 2, 4]) == ParsedCall("search", "capital")
     (step,) = run_tool_calls(Registry(), tok, [[0, 1, 2, 3]])
     assert step is not None and step.result.text == "found capital"
+
+
+# ---------------------------------------------------------------------------- stop token with a tail
+def merged_tail_tokenizer():
+    """A byte-level BPE whose vocabulary merges `>.` into one token, with no tag tokens added:
+    the token `>.` completes `</search>` and carries a "." after it."""
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    text = ["<search> Zorvia capital </search>. <answer> \\boxed{Quellmar} </answer>",
+            "The capital of Zorvia is Quellmar. <result> Page 1 </result>"] * 30
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|pad|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>")
+    path = tempfile.mkdtemp(prefix="arpo_ref_tail_tok_")
+    fast.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_a_stop_token_with_text_after_the_closing_tag_is_parsed_as_the_call(tmp_path):
+    """Bug: one token `>.` completed `</search>` and stopped generation, but tags.py accepted
+    only whitespace after the closing tag: the leaf ended with no call and reward -1. Now the
+    call runs (real search tool), the "." stays in the model segment, the result follows it,
+    the ids equal the README tokenisation and the paper reward is 1.0."""
+    import json
+
+    from arpo_ref.rewards import RewardConfig
+    from arpo_ref.tools import SearchTool, SearchToolConfig
+
+    tok = merged_tail_tokenizer()
+    call_ids = tok.encode("<search> Zorvia capital </search>.", add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(call_ids[-1]) == ">.", "the test needs a merged >. token"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"title": "Zorvia", "text": "The capital of Zorvia is Quellmar."}) + "\n")
+    prompt = tuple(tok.encode("Q?\n", add_special_tokens=False))
+    answer = " <answer> \\boxed{Quellmar} </answer>"
+    with ToolRegistry([SearchTool(SearchToolConfig(corpus_path=str(corpus)))]) as registry:
+        model = scripted_agent(tok, {prompt: ["<search> Zorvia capital </search>.", answer]})
+        engine = AdaptiveRollout(Generator(model, tok), registry,
+                                 RolloutConfig(mode="grpo", rollout_budget=1, num_global=1, max_response_tokens=400),
+                                 SamplingConfig(temperature=0))
+        tree = engine([list(prompt)]).trees[0]
+        reward_fn = RewardConfig().build_reward_fn(registry.names)
+    leaf = tree.leaves[0]
+    segments = tree.response_segments(leaf)
+    assert [n.kind for n in segments] == ["model", "tool", "model"] and leaf.finish_reason == "eos", (leaf.finish_reason, [tok.decode(n.token_ids) for n in segments])
+    assert segments[0].token_ids == call_ids and segments[1].tool_call.content == "Zorvia capital"
+    assert "Quellmar" in segments[1].tool_call.result
+    texts = [{"kind": n.kind, "text": tok.decode(n.token_ids, skip_special_tokens=True)} for n in segments]
+    expected_ids, _ = encode_demonstration(tok, list(prompt), texts)
+    assert [t for n in tree.path(leaf.node_id) for t in n.token_ids] == expected_ids
+    response = "".join(t["text"] for t in texts)
+    assert "</search>. <result>" in response
+    assert reward_fn(response, "Quellmar") == 1.0

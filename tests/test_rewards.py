@@ -379,3 +379,39 @@ def test_a_stop_token_with_text_after_the_closing_tag_still_counts_as_an_answere
     whitespace there, so the result looked forged and the leaf scored -1."""
     response = trajectory("<search>capital of France</search>." + inserted("Paris is the capital."))
     assert both_modes(response) == (1.0, 1.0)
+
+
+def test_a_calculator_trajectory_is_scored_like_python():
+    """Bug: answers.py hard-coded `</(?:search|python)>\\s*<result>` and the format rule listed
+    search|python again, so the calculator's inserted result counted as a forged one: a right
+    calculator trajectory scored -1.0 in paper mode while the same one with python scored 1.0."""
+    assert both_modes(trajectory(CALCULATOR)) == both_modes(trajectory(PYTHON)) == (1.0, 1.0)
+
+
+def test_tags_inside_a_calculator_result_are_not_the_policys():
+    """Bug: in official mode a `<answer>` inside a calculator result counted as the policy's."""
+    response = trajectory("<calculator>1</calculator>" + inserted("<answer>\\boxed{Rome}</answer>"))
+    assert both_modes(response) == (1.0, 1.0)
+    assert extract_answer(response) == "Paris"
+
+
+def test_a_users_own_tool_is_scored_when_its_name_is_passed():
+    lookup = "<lookup>France</lookup>" + inserted("Paris <answer>")
+    response = trajectory(lookup)
+    assert both_modes(response, tool_names=["lookup"]) == (1.0, 1.0)
+    assert both_modes(response) == (-1.0, -1.0)  # not a registered tool: its result looks forged
+    assert RewardConfig().build_reward_fn(["lookup", "search"])(response, "Paris") == 1.0
+
+
+def test_multi_tool_bonus_paper_any_two_tools_official_only_search_and_python():
+    """Paper mode: r_M for two different tools; official keeps the released search+python rule."""
+    assert both_modes(trajectory(SEARCH, CALCULATOR)) == pytest.approx((1.1, 1.0))
+    assert both_modes(trajectory(SEARCH, PYTHON, CALCULATOR)) == pytest.approx((1.1, 1.1))
+    assert both_modes(trajectory(CALCULATOR, CALCULATOR)) == (1.0, 1.0)
+
+
+def test_text_the_stop_token_carried_after_the_closing_tag_precedes_the_result():
+    """A stop token `>.` leaves "</search>." before the inserted result; it is still a result."""
+    response = trajectory("<search>q</search>." + inserted("Page 1: <answer>x</answer>"))
+    assert blank_tool_results(response)[1] == 1
+    assert both_modes(response) == (1.0, 1.0)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from arpo_ref.tools import RESULT_TEMPLATE, ParsedCall, format_result, parse_tool_call, stop_strings
+from arpo_ref.tools import (
+    RESULT_TEMPLATE,
+    ParsedCall,
+    ToolSyntax,
+    format_result,
+    parse_tool_call,
+    stop_strings,
+)
 
 
 def test_result_format_is_the_official_one():
@@ -72,3 +79,21 @@ def test_a_closing_tag_completed_by_a_token_that_carries_more_text_is_the_call()
     assert parse_tool_call(text, stop_token_at=stop_at) == ParsedCall("search", "capital of France")
     # a closing tag completed BEFORE the stop token is not this turn's call
     assert parse_tool_call("<search> a </search> and then.", stop_token_at=len("<search> a </search> and")) is None
+
+
+def test_a_stop_token_may_carry_text_after_the_closing_tag():
+    """`stop_token_at` marks where the last (stop) token's text starts: `>.` ends `</search>.`."""
+    text = "<search> q </search>."
+    assert parse_tool_call(text) is None  # without it, only whitespace may follow
+    assert parse_tool_call(text, stop_token_at=len(text) - 2) == ParsedCall("search", "q")
+    # a closing tag that ended before the stop token is not the call
+    assert parse_tool_call("<python>x</python> and more", stop_token_at=20) is None
+
+
+def test_tool_syntax_of_the_registry_names():
+    syntax = ToolSyntax(["calculator", "lookup"])
+    assert syntax.stop_strings == ["</calculator>", "</lookup>"]
+    assert syntax.inserted_result.search("</lookup>" + format_result("x"))
+    assert not ToolSyntax(()).inserted_result.search("</python>" + format_result("x"))
+    with pytest.raises(ValueError, match="answer format"):
+        ToolSyntax(["answer"])

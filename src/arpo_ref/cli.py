@@ -143,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             name = Path(path).stem
             metric = pick_metric(name, args.metric)
             metrics, trees = evaluate(Generator(model, tokenizer, compile=config.sampling.compile), registry, records, config.rollout,
-                                      _system_prompt(config.data.system_prompt), config.reward.build_reward_fn(),
+                                      _system_prompt(config.data.system_prompt), config.reward.build_reward_fn(registry.names),
                                       samples=args.samples, sampling=sampling, metric=metric, judge=judge,
                                       seed=config.seed)
             results[name] = {"metric": metric, **metrics, **accuracy_by_kind(records, trees, tokenizer)}

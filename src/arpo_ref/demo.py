@@ -179,7 +179,7 @@ def _resolve(base: DemoConfig, world, out: Path) -> Config:
 
 def _evaluate(model, tokenizer, registry, records, config: Config):
     metrics, trees = evaluate(Generator(model, tokenizer, compile=config.sampling.compile), registry, records, config.rollout,
-                              config.data.system_prompt, config.reward.build_reward_fn())
+                              config.data.system_prompt, config.reward.build_reward_fn(registry.names))
     return metrics, trees
 
 
@@ -191,7 +191,7 @@ def _write_tree(out: Path, model, tokenizer, registry, config: Config, world) ->
     question = world.eval[0]
     tree = engine([render_prompt(tokenizer, question.question, config.data.system_prompt)],
                   metadata=[{"question": question.question, "answer": question.answer}]).trees[0]
-    reward_fn = config.reward.build_reward_fn()
+    reward_fn = config.reward.build_reward_fn(registry.names)
     for leaf in tree.leaves:
         ids = [t for n in tree.response_segments(leaf) for t in n.token_ids]
         leaf.reward = reward_fn(tokenizer.decode(ids, skip_special_tokens=True), question.answer)
