@@ -133,6 +133,26 @@ def test_is_correct_accepts_equal_answers(prediction, gold):
     assert is_correct(gold, prediction)
 
 
+@pytest.mark.parametrize(
+    ("prediction", "gold", "equal"),
+    [("5\\text{ cm}", "5\\text{ m}", False), ("12\\text{ cm}^2", "12\\text{ cm}", False),
+     ("6 km", "6\\text{ km}", True), ("5\\text{ cm}", "5", True)],
+)
+def test_different_units_never_match(prediction, gold, equal):
+    """Issue 13, blind corpus rows: units were dropped from both sides before comparing, so
+    `5 cm` equalled `5 m` and `12 cm^2` equalled `12 cm` (false positives on pure mathematics).
+    A unit on one side only is still dropped (`5 cm` == `5`)."""
+    assert math_equal(prediction, gold) is equal
+    assert math_equal(gold, prediction) is equal
+
+
+def test_matrix_line_break_followed_by_a_space():
+    """Issue 13, blind corpus row: in `\\\\ 2` the spacing rule read `\\ ` (backslash, space) as a
+    LaTeX space and broke the row separator, so a matrix written with spaces missed itself."""
+    assert math_equal("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}")
+    assert not math_equal("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}2\\\\1\\end{pmatrix}")
+
+
 def test_symbolic_check_off_the_main_thread_falls_back_to_rules():
     """math-verify times out with signal.alarm, which raises off the main thread. There the
     symbolic step answers False (rules alone), without an error, and numbers still grade right."""
