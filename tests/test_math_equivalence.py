@@ -182,3 +182,17 @@ def test_corpus_no_false_positives_and_at_least_math_verify():
     false_positives = [r for r, o in zip(rows, ours) if o and not r["truth"] and r["label"] == "math"]
     assert not false_positives
     assert sum(o == r["truth"] for r, o in zip(rows, ours)) >= sum(t == r["truth"] for r, t in zip(rows, theirs))
+
+
+@pytest.mark.slow
+def test_symbolic_check_runs_inside_a_spawned_worker_process():
+    """math-verify's signal.alarm timeout needs a main thread; a worker process (multiprocessing
+    spawn, as an evaluation pool would use) runs its tasks on its own main thread, so there the
+    full symbolic check answers, not the rules-only fallback of a thread pool."""
+    import multiprocessing
+
+    from arpo_ref.math_symbolic import symbolic_equal
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.starmap(symbolic_equal, [("x+1", "1+x"), ("x-1", "1-x")]) == [True, False]
+        assert pool.starmap(math_equal, [("\\sqrt{8}", "2\\sqrt{2}"), ("-5", "5")]) == [True, False]
