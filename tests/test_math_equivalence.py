@@ -133,6 +133,26 @@ def test_is_correct_accepts_equal_answers(prediction, gold):
     assert is_correct(gold, prediction)
 
 
+@pytest.mark.parametrize(
+    ("prediction", "gold", "equal"),
+    [("5\\text{ cm}", "5\\text{ m}", False), ("12\\text{ cm}^2", "12\\text{ cm}", False),
+     ("6 km", "6\\text{ km}", True), ("5\\text{ cm}", "5", True)],
+)
+def test_different_units_never_match(prediction, gold, equal):
+    """Issue 13, blind corpus rows: units were dropped from both sides before comparing, so
+    `5 cm` equalled `5 m` and `12 cm^2` equalled `12 cm` (false positives on pure mathematics).
+    A unit on one side only is still dropped (`5 cm` == `5`)."""
+    assert math_equal(prediction, gold) is equal
+    assert math_equal(gold, prediction) is equal
+
+
+def test_matrix_line_break_followed_by_a_space():
+    """Issue 13, blind corpus row: in `\\\\ 2` the spacing rule read `\\ ` (backslash, space) as a
+    LaTeX space and broke the row separator, so a matrix written with spaces missed itself."""
+    assert math_equal("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}")
+    assert not math_equal("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}2\\\\1\\end{pmatrix}")
+
+
 def test_symbolic_check_off_the_main_thread_falls_back_to_rules():
     """math-verify times out with signal.alarm, which raises off the main thread. There the
     symbolic step answers False (rules alone), without an error, and numbers still grade right."""
@@ -162,3 +182,17 @@ def test_corpus_no_false_positives_and_at_least_math_verify():
     false_positives = [r for r, o in zip(rows, ours) if o and not r["truth"] and r["label"] == "math"]
     assert not false_positives
     assert sum(o == r["truth"] for r, o in zip(rows, ours)) >= sum(t == r["truth"] for r, t in zip(rows, theirs))
+
+
+@pytest.mark.slow
+def test_symbolic_check_runs_inside_a_spawned_worker_process():
+    """math-verify's signal.alarm timeout needs a main thread; a worker process (multiprocessing
+    spawn, as an evaluation pool would use) runs its tasks on its own main thread, so there the
+    full symbolic check answers, not the rules-only fallback of a thread pool."""
+    import multiprocessing
+
+    from arpo_ref.scoring.math_symbolic import symbolic_equal
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.starmap(symbolic_equal, [("x+1", "1+x"), ("x-1", "1-x")]) == [True, False]
+        assert pool.starmap(math_equal, [("\\sqrt{8}", "2\\sqrt{2}"), ("-5", "5")]) == [True, False]

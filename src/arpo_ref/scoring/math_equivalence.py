@@ -23,8 +23,9 @@ Grading conventions (equal although the texts denote different objects), and why
 2. A lone assignment matches its value (`x = 5` == `5`); two assignments must name the same
    variables (`y = 5` != `x = 5`) and a system matches per variable (`a=1,b=2` != `a=2,b=1`).
 3. Units and degree signs after a value are dropped (`10\\text{ cm}` == `10 cm` == `10`,
-   `30^\\circ` == `30`); `5.` is `5`; `1,000` and `1\\,000` are one thousand; `2\\frac{1}{2}` is a
-   mixed number (5/2); `\\text{(B)}`, `(B)` and `B` are the same choice; words ignore case.
+   `30^\\circ` == `30`), but two different units never match (`5\\text{ cm}` != `5\\text{ m}`,
+   even `2 ft` != `2 feet`: no unit conversion); `5.` is `5`; `1,000` and `1\\,000` are one
+   thousand; `2\\frac{1}{2}` is a mixed number (5/2); `\\text{(B)}`, `(B)` and `B` are the same choice; words ignore case.
 4. A bare list of solutions matches in any order, each element once (`-2, 3` == `3, -2`, but
    `1, 1, 2` != `1, 2`); a set ignores order and repeats (`\\{1,2\\}` == `\\{2,1\\}` == `1, 2`).
 
@@ -45,11 +46,12 @@ from fractions import Fraction
 MAX_EXPONENT = 10_000
 """Scientific exponents beyond this are left as text: an exact rational would have that many digits."""
 
-_SPACING = re.compile(r"\\(?:[,;:> ]|quad|qquad|displaystyle|textstyle)|~")
+_SPACING = re.compile(r"(?<!\\)\\(?:[,;:> ]|quad|qquad|displaystyle|textstyle)|~")
 _SIZING = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
 _UNICODE = {"\u2212": "-", "\u2013": "-", "\ufe63": "-", "\uff0d": "-", "×": "\\times ",
-            "·": "\\cdot ", "∞": "\\infty ", "π": "\\pi ", "±": "\\pm ", "∪": "\\cup "}
+            "·": "\\cdot ", "∞": "\\infty ", "π": "\\pi ", "±": "\\pm ", "∪": "\\cup ",
+            "∅": "\\emptyset ", "\\varnothing": "\\emptyset "}
 _FRAC_ARGUMENT = r"(\{[^{}]*\}|[^\s{}\\])"
 _TEXT_COMMAND = r"\\(?:text|textbf|textit|textnormal|mbox|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}"
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
@@ -82,16 +84,18 @@ def _balanced(text: str) -> bool:
     return depth == 0
 
 
-def _drop_units(text: str) -> str:
-    """A trailing `\\text{…}` after a value, or words after a number, are a unit."""
-    unit = re.fullmatch(r"(.*?\S)\s*" + _TEXT_COMMAND + r"(?:\^\{?\d\}?)?", text, flags=re.DOTALL)
+def _split_unit(text: str) -> tuple[str, str]:
+    """(value, unit): a trailing `\\text{…}` after a value, or words after a number, are a unit
+    ("" when there is none). The unit is spelled without spaces, in lower case."""
+    found = ""
+    unit = re.fullmatch(r"(.*?\S)\s*" + _TEXT_COMMAND + r"(\^\{?\d\}?)?", text, flags=re.DOTALL)
     if unit and not re.search(r"\\text\s*\{", unit.group(1)):
-        text = unit.group(1)
+        text, found = unit.group(1), unit.group(2) + (unit.group(3) or "")
     text = re.sub(_TEXT_COMMAND, r"\1", text).strip()
     bare = _UNIT.fullmatch(text)
     if bare and _NUMBER.fullmatch(bare.group(1).replace(",", "")):
-        text = bare.group(1)
-    return text
+        text, found = bare.group(1), bare.group(2)
+    return text, re.sub(r"[\s{}]|\.$", "", found).lower()
 
 
 def _squeeze_spaces(text: str) -> str:
@@ -101,7 +105,13 @@ def _squeeze_spaces(text: str) -> str:
 
 
 def normalize_math(text: str) -> str:
-    """Canonical spelling of a math answer (ARPO.md §6 evaluation); "" for an empty answer.
+    """Canonical spelling of a math answer (`normalize_with_unit` without the unit)."""
+    return normalize_with_unit(text)[0]
+
+
+def normalize_with_unit(text: str) -> tuple[str, str]:
+    """Canonical spelling of a math answer and its unit (ARPO.md §6 evaluation); "" for an empty
+    answer, "" for no unit (`_split_unit`).
 
     Removes `\\boxed{}`, `$…$` / `\\(…\\)` / `\\[…\\]`, currency `\\$`, `\\left` / `\\right`,
     spacing commands, degree signs and units; unwraps `\\text{…}`; spells Unicode minus as `-`,
@@ -121,7 +131,7 @@ def normalize_math(text: str) -> str:
                   lambda m: "\\frac{" + m.group(1).strip("{}") + "}{" + m.group(2).strip("{}") + "}", text)
     text = re.sub(r"\\sqrt\s*([0-9a-zA-Z])", r"\\sqrt{\1}", text)
     text = re.sub(r"\\text\s*\{\s*(?:percent|\\%|%)\s*\}|\s+percent$", "%", text.strip())
-    text = _drop_units(text.strip())
+    text, unit = _split_unit(text.strip())
     if _THOUSANDS.fullmatch(text.removesuffix("\\%").removesuffix("%")):
         text = text.replace(",", "")
     text = _squeeze_spaces(text).replace("\\%", "%")
@@ -131,7 +141,7 @@ def normalize_math(text: str) -> str:
         inner = _unwrap(text, opening, closing)
         if inner != text and len(split_top_level(inner)) == 1:
             text = inner
-    return text
+    return text, unit
 
 
 # ---------------------------------------------------------------------------- answer kinds
@@ -342,9 +352,12 @@ def math_equal(prediction: str, gold: str, symbolic: bool = True) -> bool:
     Both are normalised (`normalize_math`), parsed (`parse_answer`) and compared by the rules of
     the module docstring; with `symbolic`, expressions the rules cannot settle are compared by
     `arpo_ref.scoring.math_symbolic.symbolic_equal` (math-verify), else they must be equal as text.
-    An empty answer is never equal to anything.
+    An empty answer is never equal to anything; two different units are never equal
+    (`5\\text{ cm}` != `5\\text{ m}`), a unit on one side only is dropped.
     """
-    prediction_text, gold_text = normalize_math(prediction), normalize_math(gold)
+    (prediction_text, prediction_unit), (gold_text, gold_unit) = map(normalize_with_unit, (prediction, gold))
     if not prediction_text or not gold_text:
+        return False
+    if prediction_unit and gold_unit and prediction_unit != gold_unit:
         return False
     return _texts_equal(prediction_text, gold_text, symbolic)
