@@ -15,7 +15,8 @@ Where this module deviates from the paper or the official code (verl), and why:
 3. Sequence means count only sequences with at least one trained token, so a fully masked row
    (e.g. a leaf whose response is all tool output) does not dilute the others.
 4. Padding positions are zeroed before any exp, so garbage there (e.g. -inf log-probs) cannot
-   turn the loss or its gradient into NaN; the log-ratio is clamped to [-20, 20] like verl.
+   turn the loss or its gradient into NaN (even through a later mask: 0 · inf); the log-ratio is
+   clamped to [-20, 20] like verl.
 5. `entropy_balanced_clip` (AEPO, ARPO.md §8) is an optional extension, off by default.
 """
 
@@ -200,12 +201,9 @@ def policy_loss(
     """
     _validate(agg, kl_type, clip_low, clip_high, dual_clip, kl_coef, ref_logprobs, entropy_coef, entropy)
     _check_shapes(logprobs, old_logprobs=old_logprobs, advantages=advantages, loss_mask=loss_mask)
-    trained = loss_mask > 0  # [L, T] bool
-    zeros = torch.zeros_like(logprobs)
+    trained, zeros = loss_mask > 0, torch.zeros_like(logprobs)  # [L, T] bool, [L, T]
 
-    def trained_only(values: torch.Tensor) -> torch.Tensor:
-        # Zero padding before any arithmetic: a -inf there would make the gradient NaN even
-        # through a later mask (0 · inf).
+    def trained_only(values: torch.Tensor) -> torch.Tensor:  # before any arithmetic: see deviation 4
         return torch.where(trained, values.to(logprobs.dtype), zeros)
 
     def mean(values: torch.Tensor) -> torch.Tensor:  # `agg` with the mini-batch's normalisers
