@@ -16,7 +16,9 @@ used to normalise the loss are summed over processes, and each process's loss is
 number of processes, so the update equals the one a single process would make on all prompts.
 With `train.fsdp` the weights, gradients and AdamW state are sharded instead of replicated
 (arpo_ref.training.sharding): the rollout gathers the full weights, and the update pads every process to
-the same number of micro-batches.
+the same number of micro-batches. The loop meets all of that through one object, `policy.Policy`
+(gathered weights, full state to save and restore, micro-batch padding, gradient sync), so it
+reads the same sharded or not.
 
 The update itself (step 6) is in arpo_ref.training.update.
 
