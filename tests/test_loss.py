@@ -417,3 +417,24 @@ def test_clip_mode_from_the_config_reaches_policy_loss(monkeypatch):
     assert seen and seen[0] is True and seen[-1] is False
     with pytest.raises(ValueError, match="clip_mode"):
         load_config(overrides=["train.clip_mode=balanced"])
+
+
+# =============================================================================================
+# The global token-mean rule (issue 14: one function for loss, SFT and update metrics)
+
+
+def test_global_token_mean_shares_give_the_mean_over_all_processes_and_micro_batches():
+    """Two processes with two micro-batches each: the shares' sum, and DDP's average of the
+    processes' num_processes-scaled shares, equal the float64 token mean over all trained tokens."""
+    from arpo_ref.loss import global_token_mean
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    mask = (torch.rand(8, 6, generator=generator) > 0.4).double()
+    expected = values[mask > 0].mean().item()  # brute force: one mean over every trained token
+    num_tokens = mask.sum()
+    parts = [(values[i:i + 2] * mask[i:i + 2]).sum() for i in range(0, 8, 2)]  # 4 micro-batches
+    assert sum(global_token_mean(p, num_tokens) for p in parts).item() == pytest.approx(expected, rel=1e-12)
+    processes = [parts[:2], parts[2:]]
+    scaled = [sum(global_token_mean(p, num_tokens, num_processes=2) for p in own) for own in processes]
+    assert (sum(scaled) / len(scaled)).item() == pytest.approx(expected, rel=1e-12)  # DDP averages

@@ -15,7 +15,8 @@ Where this module deviates from the paper or the official code (verl), and why:
 3. Sequence means count only sequences with at least one trained token, so a fully masked row
    (e.g. a leaf whose response is all tool output) does not dilute the others.
 4. Padding positions are zeroed before any exp, so garbage there (e.g. -inf log-probs) cannot
-   turn the loss or its gradient into NaN; the log-ratio is clamped to [-20, 20] like verl.
+   turn the loss or its gradient into NaN (even through a later mask: 0 · inf); the log-ratio is
+   clamped to [-20, 20] like verl.
 5. `entropy_balanced_clip` (AEPO, ARPO.md §8) is an optional extension, off by default.
 """
 
@@ -66,6 +67,20 @@ KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3, "low_var_kl": kl_k3}
 # Aggregation of per-token values into one scalar
 
 
+def global_token_mean(token_sum, num_tokens: Count, num_processes: int = 1):
+    """The global token-mean rule (ARPO.md §4), the one place it is written: a part's sum over its
+    trained tokens becomes its share of the mean over ALL trained tokens of the mini-batch, every
+    micro-batch of every process (`num_tokens` is that global count), so the shares sum to the mean
+    one forward pass over the whole mini-batch would give, however it is split.
+
+    num_processes: the processes whose gradients DDP / FSDP average; a share that is
+    backpropagated is multiplied by it, so their average is the sum of the shares' gradients.
+    Used by `aggregate` (token-mean loss terms), training.sft (the SFT loss) and
+    training.metrics (the update's token-mean metrics).
+    """
+    return token_sum / num_tokens * num_processes
+
+
 def aggregate(
     values: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -87,7 +102,7 @@ def aggregate(
     mask = loss_mask.to(values.dtype)
     masked = values * mask  # [L, T]
     if agg == "token-mean":
-        return masked.sum() / (mask.sum().clamp(min=1) if num_tokens is None else num_tokens)
+        return global_token_mean(masked.sum(), mask.sum().clamp(min=1) if num_tokens is None else num_tokens)
     token_sum = masked.sum(dim=-1)  # [L]
     tokens_per_sequence = mask.sum(dim=-1)  # [L]
     if agg == "seq-mean-token-mean":
@@ -184,53 +199,40 @@ def policy_loss(
     entropy = H_t (with gradient), entropy_coef = β_H. Metrics are "loss/..." floats; the
     clip / ratio / approx_kl metrics are local token means whatever `agg` is.
     """
-    _validate(
-        agg, kl_type, clip_low, clip_high, dual_clip, kl_coef, ref_logprobs, entropy_coef, entropy
-    )
-    for name, values in (
-        ("old_logprobs", old_logprobs),
-        ("advantages", advantages),
-        ("loss_mask", loss_mask),
-    ):
-        if values.shape != logprobs.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(values.shape)}, logprobs {tuple(logprobs.shape)}"
-            )
-    trained = loss_mask > 0  # [L, T] bool
-    zeros = torch.zeros_like(logprobs)
+    _validate(agg, kl_type, clip_low, clip_high, dual_clip, kl_coef, ref_logprobs, entropy_coef, entropy)
+    _check_shapes(logprobs, old_logprobs=old_logprobs, advantages=advantages, loss_mask=loss_mask)
+    trained, zeros = loss_mask > 0, torch.zeros_like(logprobs)  # [L, T] bool, [L, T]
 
-    def trained_only(values: torch.Tensor) -> torch.Tensor:
-        # Zero padding before any arithmetic: a -inf there would make the gradient NaN even
-        # through a later mask (0 · inf).
+    def trained_only(values: torch.Tensor) -> torch.Tensor:  # before any arithmetic: see deviation 4
         return torch.where(trained, values.to(logprobs.dtype), zeros)
+
+    def mean(values: torch.Tensor) -> torch.Tensor:  # `agg` with the mini-batch's normalisers
+        return aggregate(trained_only(values), loss_mask, agg, num_tokens=num_tokens, num_sequences=num_sequences,
+                         max_response_length=max_response_length)
 
     logprobs = trained_only(logprobs)
     log_ratio = (logprobs - trained_only(old_logprobs.detach())).clamp(-20.0, 20.0)
-    token_loss, active = clipped_surrogate(
-        log_ratio,
-        trained_only(advantages.detach()),
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
-        entropy_balanced_clip=entropy_balanced_clip,
-    )
-    normalisers = dict(
-        num_tokens=num_tokens, num_sequences=num_sequences, max_response_length=max_response_length
-    )
-    policy = aggregate(token_loss, loss_mask, agg, **normalisers)
-    loss = policy
+    token_loss, active = clipped_surrogate(log_ratio, trained_only(advantages.detach()), clip_low=clip_low,
+                                           clip_high=clip_high, dual_clip=dual_clip,
+                                           entropy_balanced_clip=entropy_balanced_clip)
+    loss = policy = mean(token_loss)
     metrics = {"loss/policy": policy.item(), **_clip_metrics(log_ratio, active, trained)}
     if ref_logprobs is not None:
-        token_kl = KL_ESTIMATORS[kl_type](logprobs, trained_only(ref_logprobs.detach()))
-        kl = aggregate(trained_only(token_kl), loss_mask, agg, **normalisers)
+        kl = mean(KL_ESTIMATORS[kl_type](logprobs, trained_only(ref_logprobs.detach())))
         loss = loss + kl_coef * kl
         metrics["loss/kl"] = kl.item()
     if entropy is not None:
-        mean_entropy = aggregate(trained_only(entropy), loss_mask, agg, **normalisers)
+        mean_entropy = mean(entropy)
         loss = loss - entropy_coef * mean_entropy
         metrics["loss/entropy"] = mean_entropy.item()
     metrics["loss/total"] = loss.item()
     return loss, metrics
+
+
+def _check_shapes(logprobs: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, values in others.items():
+        if values.shape != logprobs.shape:
+            raise ValueError(f"{name} has shape {tuple(values.shape)}, logprobs {tuple(logprobs.shape)}")
 
 
 def _validate(

@@ -215,6 +215,39 @@ class RolloutTree:
 
 
 # ---------------------------------------------------------------------------- flattening
+@dataclass
+class FlatPath:
+    """One leaf's root-to-leaf path flattened into token columns (a row of `to_batch`)."""
+
+    tokens: list[int]
+    """Token ids: prompt, then every segment in order."""
+    trained: list[float]
+    """1.0 for a token the model generated, 0.0 for prompt and tool tokens."""
+    node_ids: list[int]
+    """The batch-wide id of the node holding each token."""
+    logprobs: list[float]
+    """log π_old recorded by the generator (0 outside model tokens)."""
+    entropies: list[float]
+    """Sampling entropy recorded by the generator (0 outside model tokens)."""
+    reward: float
+    """The leaf's reward (NaN when not scored yet)."""
+    group: int
+    """Which prompt (tree) of the batch the leaf belongs to."""
+
+
+def flatten_path(tree: RolloutTree, leaf: Leaf, group: int, node_offset: int) -> FlatPath:
+    """The path of `leaf` as a `FlatPath`; node ids are offset by `node_offset` (unique per batch)."""
+    path = FlatPath([], [], [], [], [], float("nan") if leaf.reward is None else float(leaf.reward), group)
+    for node in tree.path(leaf.node_id):
+        n, is_model = len(node.token_ids), node.kind == "model"
+        path.tokens += node.token_ids
+        path.node_ids += [node_offset + node.id] * n
+        path.trained += [1.0 if is_model else 0.0] * n
+        path.logprobs += node.logprobs if is_model else [0.0] * n
+        path.entropies += node.entropies if is_model else [0.0] * n
+    return path
+
+
 def to_batch(trees: list[RolloutTree], pad_token_id: int = 0) -> RolloutBatch:
     """Flatten every leaf of every tree into one right-padded row (leaves in tree order).
 
@@ -223,40 +256,29 @@ def to_batch(trees: list[RolloutTree], pad_token_id: int = 0) -> RolloutBatch:
     Returns a `RolloutBatch` with input_ids, attention_mask, loss_mask (1 = model node token),
     node_ids, old_logprobs and entropies (0 outside model tokens), rewards and group_ids.
     """
-    rows, offset = [], 0
+    paths, offset = [], 0
     for group, tree in enumerate(trees):
-        for leaf in tree.leaves:
-            tokens, mask, nodes, logprobs, entropies = [], [], [], [], []
-            for node in tree.path(leaf.node_id):
-                n = len(node.token_ids)
-                tokens += node.token_ids
-                nodes += [offset + node.id] * n
-                is_model = node.kind == "model"
-                mask += [1.0 if is_model else 0.0] * n
-                logprobs += node.logprobs if is_model else [0.0] * n
-                entropies += node.entropies if is_model else [0.0] * n
-            reward = float("nan") if leaf.reward is None else float(leaf.reward)
-            rows.append((tokens, mask, nodes, logprobs, entropies, reward, group))
+        paths += [flatten_path(tree, leaf, group, offset) for leaf in tree.leaves]
         offset += len(tree.nodes)
-    if not rows:
+    if not paths:
         raise ValueError("to_batch needs at least one leaf")
-    L, T = len(rows), max(len(r[0]) for r in rows)
+    L, T = len(paths), max(len(p.tokens) for p in paths)
     input_ids = torch.full((L, T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros(L, T, dtype=torch.long)
     loss_mask = torch.zeros(L, T)
     node_ids = torch.full((L, T), -1, dtype=torch.long)
     old_logprobs, entropies = torch.zeros(L, T), torch.zeros(L, T)
-    for i, (tokens, mask, nodes, logprobs, ents, _, _) in enumerate(rows):
-        n = len(tokens)
-        input_ids[i, :n] = torch.tensor(tokens, dtype=torch.long)
+    for i, path in enumerate(paths):
+        n = len(path.tokens)
+        input_ids[i, :n] = torch.tensor(path.tokens, dtype=torch.long)
         attention_mask[i, :n] = 1
-        loss_mask[i, :n] = torch.tensor(mask)
-        node_ids[i, :n] = torch.tensor(nodes, dtype=torch.long)
-        old_logprobs[i, :n] = torch.tensor(logprobs)
-        entropies[i, :n] = torch.tensor(ents)
+        loss_mask[i, :n] = torch.tensor(path.trained)
+        node_ids[i, :n] = torch.tensor(path.node_ids, dtype=torch.long)
+        old_logprobs[i, :n] = torch.tensor(path.logprobs)
+        entropies[i, :n] = torch.tensor(path.entropies)
     return RolloutBatch(
-        rewards=torch.tensor([r[5] for r in rows]),
-        group_ids=torch.tensor([r[6] for r in rows], dtype=torch.long),
+        rewards=torch.tensor([p.reward for p in paths]),
+        group_ids=torch.tensor([p.group for p in paths], dtype=torch.long),
         loss_mask=loss_mask, node_ids=node_ids, input_ids=input_ids,
         attention_mask=attention_mask, old_logprobs=old_logprobs, entropies=entropies,
     )

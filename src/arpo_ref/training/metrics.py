@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from ..loss import global_token_mean
+
 
 def summed_over_chunks(key: str) -> bool:
     """Keys summed over the chunks of a rollout: counters, times and decoding steps (the chunks
@@ -137,7 +139,7 @@ class UpdateMetrics:
         tokens = totals[-1]
         out = {k: v for k, v in zip(LOSS_SHARE_KEYS, totals) if k in self.present}
         for key, total in zip(TOKEN_MEAN_KEYS, totals[len(LOSS_SHARE_KEYS):]):
-            out[key] = total / tokens if tokens else math.nan
+            out[key] = global_token_mean(total, tokens) if tokens else math.nan
         out["loss/ratio_max"] = largest if tokens else math.nan
         out["loss/ratio_min"] = -negated_smallest if tokens else math.nan
         return out

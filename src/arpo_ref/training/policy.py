@@ -1,4 +1,5 @@
-"""The policy to train or evaluate: loading, weight and compute precision, LoRA, memory estimate.
+"""The policy to train or evaluate: loading, weight and compute precision, LoRA, memory estimate,
+and `Policy`, the one object through which the training loop meets sharding.
 
 Precision (a deviation from loading checkpoints in bf16, as inference code does): the trained
 weights stay float32 by default and the compute runs in bf16 autocast on GPUs. AdamW's step is
@@ -13,9 +14,17 @@ import contextlib
 import torch
 
 from ..config import Config
-from .lora import apply_lora, has_lora
+from .lora import apply_lora, has_lora, save_pretrained_merged
 from .memory import estimate_memory
-from .sharding import shard_policy
+from .sharding import (
+    full_state,
+    gathered,
+    is_sharded,
+    load_full_state,
+    micro_batch_padding,
+    save_full_pretrained,
+    shard_policy,
+)
 
 
 def load_policy(config: Config, device, training: bool = False):
@@ -161,3 +170,77 @@ def planned_memory_line(config: Config, processes: int, mixed_precision: str) ->
     with torch.device("meta"):
         model = apply_lora(_meta_model(config), config.model.lora)
     return memory_line(model, config, per_process, mixed_precision, processes)
+
+
+class Policy:
+    """The trained model as the training loop sees it, sharded (FSDP, `train.fsdp`) or not (one
+    process or DDP): the loop asks it for full weights, full state and gradient handling and never
+    branches on which it is (arpo_ref.training.sharding has the FSDP rules behind each method).
+
+    `model` is what the optimizer steps (DDP-wrapped by Accelerate, or FSDP-sharded in place);
+    `module` is the bare model (generation, saving).
+    """
+
+    def __init__(self, accelerator, model: torch.nn.Module):
+        self.accelerator, self.model = accelerator, model
+        self.module = accelerator.unwrap_model(model)
+        self.sharded = is_sharded(model)
+
+    def gathered(self):
+        """A context with the full weights on every process, so forward passes run no collectives
+        (FSDP; a no-op otherwise): for the rollout, old log-probs and evaluation."""
+        return gathered(self.model)
+
+    def full_state(self, optimizer) -> tuple[dict, dict]:
+        """Model and optimizer state dicts for a checkpoint; every process calls it (FSDP gathers
+        them to process 0, whose dicts are the ones to save)."""
+        if self.sharded:
+            return full_state(self.model, optimizer)
+        return self.module.state_dict(), optimizer.state_dict()
+
+    def load_full_state(self, optimizer, model_state: dict, optimizer_state: dict) -> None:
+        """Restore `full_state`'s dicts (FSDP: process 0's tensors are sent to the others)."""
+        if self.sharded:
+            load_full_state(self.model, optimizer, model_state, optimizer_state)
+        else:
+            self.module.load_state_dict(model_state)
+            optimizer.load_state_dict(optimizer_state)
+
+    def save_pretrained(self, path, tokenizer) -> None:
+        """The trained model as a `from_pretrained` folder (LoRA: merged, loadable without peft);
+        every process calls it, process 0 writes."""
+        model_state = full_state(self.module)[0] if self.sharded else None  # every process gathers
+        if self.accelerator.is_main_process:
+            if self.sharded:
+                save_full_pretrained(self.module, path, model_state)
+            else:
+                save_pretrained_merged(self.module, path)
+            tokenizer.save_pretrained(path)
+        self.accelerator.wait_for_everyone()
+
+    def padded_micro_batches(self, micro_batches: list) -> tuple[list, int]:
+        """`micro_batches` and how many of them are real: FSDP gathers and reduces per micro-batch,
+        so every process runs as many as the busiest one, the extra ones with zero weight."""
+        real = len(micro_batches)
+        if self.sharded:
+            micro_batches = micro_batches + [micro_batches[0][:1]] * micro_batch_padding(real, self.accelerator.device)
+        return micro_batches, real
+
+    def accumulating(self, last: bool):
+        """The context of one micro-batch's backward: DDP all-reduces the gradients on the last
+        one only (`no_sync` before); FSDP reduces every one (it must)."""
+        if last or self.sharded:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.model)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip the gradient to `max_norm`; returns its norm before clipping (over all processes)."""
+        clip = torch.nn.utils.clip_grad_norm_ if self.sharded else self.accelerator.clip_grad_norm_
+        norm = clip(self.model.parameters(), max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def zero_grad(self, optimizer) -> None:
+        """DDP: keep the gradients as views into its buckets (set to None, the next backward would
+        allocate a second full copy beside the buckets); otherwise free them until the next update."""
+        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        optimizer.zero_grad(set_to_none=not ddp)

@@ -50,6 +50,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from ..episode import encode_demonstration, render_prompt
+from ..loss import global_token_mean
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +219,9 @@ def backward_batch(model, batch: list[SFTExample], accelerator: Accelerator, mic
     """
     num_tokens = sum(example.num_trained for example in batch)
     local = batch[accelerator.process_index::accelerator.num_processes]
-    scale = accelerator.num_processes / num_tokens
+    weight = 1.0
     if not local:  # a short last batch: this process must still join the gradient all-reduce
-        local, scale = batch[:1], 0.0
+        local, weight = batch[:1], 0.0
     chunks = [local[i:i + micro_batch_size] for i in range(0, len(local), micro_batch_size)]
     local_nll = 0.0
     for index, chunk in enumerate(chunks):
@@ -229,8 +230,8 @@ def backward_batch(model, batch: list[SFTExample], accelerator: Accelerator, mic
         with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             nll = summed_token_nll(logits, input_ids, loss_mask, vocab_size)
-            accelerator.backward(nll * scale)
-        if scale:
+            accelerator.backward(global_token_mean(nll, num_tokens, accelerator.num_processes) * weight)
+        if weight:
             local_nll += nll.item()
     total_nll = accelerator.reduce(torch.tensor(local_nll, device=accelerator.device), reduction="sum")
     return float(total_nll), num_tokens

@@ -16,7 +16,9 @@ used to normalise the loss are summed over processes, and each process's loss is
 number of processes, so the update equals the one a single process would make on all prompts.
 With `train.fsdp` the weights, gradients and AdamW state are sharded instead of replicated
 (arpo_ref.training.sharding): the rollout gathers the full weights, and the update pads every process to
-the same number of micro-batches.
+the same number of micro-batches. The loop meets all of that through one object, `policy.Policy`
+(gathered weights, full state to save and restore, micro-batch padding, gradient sync), so it
+reads the same sharded or not.
 
 The update itself (step 6) is in arpo_ref.training.update.
 
@@ -55,23 +57,17 @@ from ..tasks.data import Record, records_for
 from ..tools.registry import ToolRegistry
 from ..tree import RolloutTree, to_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .lora import AdaptersOff, has_lora, save_pretrained_merged
+from .lora import AdaptersOff, has_lora
 from .metrics import combine_metrics, mean_over_processes, summed_over_chunks, world_size
 from .policy import (
+    Policy,
     check_trainable_precision,
     load_policy,
     load_sharded_policy,
     memory_line,
     mixed_precision_mode,
 )
-from .sharding import (
-    full_state,
-    gathered,
-    is_sharded,
-    load_full_state,
-    save_full_pretrained,
-    shard_policy,
-)
+from .sharding import is_sharded, shard_policy
 from .update import (  # noqa: F401  (token_logprobs: public here too)
     logprob_temperature,
     ppo_update,
@@ -108,16 +104,15 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     system = _system_prompt(config.data.system_prompt)
     reward_fn = config.reward.build_reward_fn(registry.names)
     estimator = get_estimator(cfg.estimator)
-    policy = accelerator.unwrap_model(model)
-    rollout = AdaptiveRollout(Generator(policy, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling,
+    policy = Policy(accelerator, model)  # hides FSDP / DDP / one process from the loop below
+    rollout = AdaptiveRollout(Generator(policy.module, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling,
                               seed=config.seed + 1000 * accelerator.process_index)
     per_process = cfg.prompts_per_process(accelerator.num_processes)
     if accelerator.is_main_process:
-        log(memory_line(policy, config, per_process, str(accelerator.mixed_precision), accelerator.num_processes))
+        log(memory_line(policy.module, config, per_process, str(accelerator.mixed_precision), accelerator.num_processes))
     state = TrainState()
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
-        state = _restore(load_checkpoint(checkpoint, mmap=cfg.fsdp), accelerator, model, optimizer, scheduler, rollout,
-                         accelerator.process_index)
+        state = _restore(load_checkpoint(checkpoint, mmap=cfg.fsdp), policy, optimizer, scheduler, rollout)
         log(f"resumed from {checkpoint} at step {state.step}")
     if accelerator.is_main_process:
         _start_run_folder(accelerator, config, run_dir, fresh=state.step == 0)
@@ -126,14 +121,14 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
                     disable=not (accelerator.is_main_process and sys.stderr.isatty()))
     while state.step < cfg.steps:
         started = time.perf_counter()
-        # 1. this step's prompts
+        # 1. this step's prompts (each process its own share)
         records = _take_prompts(train_records, state, cfg.prompts_per_step, config.seed,
                                 accelerator.process_index, per_process)
         prompts = [render_prompt(tokenizer, r.question, system) for r in records]
         # 2. adaptive rollout (ARPO §3.2)
         model.eval()
         timer = time.perf_counter()
-        with gathered(model):  # FSDP: full weights, so processes may decode for different numbers of steps
+        with policy.gathered():  # FSDP: full weights, so processes may decode for different numbers of steps
             result = rollout_in_chunks(rollout, prompts, records, cfg.rollout_batch_prompts)
         times = {"time/rollout": time.perf_counter() - timer}
         if torch.cuda.is_available():  # the rollout's KV cache is gone: give its memory back
@@ -143,36 +138,42 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         # 4. advantages (§3.3)
         batch = to_batch(result.trees, pad_token_id=tokenizer.pad_token_id or 0)
         advantages = estimate_advantages(estimator, batch)  # batch statistics over all processes
-        # 5. old log-probs
+        # 5. log π_old: recomputed by a forward pass, or kept as the generator recorded it (and
+        #    log π_ref when a KL penalty needs it), at the update's log-prob temperature
         timer = time.perf_counter()
-        reference_logprobs = _old_and_reference_logprobs(model, policy, reference, batch, tokenizer, cfg,
-                                                         logprob_temperature(config))
+        temperature = logprob_temperature(config)
+        if cfg.old_logprobs == "recompute":
+            with policy.gathered():  # FSDP: processes run different numbers of micro-batches
+                batch.old_logprobs = recompute_logprobs(policy.module, batch, tokenizer, cfg.micro_batch_leaves,
+                                                        cfg.packing, temperature)
+        reference_logprobs = None if reference is None else recompute_logprobs(
+            reference, batch, tokenizer, cfg.micro_batch_leaves, cfg.packing, temperature)
         times["time/old_logprobs"] = time.perf_counter() - timer
         # 6. clipped policy-gradient update (ARPO.md §4)
         model.train()
         timer = time.perf_counter()
-        update_metrics = ppo_update(accelerator, model, optimizer, scheduler, batch, advantages,
+        update_metrics = ppo_update(policy.accelerator, policy.model, optimizer, scheduler, batch, advantages,
                                     reference_logprobs, config, len(tokenizer))
         times["time/update"] = time.perf_counter() - timer
         times["train/trained_tokens"] = float(batch.loss_mask.sum())
         model.eval()
         state.step += 1
-        # 7. log, evaluate, checkpoint
+        # 7. metrics, periodic evaluation, atomic checkpoint
         metrics = {**result.metrics, **reward_metrics, **update_metrics, **times, "train/step": state.step,
                    "train/lr": scheduler.get_last_lr()[0], "time/step": time.perf_counter() - started,
                    "train/processes": accelerator.num_processes, "train/world_size": world_size()}
         metrics = mean_over_processes(metrics)
         last = state.step == cfg.steps
         if eval_records and _due(state.step, cfg.eval_every, last):
-            metrics.update(_evaluate_shared(model, policy, tokenizer, registry, eval_records, config, system, reward_fn))
+            metrics.update(_evaluate_shared(policy, tokenizer, registry, eval_records, config, system, reward_fn))
         if accelerator.is_main_process:
             _log_metrics(accelerator, run_dir, metrics, log if progress.disable else tqdm.write)
             progress.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in PROGRESS_KEYS if k in metrics})
         progress.update(1)
         if _due(state.step, cfg.save_every, last):
-            _save(accelerator, run_dir, model, optimizer, scheduler, rollout, state, cfg.keep_checkpoints)
+            _save(policy, run_dir, optimizer, scheduler, rollout, state, cfg.keep_checkpoints)
     progress.close()
-    _save_final(accelerator, policy, tokenizer, run_dir / "final")
+    policy.save_pretrained(run_dir / "final", tokenizer)
     accelerator.end_training()
     registry.close()
     return metrics
@@ -193,19 +194,6 @@ def _start_run_folder(accelerator, config: Config, run_dir: Path, fresh: bool) -
     if fresh:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     accelerator.init_trackers("arpo_ref", config={"seed": config.seed})
-
-
-def _old_and_reference_logprobs(model, policy, reference, batch, tokenizer, cfg, temperature: float):
-    """Step 5: log π_old into `batch` when recomputed (FSDP: on gathered weights, as processes
-    run different numbers of micro-batches), and log π_ref when a KL penalty needs it, both at
-    the update's log-prob temperature."""
-    if cfg.old_logprobs == "recompute":
-        with gathered(model):
-            batch.old_logprobs = recompute_logprobs(policy, batch, tokenizer, cfg.micro_batch_leaves, cfg.packing,
-                                                    temperature)
-    if reference is None:
-        return None
-    return recompute_logprobs(reference, batch, tokenizer, cfg.micro_batch_leaves, cfg.packing, temperature)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -303,17 +291,17 @@ def _due(step: int, every: int, last: bool) -> bool:
     return last or bool(every and step % every == 0)
 
 
-def _evaluate_shared(model, policy, tokenizer, registry, records: list[Record], config: Config, system,
+def _evaluate_shared(policy: Policy, tokenizer, registry, records: list[Record], config: Config, system,
                      reward_fn) -> dict[str, float]:
     """Periodic evaluation with the records split across processes (each evaluates every
     world-size-th record); the metrics, means over questions, are combined weighted by each
     process's number of questions."""
     rank = torch.distributed.get_rank() if world_size() > 1 else 0
     mine = records[rank::world_size()]
-    rows = config.train.rollout_batch_prompts * config.rollout.rollout_budget or 64  # as many rows as a rollout
-    with gathered(model):  # FSDP: processes evaluate different numbers of records
-        metrics, _ = evaluate(Generator(policy, tokenizer, compile=config.sampling.compile), registry, mine, config.rollout, system, reward_fn,
-                              batch_size=rows)
+    decode_rows = config.train.rollout_batch_prompts * config.rollout.rollout_budget or 64  # as many as a rollout
+    with policy.gathered():  # FSDP: processes evaluate different numbers of records
+        metrics, _ = evaluate(Generator(policy.module, tokenizer, compile=config.sampling.compile), registry, mine,
+                              config.rollout, system, reward_fn, batch_size=decode_rows)
     metrics = mean_over_processes(metrics, weight=float(len(mine)))
     return metrics | {"eval/questions": float(len(records))}
 
@@ -326,8 +314,9 @@ def _log_metrics(accelerator, run_dir: Path, metrics: dict[str, float], log) -> 
         f"{k}={metrics[k]:.3f}" for k in PROGRESS_KEYS if k in metrics) + f"  ({metrics['time/step']:.1f}s)")
 
 
-def _save(accelerator, run_dir, model, optimizer, scheduler, rollout, state: TrainState, keep: int) -> None:
+def _save(policy: Policy, run_dir, optimizer, scheduler, rollout, state: TrainState, keep: int) -> None:
     # Every process's rollout RNG differs; gather them so a resumed run continues each stream.
+    accelerator = policy.accelerator
     rollout_rng = {"token": rollout.token_rng.get_state(), "draw": rollout.draw_rng.getstate(),
                    "baselines": dict(rollout.stale_baselines)}
     rngs = [rollout_rng]
@@ -336,40 +325,21 @@ def _save(accelerator, run_dir, model, optimizer, scheduler, rollout, state: Tra
 
         rngs = [None] * accelerator.num_processes
         dist.all_gather_object(rngs, rollout_rng)
-    if is_sharded(model):  # full state dicts, gathered on process 0
-        model_state, optimizer_state = full_state(model, optimizer)
-    else:
-        model_state, optimizer_state = accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
+    model_state, optimizer_state = policy.full_state(optimizer)  # FSDP: gathered on process 0
     if accelerator.is_main_process:
         save_checkpoint(run_dir, state.step, {
-            "model": model_state, "optimizer": optimizer_state, "sharded": is_sharded(model),
+            "model": model_state, "optimizer": optimizer_state, "sharded": policy.sharded,
             "scheduler": scheduler.state_dict(), "state": vars(state).copy(), "rollout": rngs}, keep)
     accelerator.wait_for_everyone()
 
 
-def _save_final(accelerator, policy, tokenizer, path: Path) -> None:
-    """The trained model as a `from_pretrained` folder (LoRA: merged, loadable without peft)."""
-    model_state = full_state(policy)[0] if is_sharded(policy) else None  # every process gathers
-    if accelerator.is_main_process:
-        if model_state is not None:
-            save_full_pretrained(policy, path, model_state)
-        else:
-            save_pretrained_merged(policy, path)
-        tokenizer.save_pretrained(path)
-    accelerator.wait_for_everyone()
-
-
-def _restore(payload, accelerator, model, optimizer, scheduler, rollout, rank: int) -> TrainState:
-    if payload.get("sharded", False) != is_sharded(model):
+def _restore(payload, policy: Policy, optimizer, scheduler, rollout) -> TrainState:
+    if payload.get("sharded", False) != policy.sharded:
         raise ValueError(f"this checkpoint was written with train.fsdp={payload.get('sharded', False)}; "
                          f"resume with the same setting (the optimizer state is stored differently)")
-    if is_sharded(model):  # process 0's tensors are sent to the others, whose copies stay unread
-        load_full_state(model, optimizer, payload["model"], payload["optimizer"])
-    else:
-        accelerator.unwrap_model(model).load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
+    policy.load_full_state(optimizer, payload["model"], payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    saved = payload["rollout"][rank]
+    saved = payload["rollout"][policy.accelerator.process_index]
     rollout.token_rng.set_state(saved["token"])
     rollout.draw_rng.setstate(saved["draw"])
     rollout.stale_baselines.update(saved["baselines"])

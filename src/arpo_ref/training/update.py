@@ -6,7 +6,7 @@ log-probs it needs.
 * `recompute_logprobs`: log π_old of every trained token, micro-batched, before the update.
 * `ppo_update`: PPO epochs × `train.mini_batches` mini-batches of whole prompts, one optimizer step
   each; micro-batches (fixed size or packed by a token budget) accumulate gradients.
-* `rows_logprobs`: the forward of one micro-batch, padded (a row per leaf) or tree-packed
+* `leaf_logprobs`: the forward of one micro-batch, padded (a row per leaf) or tree-packed
   (`train.packing`, arpo_ref.training.packing: each shared prefix token once), with the same values.
 
 Normalisers (tokens, sequences) are summed over processes and each process's loss is multiplied
@@ -40,7 +40,7 @@ from .packing import (
     packed_token_logprobs,
     tree_micro_batches,
 )
-from .sharding import is_sharded, micro_batch_padding
+from .policy import Policy
 
 
 def logprob_temperature(config: Config) -> float:
@@ -66,14 +66,14 @@ def token_logprobs(model, input_ids, attention_mask, vocab_size: int, with_entro
     return pad(chosen, (1, 0)), (pad(entropy, (1, 0)) if with_entropy else None)
 
 
-def rows_logprobs(model, batch: RolloutBatch, rows: torch.Tensor, vocab_size: int, with_entropy: bool = False,
+def leaf_logprobs(model, batch: RolloutBatch, leaf_ids: torch.Tensor, vocab_size: int, with_entropy: bool = False,
                   packing: str = "padded", temperature: float = 1.0):
-    """`token_logprobs` of the leaves `rows` at `temperature`, trimmed to their longest: (R, W)
+    """`token_logprobs` of the leaves `leaf_ids` at `temperature`, trimmed to their longest: (R, W)
     log-probs and entropies (or None). packing "padded": one padded row per leaf; "tree": the
-    rows' trees packed, every shared prefix token forwarded once (arpo_ref.training.packing), same values;
+    leaf_ids' trees packed, every shared prefix token forwarded once (arpo_ref.training.packing), same values;
     padded where packing would cost more (`packing.pack_if_cheaper`)."""
-    width = int(batch.attention_mask[rows].sum(1).max())  # drop columns that are padding in every row
-    input_ids, attention_mask = batch.input_ids[rows, :width], batch.attention_mask[rows, :width]
+    width = int(batch.attention_mask[leaf_ids].sum(1).max())  # drop columns that are padding in every row
+    input_ids, attention_mask = batch.input_ids[leaf_ids, :width], batch.attention_mask[leaf_ids, :width]
     if packing == "tree" and (packed := pack_if_cheaper(model, input_ids, attention_mask)) is not None:
         return packed_token_logprobs(model, packed, vocab_size, with_entropy, temperature)
     device = next(model.parameters()).device
@@ -89,8 +89,8 @@ def micro_batches(batch: RolloutBatch, leaves: torch.Tensor, cfg) -> list[torch.
         sizes = {}
         if cfg.micro_batch_tokens:
             for group in batch.group_ids[leaves].unique().tolist():
-                rows = leaves[batch.group_ids[leaves] == group]
-                sizes[group] = distinct_tokens(batch.input_ids[rows], batch.attention_mask[rows])
+                tree_leaves = leaves[batch.group_ids[leaves] == group]
+                sizes[group] = distinct_tokens(batch.input_ids[tree_leaves], batch.attention_mask[tree_leaves])
         return tree_micro_batches(leaves, batch.group_ids, cfg.micro_batch_leaves, cfg.micro_batch_tokens, sizes)
     if cfg.micro_batch_tokens:
         lengths = batch.attention_mask[leaves].sum(1)
@@ -110,16 +110,18 @@ def recompute_logprobs(model, batch: RolloutBatch, tokenizer, micro: int, packin
         chunks = tree_micro_batches(leaves, batch.group_ids, micro)
     else:
         chunks = list(leaves.split(micro))
-    for rows in chunks:
-        lp, _ = rows_logprobs(model, batch, rows, len(tokenizer), packing=packing, temperature=temperature)
-        out[rows, :lp.shape[1]] = lp.cpu() * batch.loss_mask[rows, :lp.shape[1]]
+    for leaf_ids in chunks:
+        lp, _ = leaf_logprobs(model, batch, leaf_ids, len(tokenizer), packing=packing, temperature=temperature)
+        out[leaf_ids, :lp.shape[1]] = lp.cpu() * batch.loss_mask[leaf_ids, :lp.shape[1]]
     return out
 
 
 def ppo_update(accelerator, model, optimizer, scheduler, batch: RolloutBatch, advantages: torch.Tensor,
                reference_logprobs, config: Config, vocab_size: int) -> dict[str, float]:
-    """PPO epochs × mini-batches of whole prompts; each mini-batch is one optimizer step."""
-    cfg = config.train
+    """PPO epochs × mini-batches of whole prompts; each mini-batch is one optimizer step.
+
+    `model` is the prepared model (DDP-wrapped, FSDP-sharded or bare); `Policy` hides which."""
+    cfg, policy = config.train, Policy(accelerator, model)
     groups = batch.group_ids.unique(sorted=True)
     if len(groups) < cfg.mini_batches:  # every process must take as many optimizer steps
         raise RuntimeError(f"{len(groups)} prompts with leaves for {cfg.mini_batches} mini-batches")
@@ -127,64 +129,69 @@ def ppo_update(accelerator, model, optimizer, scheduler, batch: RolloutBatch, ad
     for _ in range(cfg.ppo_epochs):
         for mini_batch in torch.tensor_split(groups, cfg.mini_batches):
             leaves = torch.isin(batch.group_ids, mini_batch).nonzero().squeeze(1)
-            per_update.append((_minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages,
+            per_update.append((_minibatch_step(policy, optimizer, scheduler, batch, advantages,
                                                reference_logprobs, leaves, config, vocab_size), 1.0))
     # means over the updates; loss/ratio_max and loss/ratio_min stay the largest and smallest
     return combine_metrics(per_update) | {"train/updates": float(len(per_update))}
 
 
-def _minibatch_step(accelerator, model, optimizer, scheduler, batch, advantages, reference_logprobs,
-                    leaves, config: Config, vocab_size: int) -> dict[str, float]:
-    cfg = config.train
-    device = accelerator.device
-    mask = batch.loss_mask[leaves]
-    # Normalisers summed over processes, so accumulation and DDP give the big-batch gradient.
-    counts = torch.tensor([mask.sum(), (mask.sum(1) > 0).sum()], dtype=torch.float64, device=device)
-    num_tokens, num_sequences = accelerator.reduce(counts, reduction="sum").tolist()
-    chunks = micro_batches(batch, leaves, cfg)
-    real = len(chunks)
-    sharded = is_sharded(model)
-    if sharded:  # FSDP gathers and reduces per micro-batch, so every process runs as many: pad with
-        chunks += [chunks[0][:1]] * micro_batch_padding(real, device)  # zero-weight micro-batches
-    sums: dict[str, float] = {"train/padding_micro_batches": float(len(chunks) - real)} if sharded else {}
+def _minibatch_step(policy: Policy, optimizer, scheduler, batch: RolloutBatch, advantages, reference_logprobs,
+                    leaves: torch.Tensor, config: Config, vocab_size: int) -> dict[str, float]:
+    """One optimizer step on the mini-batch `leaves`: for each micro-batch, log π_θ → `policy_loss`
+    → backward (gradients accumulate); then clip and step."""
+    cfg, accelerator = config.train, policy.accelerator
+    options = _loss_options(config, *global_counts(accelerator, batch.loss_mask[leaves]))
+    chunks, real = policy.padded_micro_batches(micro_batches(batch, leaves, cfg))
     tally = UpdateMetrics()
-    temperature = logprob_temperature(config)
-    for i, rows in enumerate(chunks):
-        width = int(batch.attention_mask[rows].sum(1).max())  # drop columns that are padding in every row
-        sync = accelerator.no_sync(model) if i < len(chunks) - 1 and not sharded else _null_context()
-        with sync:
-            def take(tensor, rows=rows, width=width):
-                return tensor[rows, :width].to(device)
-            logprobs, entropy = rows_logprobs(model, batch, rows, vocab_size, with_entropy=cfg.entropy_coef > 0,
-                                              packing=cfg.packing, temperature=temperature)
-            loss, metrics = policy_loss(
-                logprobs, take(batch.old_logprobs), take(advantages), take(batch.loss_mask),
-                clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                dual_clip=cfg.dual_clip or None, agg=cfg.loss_aggregation,
-                ref_logprobs=take(reference_logprobs) if reference_logprobs is not None else None,
-                kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, entropy=entropy, entropy_coef=cfg.entropy_coef,
-                num_tokens=num_tokens, num_sequences=num_sequences,
-                max_response_length=config.rollout.max_response_tokens, entropy_balanced_clip=cfg.clip_mode == "entropy_balanced")
-            accelerator.backward(loss * (accelerator.num_processes if i < real else 0.0))
+    for i, leaf_ids in enumerate(chunks):
+        with policy.accumulating(last=i == len(chunks) - 1):
+            logprobs, entropy = leaf_logprobs(policy.model, batch, leaf_ids, vocab_size, with_entropy=cfg.entropy_coef > 0,
+                                              packing=cfg.packing, temperature=logprob_temperature(config))
+            old_logprobs, advantage, loss_mask, ref_logprobs = _targets(batch, advantages, reference_logprobs,
+                                                                        leaf_ids, accelerator.device)
+            loss, metrics = policy_loss(logprobs, old_logprobs, advantage, loss_mask, ref_logprobs=ref_logprobs,
+                                        entropy=entropy, **options)
+            # × processes: DDP / FSDP average the gradients, the normalisers are already global
+            accelerator.backward(loss * (accelerator.num_processes if i < real else 0.0))  # padding: weight 0
         if i < real:
-            tally.add(metrics, float((batch.loss_mask[rows] > 0).sum()))
-    sums.update(tally.result(device))
+            tally.add(metrics, float((batch.loss_mask[leaf_ids] > 0).sum()))
+    logged = tally.result(accelerator.device)
+    if policy.sharded:
+        logged["train/padding_micro_batches"] = float(len(chunks) - real)
     if cfg.max_grad_norm:
-        clip = torch.nn.utils.clip_grad_norm_ if sharded else accelerator.clip_grad_norm_
-        norm = clip(model.parameters(), cfg.max_grad_norm)
-        sums["train/grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        logged["train/grad_norm"] = policy.clip_grad_norm(cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
-    # DDP: keep the gradients as views into its buckets (set to None, the next backward would
-    # allocate a second full copy beside the buckets); otherwise free them until the next update.
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    optimizer.zero_grad(set_to_none=not ddp)
-    return sums
+    policy.zero_grad(optimizer)
+    return logged
 
 
-class _null_context:
-    def __enter__(self):
-        return self
+def global_counts(accelerator, loss_mask: torch.Tensor) -> tuple[float, float]:
+    """The normalisers of a mini-batch's loss: its trained tokens and its sequences with at least
+    one, summed over processes, so accumulated micro-batches and averaged processes give the
+    gradient one process would compute on the whole mini-batch (`loss.global_token_mean`)."""
+    counts = torch.tensor([loss_mask.sum(), (loss_mask.sum(1) > 0).sum()], dtype=torch.float64,
+                          device=accelerator.device)
+    num_tokens, num_sequences = accelerator.reduce(counts, reduction="sum").tolist()
+    return num_tokens, num_sequences
 
-    def __exit__(self, *args):
-        return False
+
+def _targets(batch: RolloutBatch, advantages, reference_logprobs, leaf_ids, device) -> tuple:
+    """log π_old, Â, the loss mask and log π_ref (or None) of the micro-batch `leaf_ids`, trimmed to
+    its longest row (the width `leaf_logprobs` returns)."""
+    width = int(batch.attention_mask[leaf_ids].sum(1).max())  # drop columns that are padding in every row
+
+    def take(tensor):
+        return None if tensor is None else tensor[leaf_ids, :width].to(device)
+
+    return take(batch.old_logprobs), take(advantages), take(batch.loss_mask), take(reference_logprobs)
+
+
+def _loss_options(config: Config, num_tokens: float, num_sequences: float) -> dict:
+    """`policy_loss`'s keyword arguments from the config, with the mini-batch's global counts."""
+    cfg = config.train
+    return dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,
+                agg=cfg.loss_aggregation, kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, entropy_coef=cfg.entropy_coef,
+                num_tokens=num_tokens, num_sequences=num_sequences,
+                max_response_length=config.rollout.max_response_tokens,
+                entropy_balanced_clip=cfg.clip_mode == "entropy_balanced")
