@@ -56,7 +56,7 @@ from ..tools.registry import ToolRegistry
 from ..tree import RolloutTree, to_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .lora import AdaptersOff, has_lora, save_pretrained_merged
-from .metrics import combine_metrics, mean_over_processes, summed_over_chunks, world_size
+from .metrics import combine_metrics, mean_over_processes, start_trackers, summed_over_chunks, world_size
 from .policy import (
     check_trainable_precision,
     load_policy,
@@ -192,7 +192,7 @@ def _start_run_folder(accelerator, config: Config, run_dir: Path, fresh: bool) -
     save_config(config, run_dir / "config.yaml")
     if fresh:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    accelerator.init_trackers("arpo_ref", config={"seed": config.seed})
+    start_trackers(accelerator, config, run_dir)
 
 
 def _old_and_reference_logprobs(model, policy, reference, batch, tokenizer, cfg, temperature: float):
