@@ -54,9 +54,15 @@ from ..rollout import AdaptiveRollout
 from ..tasks.data import Record, records_for
 from ..tools.registry import ToolRegistry
 from ..tree import RolloutTree, to_batch
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_model_card
 from .lora import AdaptersOff, has_lora, save_pretrained_merged
-from .metrics import combine_metrics, mean_over_processes, start_trackers, summed_over_chunks, world_size
+from .metrics import (
+    combine_metrics,
+    mean_over_processes,
+    start_trackers,
+    summed_over_chunks,
+    world_size,
+)
 from .policy import (
     check_trainable_precision,
     load_policy,
@@ -173,6 +179,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
             _save(accelerator, run_dir, model, optimizer, scheduler, rollout, state, cfg.keep_checkpoints)
     progress.close()
     _save_final(accelerator, policy, tokenizer, run_dir / "final")
+    if accelerator.is_main_process:
+        write_model_card(run_dir / "final", config, metrics)
     accelerator.end_training()
     registry.close()
     return metrics
