@@ -108,4 +108,4 @@ def test_rollout_command_prints_no_bar_into_a_pipe(tmp_path):
                             text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "4 leaves" in result.stdout and (tmp_path / "tree.png").stat().st_size > 0
-    assert "rollout:" not in result.stderr and "stage/s" not in result.stderr and "\r" not in result.stderr
+    assert "it/s" not in result.stderr and "rollout:" not in result.stderr and "stage/s" not in result.stderr and "\r" not in result.stderr

@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .progress import quiet_libraries_off_terminal
+
+    quiet_libraries_off_terminal()
     try:
         return args.func(args)
     except ConfigError as e:

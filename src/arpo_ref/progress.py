@@ -23,3 +23,15 @@ def progress_bar(total: int, desc: str, unit: str = "it", stream=None, main_proc
     stream = sys.stderr if stream is None else stream
     return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, leave=False,
                 disable=not (main_process and shown(stream)))
+
+
+def quiet_libraries_off_terminal() -> None:
+    """The same rule for the bars of transformers (loading and writing weights) and
+    huggingface_hub (downloads): turned off when stderr is not a terminal."""
+    if shown():
+        return
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+
+    disable_progress_bars()
+    logging.disable_progress_bar()
