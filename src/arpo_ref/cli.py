@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="also draw the tree as a PNG here (needs matplotlib: the demo extra)")
     p.set_defaults(func=cmd_rollout)
 
+    _add_generate_parser(sub)
+    return parser
+
+
+def _add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample from a model, printing log-prob and entropy per token")
     p.add_argument("--model", required=True, help="hub name or local folder of a causal LM")
     p.add_argument("--prompt", required=True)
@@ -249,7 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.set_defaults(func=cmd_generate)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
