@@ -92,7 +92,7 @@ def tree_png(tree: RolloutTree, path: str | Path, decode=None, title: str | None
         axis.add_patch(FancyBboxPatch((x - BOX_WIDTH / 2, y - BOX_HEIGHT / 2), BOX_WIDTH, BOX_HEIGHT,
                                       boxstyle="round,pad=0.01,rounding_size=0.06", zorder=2, lw=0.8,
                                       facecolor=KIND_COLOURS[node.kind], edgecolor="#444444"))
-        axis.text(x, y, node_label(node, tree, decode, chars=34), ha="center", va="center", fontsize=6.5, zorder=3)
+        axis.text(x, y, node_label(node, tree, decode, chars=46), ha="center", va="center", fontsize=6.5, zorder=3)
         if node.decision is not None:
             colour = "#1a7f37" if node.decision.branched else "#666666"
             axis.text(x, y + BOX_HEIGHT / 2 + 0.05, decision_label(node), ha="center", va="top", fontsize=6.3,
