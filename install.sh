@@ -6,6 +6,7 @@
 #   ./install.sh dev        the package plus the test tools (pytest, ruff, nbclient)
 #   ./install.sh dev demo   both
 #   ./install.sh lora       the package plus peft (LoRA adapters, model.lora.enabled=true)
+#   ./install.sh track      the package plus tensorboard, trackio and wandb (train.trackers)
 #
 # PyTorch is installed first, on purpose: a bare "torch" requirement on a machine without torch
 # pulls the multi-GB CUDA build. So:
@@ -36,8 +37,8 @@ fi
 extras=""
 for extra in "$@"; do
   case "$extra" in
-    dev|demo|lora) extras="${extras:+$extras,}$extra" ;;
-    *) echo "install.sh: unknown extra '$extra' (use: dev, demo, lora)" >&2; exit 2 ;;
+    dev|demo|lora|track) extras="${extras:+$extras,}$extra" ;;
+    *) echo "install.sh: unknown extra '$extra' (use: dev, demo, lora, track)" >&2; exit 2 ;;
   esac
 done
 pip install -e ".${extras:+[$extras]}"

@@ -8,6 +8,7 @@ repository root (after `pip install`, from any other folder it stopped with
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -61,15 +62,20 @@ def test_demo_from_an_empty_folder_names_a_missing_config(tmp_path):
 def test_demo_runs_from_an_empty_folder_and_its_outputs_agree(tmp_path):
     """A tiny demo (≈ 20 s): every stage runs, the run folder is complete, and the numbers it
     reports are consistent with each other and with the world's eval set."""
-    result = cli("demo", "--out", "run", *TINY, cwd=tmp_path)
+    result = cli("demo", "--out", "run", *TINY, "train.eval_every=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "it/s" not in result.stderr and "\r" not in result.stderr  # no progress bar into a pipe
     run = tmp_path / "run"  # relative to the working directory
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "rollout_tree.txt", "rollout_tree.json",
-                 "sft_model/config.json", "final/config.json", "world/eval.jsonl"):
+                 "sft_model/config.json", "final/config.json", "final/README.md", "world/eval.jsonl"):
         assert (run / name).is_file(), name
+    if importlib.util.find_spec("matplotlib"):
+        assert (run / "rollout_tree.png").stat().st_size > 0 and (run / "metrics.png").stat().st_size > 0
     summary = json.loads((run / "summary.json").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/step"] for r in rows] == [1, 2]
+    assert all(r["eval/accuracy"] is not None for r in rows)  # evaluated every step: a curve, not two points
+    assert rows[-1]["eval/accuracy"] == summary["after"]["eval/accuracy"]  # the last one is the final model's
     assert all(r["rollout/leaves_global"] + r["rollout/leaves_branch"] + r["rollout/leaves_fill_up"]
                + r["rollout/leaves_duplicate"] == 4 for r in rows)
     eval_records = [json.loads(line) for line in (run / "world" / "eval.jsonl").read_text().splitlines()]

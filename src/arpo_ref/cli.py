@@ -4,7 +4,7 @@
     arpo-ref train    --config FILE [key=value ...] [--resume]      ARPO RL
     arpo-ref sft      --config FILE --demos FILE --out DIR          cold-start SFT
     arpo-ref eval     --config FILE [--data FILE ...] [--samples K] pass@1 / pass@k with tools, table
-    arpo-ref rollout  --config FILE --question TEXT [--json FILE]   one adaptive rollout, printed
+    arpo-ref rollout  --config FILE --question TEXT [--json F] [--png F] one adaptive rollout, printed / drawn
     arpo-ref config   [--config FILE] [key=value ...] [--explain]   resolve and print a config
     arpo-ref memory   --config FILE [--processes N] [key=value ...] estimated GPU memory, no weights loaded
     arpo-ref generate --model DIR --prompt TEXT [...]               sample with per-token entropy
@@ -156,21 +156,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_rollout(args: argparse.Namespace) -> int:
     from .engine.generation import Generator
     from .episode import render_prompt
+    from .progress import progress_bar
     from .rollout import AdaptiveRollout
     from .tools.registry import ToolRegistry
     from .training.train import _system_prompt
     from .tree import render
 
     config = load_config(args.config, args.overrides)
+    bar = progress_bar(2 + bool(args.png), "rollout", "stage")
+    bar.set_postfix_str("loading the model")
     model, tokenizer = _policy(config)
+    bar.update(1)
+    bar.set_postfix_str(f"rolling out M={config.rollout.rollout_budget}")
     with ToolRegistry.from_config(config.tools) as registry:
         engine = AdaptiveRollout(Generator(model, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling, seed=config.seed)
         prompt = render_prompt(tokenizer, args.question, _system_prompt(config.data.system_prompt))
         result = engine([prompt], metadata=[{"question": args.question}])
+    bar.update(1)
+    if args.png:
+        from .render import tree_png
+
+        bar.set_postfix_str("drawing")
+        tree_png(result.trees[0], args.png, tokenizer.decode, title=args.question)
+        bar.update(1)
+    bar.close()
     print(render(result.trees[0], tokenizer.decode, width=100))
     print({k: round(v, 4) for k, v in result.metrics.items() if k.startswith(("rollout/", "entropy/"))})
     if args.json:
         result.trees[0].save(args.json)
+    if args.png:
+        print(f"picture written to {args.png}")
     return 0
 
 
@@ -223,8 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--question", required=True)
     p.add_argument("--json", help="also export the tree as JSON here")
+    p.add_argument("--png", help="also draw the tree as a PNG here (needs matplotlib: the demo extra)")
     p.set_defaults(func=cmd_rollout)
 
+    _add_generate_parser(sub)
+    return parser
+
+
+def _add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample from a model, printing log-prob and entropy per token")
     p.add_argument("--model", required=True, help="hub name or local folder of a causal LM")
     p.add_argument("--prompt", required=True)
@@ -233,11 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.set_defaults(func=cmd_generate)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .progress import quiet_libraries_off_terminal
+
+    quiet_libraries_off_terminal()
     try:
         return args.func(args)
     except ConfigError as e:

@@ -256,7 +256,13 @@ class TrainConfig:
     output_dir: str = "runs/arpo"
     """Run folder: config, metrics.jsonl, checkpoints, final model."""
     trackers: list[str] = field(default_factory=list)
-    """Extra loggers through Accelerate: 'tensorboard', 'wandb'."""
+    """Experiment trackers the step metrics also go to, through Accelerate: 'tensorboard' (event
+    files in output_dir/tracker_project/), 'trackio' (local store under $TRACKIO_DIR, default
+    ~/.cache/huggingface/trackio), 'wandb' (WANDB_MODE=offline: no account). Their packages:
+    `pip install -e .[track]`. metrics.jsonl is always written."""
+    tracker_project: str = "arpo_ref"
+    """The trackers' project name (trackio / wandb project, tensorboard sub-folder); each run is
+    named after its output_dir folder."""
     cpu: bool = False
     """Force the CPU even when a GPU is present."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
@@ -325,9 +331,11 @@ class TrainConfig:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"unknown estimator {self.estimator!r}; {hint}valid: {sorted(ESTIMATORS)} "
                              f"(or 'package.module:function' for your own)")
-        unknown = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
-        if unknown:
-            raise ValueError(f"unknown trackers {unknown}; valid: ['tensorboard', 'wandb']")
+        from .training.metrics import check_trackers
+
+        check_trackers(self.trackers)
+        if not self.tracker_project:
+            raise ValueError("tracker_project must not be empty")
 
 
 @dataclass

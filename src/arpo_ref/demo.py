@@ -5,8 +5,10 @@
     2. cold-start SFT on the demonstrations;
     3. evaluate the cold-started agent (greedy pass@1 with tools);
     4. ARPO RL (entropy-based adaptive rollout + clipped policy gradient);
-    5. evaluate again, and write the run folder: configs, metrics.jsonl, a plot, one rendered
-       rollout tree, the final model (a normal Hugging Face folder) and a summary.
+    5. evaluate again, and write the run folder: configs, metrics.jsonl, a plot (the accuracy
+       every `train.eval_every` steps), one rollout tree as text and as a picture
+       (rollout_tree.png), the final model (a normal Hugging Face folder, with its model card)
+       and a summary.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from .config import Config, load_config, save_config
 from .engine.generation import Generator
 from .evaluate import accuracy_by_kind, evaluate
+from .render import tree_png
 from .rollout import AdaptiveRollout
 from .tasks.data import load_records
 from .tasks.toy_world.world import ToyWorldConfig, build_toy_world
@@ -198,6 +201,10 @@ def _write_tree(out: Path, model, tokenizer, registry, config: Config, world) ->
     header = f"question: {question.question}\ngold answer: {question.answer}\n\n"
     (out / "rollout_tree.txt").write_text(header + render(tree, tokenizer.decode, width=90) + "\n")
     tree.save(out / "rollout_tree.json")
+    try:
+        tree_png(tree, out / "rollout_tree.png", tokenizer.decode, title=f"{question.question}  (gold: {question.answer})")
+    except ImportError:  # matplotlib: the demo extra
+        pass
 
 
 def plot_metrics(metrics_path: Path, png_path: Path, accuracy_before: float) -> bool:
@@ -239,7 +246,7 @@ def format_summary(summary: dict, out: Path) -> str:
         f"tool calls/question  {before['eval/tool_calls_per_question']:.2f} -> {after['eval/tool_calls_per_question']:.2f}",
         f"time                 {seconds['total']:.0f} s (world {seconds['world']:.0f}, SFT {seconds['sft']:.0f}, "
         f"RL {seconds['rl']:.0f}, eval {seconds['eval_before'] + seconds['eval_after']:.0f})",
-        f"run folder           {out}/ (config.yaml, metrics.jsonl, metrics.png, rollout_tree.txt, final/)",
+        f"run folder           {out}/ (config.yaml, metrics.jsonl, metrics.png, rollout_tree.txt/.png, final/)",
     ]
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from .config import RolloutConfig, SamplingConfig
 from .engine.generation import Generator
 from .episode import render_prompt
+from .progress import progress_bar
 from .rollout import AdaptiveRollout
 from .scoring.answers import exact_match, extract_answer, f1_score, parse_golds
 from .scoring.math_equivalence import math_equal
@@ -87,6 +88,7 @@ def evaluate(generator: Generator, registry, records: list[Record], rollout: Rol
     engine = AdaptiveRollout(generator, registry, config, sampling, seed=seed)
     tokenizer, tool_names = generator.tokenizer, (registry.names if registry is not None else ())
     trees, solved, any_solved, f1s, rewards, calls, lengths = [], [], [], [], [], [], []
+    bar = progress_bar(len(records), "evaluation", "question")
     for start in range(0, len(records), batch_size):
         chunk = records[start: start + batch_size]
         prompts = [render_prompt(tokenizer, r.question, system_prompt) for r in chunk]
@@ -108,6 +110,8 @@ def evaluate(generator: Generator, registry, records: list[Record], rollout: Rol
             any_solved.append(any(outcomes))
             tree.prompt_index = start + tree.prompt_index
             trees.append(tree)
+        bar.update(len(chunk))
+    bar.close()
     n, leaves = max(len(records), 1), max(len(f1s), 1)
     metrics = {"eval/accuracy": sum(solved) / n, "eval/f1": sum(f1s) / leaves,
                "eval/tool_calls_per_question": sum(calls) / leaves, "eval/response_tokens": sum(lengths) / leaves,

@@ -82,3 +82,59 @@ def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------- the final model's card
+CARD_METRICS = ("eval/accuracy", "eval/f1", "eval/tool_calls_per_question", "eval/questions", "reward/mean",
+                "rollout/branches", "rollout/tool_calls_executed", "train/step")
+
+
+def _hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub model id (owner/name, not a folder here): only such a name
+    may stand in the card's `base_model` field, which the Hub checks."""
+    import re
+
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
+
+
+def model_card(config, metrics: dict[str, float]) -> str:
+    """README.md of `final/`: a Hugging Face model card (YAML metadata, then base model, how to
+    load, metrics of the last step, the full config), as `push_to_hub` uploads it."""
+    import yaml
+
+    from ..config import to_dict
+
+    base = config.model.name_or_path
+    meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
+            "tags": ["arpo", "reinforcement-learning", "tool-use", "arpo_ref"]}
+    if _hub_id(base):
+        meta["base_model"] = base
+    rows = [f"| {k} | {metrics[k]:.4g} |" for k in CARD_METRICS if isinstance(metrics.get(k), (int, float))]
+    return "\n".join([
+        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+        "# ARPO-trained policy", "",
+        f"Trained with ARPO (Agentic Reinforced Policy Optimization, arXiv 2507.19849) by arpo_ref: "
+        f"{config.train.steps} steps, rollout mode `{config.rollout.mode}`, estimator `{config.train.estimator}`, "
+        f"tools {', '.join(config.tools.enabled) or 'none'}.", "",
+        f"Base model: `{base}`", "",
+        "## How to load", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_HUB_ID")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_HUB_ID")',
+        "```", "",
+        "A plain `from_pretrained` folder (LoRA adapters merged). Evaluate it with tools: "
+        "`arpo-ref eval --config config.yaml model.name_or_path=PATH`.", "",
+        "## Metrics (last training step)", "", "| metric | value |", "|---|---|", *rows, "",
+        "## Config", "", "```yaml", yaml.safe_dump(to_dict(config), sort_keys=False).strip(), "```", ""])
+
+
+def write_model_card(folder: str | Path, config, metrics: dict[str, float]) -> Path:
+    """Write `model_card(config, metrics)` as folder/README.md atomically (a temporary file, then
+    a rename): a killed run leaves the old card or the new one."""
+    path = Path(folder) / "README.md"
+    temporary = path.with_name(".README.md.tmp")
+    temporary.write_text(model_card(config, metrics))
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return path

@@ -143,3 +143,58 @@ class UpdateMetrics:
         out["loss/ratio_max"] = largest if tokens else math.nan
         out["loss/ratio_min"] = -negated_smallest if tokens else math.nan
         return out
+
+
+# ---------------------------------------------------------------------------- trackers
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),  # event files in output_dir/tracker_project/
+    "trackio": ("trackio",),  # a local SQLite store under $TRACKIO_DIR (default ~/.cache/huggingface/trackio)
+    "wandb": ("wandb",),  # WANDB_MODE=offline logs without an account (`wandb sync` later)
+}
+"""The experiment trackers `train.trackers` may name (through Accelerate), each with the packages
+that provide it (any one of them): `pip install -e .[track]` or `./install.sh track`."""
+
+
+def check_trackers(names: list[str]) -> None:
+    """Fail at config load, not after the first training step, on an unknown tracker or one whose
+    package is not installed."""
+    import importlib.util
+
+    unknown = [name for name in names if name not in TRACKER_PACKAGES]
+    if unknown:
+        raise ValueError(f"unknown trackers {unknown}; valid: {sorted(TRACKER_PACKAGES)}")
+    for name in names:
+        if not any(importlib.util.find_spec(package) for package in TRACKER_PACKAGES[name]):
+            raise ValueError(f"train.trackers names {name!r}, but its package ({' or '.join(TRACKER_PACKAGES[name])}) "
+                             f"is not installed: pip install -e '.[track]' (or ./install.sh track)")
+
+
+def flat_hyperparameters(config) -> dict[str, bool | int | float | str]:
+    """The config as one level of `section.field` keys, values that every tracker stores
+    (tensorboard's hparams take only numbers, booleans and strings: anything else is its repr)."""
+    import dataclasses
+
+    out: dict[str, bool | int | float | str] = {}
+
+    def walk(value, prefix: str) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+        else:
+            out[prefix] = value if isinstance(value, (bool, int, float, str)) else repr(value)
+
+    walk(config, "")
+    return out
+
+
+def start_trackers(accelerator, config, run_dir) -> None:
+    """Start `config.train.trackers` in project `train.tracker_project`, the run named after its
+    folder, with the whole config as hyperparameters. Metric names keep their `section/name`
+    form (reward/mean, loss/clipfrac, eval/accuracy, ...), which each tracker groups by section."""
+    trackers = config.train.trackers
+    if not trackers:
+        return
+    name = run_dir.name
+    init_kwargs = {"trackio": {"name": name}, "wandb": {"name": name, "dir": str(run_dir)}}
+    accelerator.init_trackers(config.train.tracker_project, config=flat_hyperparameters(config),
+                              init_kwargs={k: v for k, v in init_kwargs.items() if k in trackers})

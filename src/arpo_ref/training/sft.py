@@ -51,6 +51,7 @@ from accelerate.utils import DistributedType
 
 from ..episode import encode_demonstration, render_prompt
 from ..loss import global_token_mean
+from ..progress import progress_bar
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +305,7 @@ def supervised_finetune(model, tokenizer, examples: list[SFTExample], config: SF
     steps_per_epoch = math.ceil(len(kept) / config.batch_size)
     order_rng = torch.Generator().manual_seed(config.seed)
     start, step, epoch_losses, last = time.perf_counter(), 0, [], {}
+    bar = progress_bar(steps_per_epoch * config.epochs, "SFT", "step", main_process=accelerator.is_main_process)
     for epoch in range(config.epochs):
         order = torch.randperm(len(kept), generator=order_rng).tolist()
         epoch_nll, epoch_tokens = 0.0, 0
@@ -313,10 +315,13 @@ def supervised_finetune(model, tokenizer, examples: list[SFTExample], config: SF
             last = optimizer_step(model, optimizer, batch, accelerator, config, learning_rate,
                                   pad_token_id, len(tokenizer))
             step += 1
+            bar.update(1)
             epoch_nll, epoch_tokens = epoch_nll + last["sft/nll_sum"], epoch_tokens + last["sft/tokens"]
             if log is not None and accelerator.is_main_process:
                 log(step, {**last, "sft/epoch": epoch + (first + len(batch)) / len(order)})
         epoch_losses.append(epoch_nll / epoch_tokens)
+        bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
+    bar.close()
     # Also drops the autocast wrapper that mixed precision puts on the caller's model.forward.
     accelerator.unwrap_model(model, keep_fp32_wrapper=False).eval()
     return {"sft/loss": last["sft/loss"], "sft/epoch_losses": epoch_losses,

@@ -56,9 +56,15 @@ from ..rollout import AdaptiveRollout
 from ..tasks.data import Record, records_for
 from ..tools.registry import ToolRegistry
 from ..tree import RolloutTree, to_batch
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_model_card
 from .lora import AdaptersOff, has_lora
-from .metrics import combine_metrics, mean_over_processes, summed_over_chunks, world_size
+from .metrics import (
+    combine_metrics,
+    mean_over_processes,
+    start_trackers,
+    summed_over_chunks,
+    world_size,
+)
 from .policy import (
     Policy,
     check_trainable_precision,
@@ -174,6 +180,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
             _save(policy, run_dir, optimizer, scheduler, rollout, state, cfg.keep_checkpoints)
     progress.close()
     policy.save_pretrained(run_dir / "final", tokenizer)
+    if accelerator.is_main_process:
+        write_model_card(run_dir / "final", config, metrics)
     accelerator.end_training()
     registry.close()
     return metrics
@@ -193,7 +201,7 @@ def _start_run_folder(accelerator, config: Config, run_dir: Path, fresh: bool) -
     save_config(config, run_dir / "config.yaml")
     if fresh:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    accelerator.init_trackers("arpo_ref", config={"seed": config.seed})
+    start_trackers(accelerator, config, run_dir)
 
 
 # ---------------------------------------------------------------------------- inputs
