@@ -1,0 +1,258 @@
+"""GRPO, ARPO (paper and official modes), AEPO, Tree-GRPO and TreeRL on the toy tool world (issue 18).
+
+    python benchmarks/compare_algorithms.py                                   # every algorithm, 5 seeds
+    python benchmarks/compare_algorithms.py --algorithms grpo arpo_paper --seeds 0 1 --json out.json
+    python benchmarks/compare_algorithms.py --steps 20 --eval-questions 30 --plot curves.png
+
+Each algorithm is a named set of config overrides on configs/demo.yaml (ALGORITHMS below); all of
+them get the same leaf budget M per prompt (rollout.rollout_budget) and nothing is tuned per
+algorithm. For every seed one agent is cold-started (SFT once) and every algorithm trains its own
+copy of it, evaluated (greedy pass@1 with tools) at step 0 and every `--eval-every` steps.
+
+Reported per algorithm, mean ± half-width of the 95% t-interval over seeds: final eval accuracy,
+tool calls executed, generated tokens and decoding steps (per prompt, means over the RL steps), and
+RL wall time. Each finished (algorithm, seed) is saved under --out/results/ at once, so a killed
+run resumes where it stopped (a seed's SFT is redone only if one of its algorithms is missing).
+An algorithm whose config does not load (e.g. a rollout mode that does not exist yet) is listed
+with the reason and skipped; nothing is substituted for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ALGORITHMS: dict[str, list[str]] = {
+    "grpo": ["rollout.mode=grpo", "rollout.num_global={M}"],
+    "arpo_paper": ["rollout.mode=paper"],
+    "arpo_official": ["rollout.mode=official"],
+    "aepo": ["rollout.mode=paper", "train.estimator=aepo_entropy_aware", "train.clip_mode=entropy_balanced"],
+    "tree_grpo": ["rollout.mode=tree_search", "train.estimator=tree_grpo"],
+    "treerl": ["rollout.mode=eptree", "train.estimator=treerl"],
+}
+"""Config overrides per algorithm, applied on top of the benchmark's config; {M} = the leaf budget.
+aepo: what arpo_ref has of AEPO (entropy-aware advantage, entropy-balanced clipping) on ARPO's
+paper-mode rollout; its dynamic split and branch penalty join here once they are rollout options."""
+
+METRICS = ("accuracy", "tool_calls_executed_per_prompt", "generated_tokens_per_prompt",
+           "decode_steps_per_prompt", "rl_seconds")
+
+
+# ---------------------------------------------------------------------------- statistics
+def t_quantile(p: float, dof: int) -> float:
+    """The p-quantile of Student's t with `dof` degrees of freedom (p > 0.5): bisection on the CDF,
+    whose density is integrated with Simpson's rule (no SciPy needed)."""
+    if dof < 1 or not 0.5 < p < 1:
+        raise ValueError(f"t_quantile needs dof >= 1 and 0.5 < p < 1, got dof={dof}, p={p}")
+    scale = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+
+    def cdf(t: float, n: int = 2000) -> float:
+        h = t / n
+        f = [scale * (1 + (i * h) ** 2 / dof) ** (-(dof + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < p else (low, middle)
+    return (low + high) / 2
+
+
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the two-sided `level` t-interval) over seeds; half-width 0 for one value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    sem = statistics.stdev(values) / math.sqrt(len(values))
+    return mean, t_quantile(1 - (1 - level) / 2, len(values) - 1) * sem
+
+
+# ---------------------------------------------------------------------------- configs
+def algorithm_overrides(name: str, budget: int) -> list[str]:
+    """The overrides of algorithm `name` for leaf budget M = `budget`; unknown names list the valid ones."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}")
+    return [o.format(M=budget) for o in ALGORITHMS[name]]
+
+
+CHECK_CORPUS = "tools.search.corpus_path=world/corpus.jsonl"
+"""Stands in for the corpus path the cold start fills in, so a config can be checked before it runs."""
+
+
+def load_algorithm(config_path, name: str, extra: list[str] = ()):
+    """The config of algorithm `name` (its overrides after `extra`), or the reason it does not load."""
+    from arpo_ref.config import load_config
+    from arpo_ref.demo import DemoConfig
+
+    extra = [CHECK_CORPUS, *extra]  # the corpus is written later, by the toy world
+    budget = load_config(config_path, extra, cls=DemoConfig).rollout.rollout_budget
+    try:
+        return load_config(config_path, [*extra, *algorithm_overrides(name, budget)], cls=DemoConfig), None
+    except (ValueError, TypeError, KeyError) as error:
+        return None, f"{type(error).__name__}: {error}"
+
+
+def runnable(config_path, names: list[str], extra: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Split `names` into those whose config loads and {name: why not} for the others."""
+    ok, skipped = [], {}
+    for name in names:
+        _, reason = load_algorithm(config_path, name, extra)
+        (skipped.__setitem__(name, reason) if reason else ok.append(name))
+    return ok, skipped
+
+
+# ---------------------------------------------------------------------------- runs
+def _result_path(out: Path, name: str, seed: int) -> Path:
+    return out / "results" / f"{name}_seed{seed}.json"
+
+
+def run_seed(seed: int, names: list[str], args) -> None:
+    """Cold-start one agent for `seed`, then train and evaluate a copy per missing algorithm."""
+    from arpo_ref.demo import _evaluate, cold_start
+    from arpo_ref.tasks.data import load_records
+
+    out = Path(args.out)
+    missing = [n for n in names if not _result_path(out, n, seed).exists()]
+    if not missing:
+        return
+    folder = out / f"seed{seed}"
+    agent = cold_start(args.config, [f"seed={seed}", *args.overrides], folder, log=lambda *_: None)
+    records = load_records(agent.world.eval_path)[: args.eval_questions or None]
+    before, _ = _evaluate(agent.model, agent.tokenizer, agent.registry, records, agent.config)
+    print(f"seed {seed} cold start accuracy={before['eval/accuracy']:.3f}", flush=True)
+    for name in missing:
+        result = train_one(agent, name, folder, before["eval/accuracy"], args)
+        _result_path(out, name, seed).parent.mkdir(parents=True, exist_ok=True)
+        _result_path(out, name, seed).write_text(json.dumps(result, indent=1))
+        print(f"seed {seed} {name:<14} " + "  ".join(f"{k}={result[k]:.3f}" for k in METRICS), flush=True)
+    agent.registry.close()
+
+
+def train_one(agent, name: str, folder: Path, cold_accuracy: float, args) -> dict:
+    """Train a copy of the cold-started agent with algorithm `name`; its metrics and curves."""
+    from arpo_ref.config import load_config
+    from arpo_ref.training.train import train
+
+    run_dir = folder / name
+    budget = agent.config.rollout.rollout_budget
+    extra = [*algorithm_overrides(name, budget), f"train.output_dir={run_dir}", "train.save_every=0",
+             f"train.eval_every={args.eval_every}", f"data.max_eval_prompts={args.eval_questions}"]
+    if args.steps:
+        extra.append(f"train.steps={args.steps}")
+    config = load_config(folder / "config.yaml", extra)
+    model = copy.deepcopy(agent.model)
+    started = time.perf_counter()
+    train(config, model=model, tokenizer=agent.tokenizer, log=lambda *_: None)
+    seconds = time.perf_counter() - started
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    prompts = config.train.prompts_per_step
+    evals = [(0, cold_accuracy)] + [(r["train/step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    return {
+        "algorithm": name, "cold_start_accuracy": cold_accuracy, "accuracy": evals[-1][1],
+        "tool_calls_executed_per_prompt": statistics.fmean(r["rollout/tool_calls_executed"] for r in rows),
+        "generated_tokens_per_prompt": statistics.fmean(r["rollout/generated_tokens"] for r in rows) / prompts,
+        "decode_steps_per_prompt": statistics.fmean(r["rollout/decode_steps"] for r in rows) / prompts,
+        "rl_seconds": seconds, "eval_curve": evals,
+        "reward_curve": [(r["train/step"], r["reward/mean"]) for r in rows],
+    }
+
+
+# ---------------------------------------------------------------------------- report
+def collect(out: Path, names: list[str], seeds: list[int]) -> dict[str, list[dict]]:
+    """The saved results per algorithm (seeds that finished only)."""
+    found = {n: [_result_path(out, n, s) for s in seeds] for n in names}
+    return {n: [json.loads(p.read_text()) for p in paths if p.exists()] for n, paths in found.items()}
+
+
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per algorithm: seeds run, and (mean, 95% half-width) of every metric and of the cold start."""
+    table = {}
+    for name, runs in results.items():
+        if runs:
+            table[name] = {"seeds": len(runs)} | {k: mean_interval([r[k] for r in runs])
+                                                  for k in ("cold_start_accuracy", *METRICS)}
+    return table
+
+
+def format_table(table: dict[str, dict], skipped: dict[str, str]) -> str:
+    """The markdown table: one row per algorithm, "mean ± 95% half-width"; skipped ones say why."""
+    head = ("| algorithm | seeds | eval accuracy (final) | cold start | tool calls executed / prompt | "
+            "generated tokens / prompt | decoding steps / prompt | RL wall time (s) |")
+    lines = [head, "|---" * 8 + "|"]
+    for name, row in table.items():
+        cells = [f"{row[k][0]:.3f} ± {row[k][1]:.3f}" for k in ("accuracy", "cold_start_accuracy")]
+        cells += [f"{row[k][0]:.1f} ± {row[k][1]:.1f}" for k in METRICS[1:]]
+        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
+    lines += [f"| {name} | not run: {reason} |" + " |" * 6 for name, reason in skipped.items()]
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
+    """Eval accuracy and mean rollout reward vs step, one line per algorithm, shaded 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, runs in results.items():
+        for axis, key in zip(axes, ("eval_curve", "reward_curve")):
+            steps = [s for s, _ in runs[0][key]] if runs else []
+            points = [mean_interval([dict(r[key])[s] for r in runs]) for s in steps]
+            if not points:
+                continue
+            mean = [m for m, _ in points]
+            line, = axis.plot(steps, mean, label=f"{name} ({len(runs)} seeds)", marker="o" if key == "eval_curve" else None)
+            axis.fill_between(steps, [m - h for m, h in points], [m + h for m, h in points], color=line.get_color(), alpha=0.15)
+    for axis, title in zip(axes, ("eval accuracy (greedy pass@1)", "mean rollout reward")):
+        axis.set(xlabel="RL step", title=title + ", mean ± 95% t-interval")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=int, default=0, help="RL steps (default: the config's)")
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-questions", type=int, default=0, help="first N eval questions (0 = all)")
+    parser.add_argument("--out", default="runs/compare_algorithms")
+    parser.add_argument("--json", help="write the summary and every per-seed result here")
+    parser.add_argument("--plot", help="learning-curve PNG (default: OUT/curves.png)")
+    parser.add_argument("--report-only", action="store_true", help="no training: table and plot of saved results")
+    parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    names, skipped = runnable(args.config, args.algorithms, [*args.overrides])
+    for name, reason in skipped.items():
+        print(f"cannot run {name}: its config does not load ({reason})", flush=True)
+    if not args.report_only:
+        for seed in args.seeds:
+            run_seed(seed, names, args)
+    results = collect(Path(args.out), names, args.seeds)
+    table = summarise(results)
+    print(f"\nmean ± 95% t-interval half-width over seeds {args.seeds}\n" + format_table(table, skipped))
+    plot_curves(results, Path(args.plot or Path(args.out) / "curves.png"))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"seeds": args.seeds, "skipped": skipped, "summary": table,
+                                               "runs": results}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
