@@ -59,20 +59,20 @@ def test_fork_and_release_touch_only_their_own_slots():
     generator = Generator(model, tokenizer, eos_token_ids=[], max_rows=8)
     rows = generator.prefill(encode(tokenizer, PROMPTS[:4]))
     generator.decode(rows, SamplingParams(temperature=1.0, max_new_tokens=5, seed=0))
-    others = {r: slot_contents(rows, rows.slots[rows.index(r)], rows.lengths[rows.index(r)]) for r in rows.row_ids}
+    others = {r: slot_contents(rows, rows.slots[rows.index(r)], rows.next_position[rows.index(r)]) for r in rows.row_ids}
     pointers, growths = [layer.keys.data_ptr() for layer in rows.cache.layers], rows.cache.growths
     children = generator.fork(rows, rows.row_ids[2], copies=3)
     generator.release(rows, [rows.row_ids[0], children[0]])
     for r, before in others.items():
         if r in rows.row_ids:
-            after = slot_contents(rows, rows.slots[rows.index(r)], rows.lengths[rows.index(r)])
+            after = slot_contents(rows, rows.slots[rows.index(r)], rows.next_position[rows.index(r)])
             assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     parent = rows.index(rows.row_ids[1])  # row_ids[1] is the old row 2, the parent
     for child in children[1:]:
         b = rows.index(child)
-        assert rows.lengths[b] == rows.lengths[parent]
-        assert all(torch.equal(a, c) for a, c in zip(slot_contents(rows, rows.slots[b], rows.lengths[b]),
-                                                     slot_contents(rows, rows.slots[parent], rows.lengths[parent]),
+        assert rows.next_position[b] == rows.next_position[parent]
+        assert all(torch.equal(a, c) for a, c in zip(slot_contents(rows, rows.slots[b], rows.next_position[b]),
+                                                     slot_contents(rows, rows.slots[parent], rows.next_position[parent]),
                                                      strict=True))
     assert [layer.keys.data_ptr() for layer in rows.cache.layers] == pointers and rows.cache.growths == growths
 
