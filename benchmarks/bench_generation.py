@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_generation.py                 # the CPU table
     OMP_NUM_THREADS=1 python benchmarks/bench_generation.py --json          # the same as JSON
     python benchmarks/bench_generation.py --arch qwen2.5-0.5b               # on a GPU: decode steps
+    python benchmarks/bench_generation.py --smoke [--arch qwen2.5-0.5b]     # seconds: checks the script
 
 What is measured (each the best of --repeats, the two sides interleaved, ratios in one process):
 * throughput: ours (sampling T = 1, top-p 0.95, log-prob and entropy recorded per token) vs
@@ -123,8 +124,10 @@ def bench_throughput(model, tokenizer, rows: int, new_tokens: int, eos_ids: list
             (elapsed, tokens), = best_of(1, fn)
             rates[side].append((tokens / elapsed, tokens))
     (r_ours, n_ours), (r_hf, n_hf) = max(rates[0]), max(rates[1])
+    paired = [a[0] / b[0] for a, b in zip(*rates, strict=True)]  # repeat i: ours_i / generate_i
     return {"ours_tokens_per_s": r_ours, "hf_tokens_per_s": r_hf, "ratio": r_ours / r_hf,
-            "ours_tokens": n_ours, "hf_tokens": n_hf}
+            "ours_tokens": n_ours, "hf_tokens": n_hf, "paired_ratios": paired,
+            "paired_mean": sum(paired) / len(paired), "paired_spread": max(paired) - min(paired)}
 
 
 def bench_churn(model, tokenizer, rows: int, events: int, repeats: int) -> dict:
@@ -172,7 +175,7 @@ def bench_fork(model, tokenizer, history_len: int, copies: int, new_tokens: int,
 
     (fork, _), (prefill, _), (fork_c, _), (prefill_c, _) = best_of(
         repeats, fork_only, prefill_only, fork_and_continue, reprefill_and_continue)
-    return {"fork_ms": fork * 1e3, "prefill_ms": prefill * 1e3, "fork_speedup": prefill / fork,
+    return {"history": history_len, "fork_ms": fork * 1e3, "prefill_ms": prefill * 1e3, "fork_speedup": prefill / fork,
             "fork_continue_ms": fork_c * 1e3, "prefill_continue_ms": prefill_c * 1e3,
             "continue_speedup": prefill_c / fork_c, "continue_tokens": new_tokens}
 
@@ -209,7 +212,7 @@ def bench_decode_step(model, tokenizer, rows: int, context: int, steps: int, rep
     element = next(model.parameters()).element_size()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element * rows * context
-    bandwidth = copy_bandwidth() if DEVICE.type == "cuda" else copy_bandwidth(256)
+    bandwidth = copy_bandwidth() if DEVICE.type == "cuda" else copy_bandwidth(64)
     floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
     result = {"rows": rows, "context": context, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
               "bandwidth_gb_s": bandwidth / 1e9, "floor_ms": floor_ms}
@@ -227,7 +230,7 @@ def bench_decode_step(model, tokenizer, rows: int, context: int, steps: int, rep
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--hiddens", type=int, nargs="+", default=[128, 256, 512])
@@ -242,13 +245,22 @@ def main() -> None:
                         help="--arch: also time the compiled step (auto = on a GPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script "
+                        "(with --arch: the decode-step path on a tiny model), measures nothing")
+    parser.add_argument("--out", default="", help="also write the JSON result to this file")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rows, args.hiddens, args.new_tokens, args.layers = [4], [32], 8, 1
+        args.context, args.steps, args.repeats = 16, 4, 1
     tokenizer = load_tokenizer()
     setup = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(DEVICE)} | vars(args)
     with torch.inference_mode():
         result = run_arch(args, tokenizer) if args.arch != "tiny" else run_tiny(args, tokenizer)
     result = {"setup": setup} | result
     print(json.dumps(result, indent=2) if args.json else render(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
 
 
 def run_tiny(args, tokenizer) -> dict:
@@ -262,14 +274,16 @@ def run_tiny(args, tokenizer) -> dict:
                 r = bench_throughput(model, tokenizer, rows, args.new_tokens, ids, args.repeats)
                 table.append({"hidden": hidden, "rows": rows, "stops": stops} | r)
         if hidden == args.hiddens[0]:
-            extra["churn"] = bench_churn(model, tokenizer, max(args.rows), 500, args.repeats)
-            extra["fork"] = bench_fork(model, tokenizer, 512, 8, 16, args.repeats)
+            events, history = (20, 32) if args.smoke else (500, 512)
+            extra["churn"] = bench_churn(model, tokenizer, max(args.rows), events, args.repeats)
+            extra["fork"] = bench_fork(model, tokenizer, history, 8, 16, args.repeats)
             extra["memory"] = bench_memory(model, tokenizer, max(args.rows), args.new_tokens, eos)
     return {"throughput": table} | extra
 
 
 def run_arch(args, tokenizer) -> dict:
-    model = build_model(0, 0, 0, arch=args.arch)
+    vocab = (len(tokenizer) + 63) // 64 * 64
+    model = build_model(64, 1, vocab) if args.smoke else build_model(0, 0, 0, arch=args.arch)
     compiled = {"auto": [False, DEVICE.type == "cuda"], "yes": [False, True], "no": [False]}[args.compile]
     steps = [bench_decode_step(model, tokenizer, rows, args.context, args.steps, args.repeats, sorted(set(compiled)))
              for rows in args.rows]
@@ -279,15 +293,17 @@ def run_arch(args, tokenizer) -> dict:
 def render(result: dict) -> str:
     lines = [f"setup: {result['setup']}"]
     if "throughput" in result:
-        lines.append("| hidden | B | stops | ours tok/s (tokens) | generate tok/s (tokens) | ours / generate |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| hidden | B | stops | ours tok/s (tokens) | generate tok/s (tokens) | best / best "
+                     "| per-repeat mean (min-max) |")
+        lines.append("|---|---|---|---|---|---|---|")
         for r in result["throughput"]:
             lines.append(f"| {r['hidden']} | {r['rows']} | {r['stops']} | {r['ours_tokens_per_s']:.0f} ({r['ours_tokens']}) "
-                         f"| {r['hf_tokens_per_s']:.0f} ({r['hf_tokens']}) | {r['ratio']:.2f}x |")
+                         f"| {r['hf_tokens_per_s']:.0f} ({r['hf_tokens']}) | {r['ratio']:.2f}x "
+                         f"| {r['paired_mean']:.2f}x ({min(r['paired_ratios']):.2f}-{max(r['paired_ratios']):.2f}) |")
         c, f, m = result["churn"], result["fork"], result["memory"]
         lines.append(f"decoding step of {c['rows']} rows: {c['step_ms_before']:.2f} ms, after {c['events']} forks + "
                      f"retirements {c['step_ms_after']:.2f} ms ({c['after_over_before']:.2f}x)")
-        lines.append(f"8 rows from a 512-token history: fork {f['fork_ms']:.2f} ms vs re-prefill {f['prefill_ms']:.1f} ms "
+        lines.append(f"8 rows from a {f['history']}-token history: fork {f['fork_ms']:.2f} ms vs re-prefill {f['prefill_ms']:.1f} ms "
                      f"({f['fork_speedup']:.0f}x); with +{f['continue_tokens']} tokens {f['fork_continue_ms']:.1f} vs "
                      f"{f['prefill_continue_ms']:.1f} ms ({f['continue_speedup']:.1f}x)")
         lines.append(f"K/V memory at the end: slot cache {m['ours_bytes'] / 2**20:.1f} MiB vs DynamicCache "
