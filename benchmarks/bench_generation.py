@@ -204,7 +204,8 @@ def copy_bandwidth(megabytes: int = 1024) -> float:
     return 2 * source.numel() / elapsed
 
 
-def bench_decode_step(model, tokenizer, rows: int, context: int, steps: int, repeats: int, compiled: list[bool]) -> dict:
+def bench_decode_step(model, tokenizer, rows: int, context: int, steps: int, repeats: int, compiled: list[bool],
+                      attention: str = "auto") -> dict:
     """ms per decoding step of `rows` rows at a `context`-token history, eager and compiled, vs
     the floor (weights + the K/V the step must read) / bandwidth."""
     config = model.config
@@ -214,12 +215,12 @@ def bench_decode_step(model, tokenizer, rows: int, context: int, steps: int, rep
     kv_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element * rows * context
     bandwidth = copy_bandwidth() if DEVICE.type == "cuda" else copy_bandwidth(64)
     floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
-    result = {"rows": rows, "context": context, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+    result = {"rows": rows, "context": context, "attention": attention, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
               "bandwidth_gb_s": bandwidth / 1e9, "floor_ms": floor_ms}
     prompts = [list(p) for p in torch.randint(3, len(tokenizer), (rows, context), generator=torch.Generator().manual_seed(3)).tolist()]
     for compile_ in compiled:
         generator = Generator(model, tokenizer, eos_token_ids=[], compile=compile_, max_rows=rows,
-                              max_length=context + steps * (repeats + 2) + 8)
+                              max_length=context + steps * (repeats + 2) + 8, attention=attention)
         batch = generator.prefill(prompts)
         sampling = SamplingParams(max_new_tokens=steps, seed=0, **SAMPLING)
         generator.decode(batch, SamplingParams(max_new_tokens=3, seed=0, **SAMPLING))  # warm-up / capture
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=32, help="--arch: decoding steps timed per repeat")
     parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
                         help="--arch: also time the compiled step (auto = on a GPU)")
+    parser.add_argument("--attention", default="auto", help="--arch: the Generator's attention option "
+                        "(auto = sdpa, eager, flex_attention)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script "
@@ -285,7 +288,8 @@ def run_arch(args, tokenizer) -> dict:
     vocab = (len(tokenizer) + 63) // 64 * 64
     model = build_model(64, 1, vocab) if args.smoke else build_model(0, 0, 0, arch=args.arch)
     compiled = {"auto": [False, DEVICE.type == "cuda"], "yes": [False, True], "no": [False]}[args.compile]
-    steps = [bench_decode_step(model, tokenizer, rows, args.context, args.steps, args.repeats, sorted(set(compiled)))
+    steps = [bench_decode_step(model, tokenizer, rows, args.context, args.steps, args.repeats, sorted(set(compiled)),
+                               args.attention)
              for rows in args.rows]
     return {"decode_step": steps}
 
@@ -309,7 +313,7 @@ def render(result: dict) -> str:
         lines.append(f"K/V memory at the end: slot cache {m['ours_bytes'] / 2**20:.1f} MiB vs DynamicCache "
                      f"{m['dynamic_cache_bytes'] / 2**20:.1f} MiB ({m['ratio']:.2f}x)")
     for s in result.get("decode_step", []):
-        lines.append(f"B={s['rows']} context={s['context']}: floor {s['floor_ms']:.2f} ms "
+        lines.append(f"B={s['rows']} context={s['context']} attention={s['attention']}: floor {s['floor_ms']:.2f} ms "
                      f"({s['bandwidth_gb_s']:.0f} GB/s); " + ", ".join(
                          f"{k} {s[k + '_ms']:.2f} ms ({s[k + '_over_floor']:.1f}x floor)"
                          for k in ("eager", "compiled") if k + "_ms" in s))

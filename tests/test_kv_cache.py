@@ -133,3 +133,34 @@ def test_compiled_decoding_step_gives_the_eager_tokens_and_logprobs():
         assert tokens == c_tokens
         assert torch.allclose(torch.tensor(logprobs), torch.tensor(c_logprobs), atol=1e-4)
         assert torch.allclose(torch.tensor(entropies), torch.tensor(c_entropies), atol=1e-4)
+
+
+def test_attention_option_eager_equals_sdpa_and_unavailable_backends_fail_clearly():
+    """The slot mask is read the same by every attention implementation the option offers here:
+    eager attention gives SDPA's tokens and log-probs (sampled, through a fork). Flex attention
+    needs CUDA (it crashed this CPU build of torch): on a CPU it fails at construction, saying
+    why; an unknown name lists the valid ones; 'auto' is SDPA."""
+    tokenizer = load_tokenizer()
+    prompts = encode(tokenizer, PROMPTS[:3])
+
+    def run(attention: str):
+        model = load_model("qwen2")
+        generator = Generator(model, tokenizer, eos_token_ids=[], attention=attention)
+        assert model.config._attn_implementation == ("sdpa" if attention == "auto" else attention)
+        rows = generator.prefill(prompts)
+        sampling = SamplingParams(temperature=1.0, max_new_tokens=6)
+        rng = torch.Generator().manual_seed(0)
+        first = generator.decode(rows, sampling, rng=rng)
+        (child,) = generator.fork(rows, rows.row_ids[1])
+        second = generator.decode(rows, sampling, rng=rng, row_ids=[child])
+        return [(o.token_ids, o.logprobs) for o in [*first.values(), *second.values()]]
+
+    for (tokens, logprobs), (e_tokens, e_logprobs) in zip(run("auto"), run("eager"), strict=True):
+        assert tokens == e_tokens
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(e_logprobs), atol=1e-4)
+    model = load_model("qwen2")
+    with pytest.raises(ValueError, match="valid: auto, sdpa, eager, flex_attention"):
+        Generator(model, tokenizer, attention="flash")
+    with pytest.raises(RuntimeError, match="flex_attention.*not available.*CUDA"):
+        Generator(model, tokenizer, attention="flex_attention")
+    assert model.config._attn_implementation == "sdpa"  # a refused backend leaves the model as it was

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import DecodeStep, ForwardPlan, SlotCache, SlotForward
+from .forward import choose_attention
 from .sampling import SamplingParams, filter_top_k_top_p, make_rng, sample_next, sample_step
 from .stopping import StopRules, default_eos_ids
 
@@ -116,16 +117,24 @@ class Generator:
             in the config.
         max_rows, max_length: size every new batch's cache up front (rows at once, tokens per
             row), so it never grows; 0 = start small and grow geometrically.
+        attention: 'auto' (SDPA), 'sdpa', 'eager' or 'flex_attention' (CUDA only): the model's
+            attention implementation (set on the model when it differs: the update then uses it
+            too); an unknown or unavailable one fails at construction, naming the valid ones.
     """
 
     def __init__(self, model, tokenizer, eos_token_ids: Sequence[int] | None = None,
-                 compile: bool | str = "auto", max_rows: int = 0, max_length: int = 0) -> None:
+                 compile: bool | str = "auto", max_rows: int = 0, max_length: int = 0,
+                 attention: str = "auto") -> None:
         compile = {"on": True, "off": False}.get(compile, compile)
         if compile not in ("auto", True, False):
             raise ValueError(f"compile must be 'auto', 'on'/True or 'off'/False, got {compile!r}")
         if max_rows < 0 or max_length < 0:
             raise ValueError(f"max_rows and max_length must be >= 0 (0 = grow), got {max_rows}, {max_length}")
         self.model = model
+        self.attention = choose_attention(attention, self.device)
+        config = getattr(model, "config", None)
+        if getattr(config, "_attn_implementation", self.attention) != self.attention:
+            model.set_attn_implementation(self.attention)
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         if eos_token_ids is None:
