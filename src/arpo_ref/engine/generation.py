@@ -14,6 +14,20 @@ The three parts of the engine, each in one place:
 * the sampling step (`sampling.sample_step`): from the logits once, the token, its log-prob under
   the policy and the entropy of the sampling distribution.
 
+The public API (all a rollout needs):
+
+    generator = Generator(model, tokenizer)                # compile='auto', attention='auto'
+    rows = generator.prefill(prompts)                      # a RowBatch: one row (and slot) per prompt
+    outs = generator.decode(rows, SamplingParams(...))     # row id -> GeneratedSequence
+    generator.append(rows, {row_id: tool_result_ids})      # forced tokens, one forward for all rows
+    children = generator.fork(rows, row_id, copies=2)      # copy one row's prefix into free slots
+    generator.release(rows, finished_row_ids)              # free their slots, copy nothing
+    generator.generate(prompts, sampling)                  # prefill + decode, for plain use
+
+`SamplingParams` says how to pick a token (temperature, top-k, top-p, limit, seed);
+`GeneratedSequence` is what a row got from one `decode`: tokens, their log-probs and entropies,
+the finish reason. `RowBatch.next_position[b]` is the position of row b's pending token.
+
 The last token of every row is kept *pending* (not yet in the cache). A decoding step feeds the
 pending tokens of the decoding rows and samples the next ones; forcing tokens feeds the pending
 token plus all forced tokens but the last. So finishing, forking and forcing never waste a forward
