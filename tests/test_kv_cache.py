@@ -139,7 +139,7 @@ def test_attention_option_eager_equals_sdpa_and_unavailable_backends_fail_clearl
     """The slot mask is read the same by every attention implementation the option offers here:
     eager attention gives SDPA's tokens and log-probs (sampled, through a fork). Flex attention
     needs CUDA (it crashed this CPU build of torch): on a CPU it fails at construction, saying
-    why; an unknown name lists the valid ones; 'auto' is SDPA."""
+    why; an unknown name lists the valid ones; 'auto' keeps the model's own (SDPA here)."""
     tokenizer = load_tokenizer()
     prompts = encode(tokenizer, PROMPTS[:3])
 

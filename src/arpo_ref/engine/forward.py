@@ -44,12 +44,13 @@ flash-attention's varlen kernels are not here: transformers' flash path drops a 
 reading slots as varlen sequences needs its own attention function (not written yet)."""
 
 
-def choose_attention(name: str, device: torch.device) -> str:
-    """The attention implementation to decode with. 'auto' = SDPA on every device (flex attention
-    is opt-in until it is measured equal and faster on a GPU); an unknown name or a backend that
-    cannot run here fails, saying why."""
+def choose_attention(name: str, device: torch.device, current: str | None) -> str:
+    """The attention implementation to decode with. 'auto' = the model's own (`current`: SDPA as
+    transformers loads most models, eager where a model has no SDPA path, e.g. Gemma 2); flex
+    attention is opt-in until it is measured equal and faster on a GPU. An unknown name or a
+    backend that cannot run here fails, saying why."""
     if name == "auto":
-        return "sdpa"
+        return current or "sdpa"
     if name not in ATTENTION:
         raise ValueError(f"unknown attention {name!r}; valid: {', '.join(['auto', *ATTENTION])}")
     missing = ATTENTION[name](device)

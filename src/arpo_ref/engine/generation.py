@@ -131,7 +131,7 @@ class Generator:
             in the config.
         max_rows, max_length: size every new batch's cache up front (rows at once, tokens per
             row), so it never grows; 0 = start small and grow geometrically.
-        attention: 'auto' (SDPA), 'sdpa', 'eager' or 'flex_attention' (CUDA only): the model's
+        attention: 'auto' (the model's own, SDPA for most), 'sdpa', 'eager' or 'flex_attention' (CUDA only): the model's
             attention implementation (set on the model when it differs: the update then uses it
             too); an unknown or unavailable one fails at construction, naming the valid ones.
     """
@@ -145,9 +145,9 @@ class Generator:
         if max_rows < 0 or max_length < 0:
             raise ValueError(f"max_rows and max_length must be >= 0 (0 = grow), got {max_rows}, {max_length}")
         self.model = model
-        self.attention = choose_attention(attention, self.device)
-        config = getattr(model, "config", None)
-        if getattr(config, "_attn_implementation", self.attention) != self.attention:
+        current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        self.attention = choose_attention(attention, self.device, current)
+        if current is not None and current != self.attention:
             model.set_attn_implementation(self.attention)
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
