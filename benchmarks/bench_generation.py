@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_generation.py                 # the CPU table
     OMP_NUM_THREADS=1 python benchmarks/bench_generation.py --json          # the same as JSON
     python benchmarks/bench_generation.py --arch qwen2.5-0.5b               # on a GPU: decode steps
+    python benchmarks/bench_generation.py --smoke [--arch qwen2.5-0.5b]     # seconds: checks the script
 
 What is measured (each the best of --repeats, the two sides interleaved, ratios in one process):
 * throughput: ours (sampling T = 1, top-p 0.95, log-prob and entropy recorded per token) vs
@@ -123,8 +124,10 @@ def bench_throughput(model, tokenizer, rows: int, new_tokens: int, eos_ids: list
             (elapsed, tokens), = best_of(1, fn)
             rates[side].append((tokens / elapsed, tokens))
     (r_ours, n_ours), (r_hf, n_hf) = max(rates[0]), max(rates[1])
+    paired = [a[0] / b[0] for a, b in zip(*rates, strict=True)]  # repeat i: ours_i / generate_i
     return {"ours_tokens_per_s": r_ours, "hf_tokens_per_s": r_hf, "ratio": r_ours / r_hf,
-            "ours_tokens": n_ours, "hf_tokens": n_hf}
+            "ours_tokens": n_ours, "hf_tokens": n_hf, "paired_ratios": paired,
+            "paired_mean": sum(paired) / len(paired), "paired_spread": max(paired) - min(paired)}
 
 
 def bench_churn(model, tokenizer, rows: int, events: int, repeats: int) -> dict:
@@ -172,7 +175,7 @@ def bench_fork(model, tokenizer, history_len: int, copies: int, new_tokens: int,
 
     (fork, _), (prefill, _), (fork_c, _), (prefill_c, _) = best_of(
         repeats, fork_only, prefill_only, fork_and_continue, reprefill_and_continue)
-    return {"fork_ms": fork * 1e3, "prefill_ms": prefill * 1e3, "fork_speedup": prefill / fork,
+    return {"history": history_len, "fork_ms": fork * 1e3, "prefill_ms": prefill * 1e3, "fork_speedup": prefill / fork,
             "fork_continue_ms": fork_c * 1e3, "prefill_continue_ms": prefill_c * 1e3,
             "continue_speedup": prefill_c / fork_c, "continue_tokens": new_tokens}
 
@@ -201,7 +204,8 @@ def copy_bandwidth(megabytes: int = 1024) -> float:
     return 2 * source.numel() / elapsed
 
 
-def bench_decode_step(model, tokenizer, rows: int, context: int, steps: int, repeats: int, compiled: list[bool]) -> dict:
+def bench_decode_step(model, tokenizer, rows: int, context: int, steps: int, repeats: int, compiled: list[bool],
+                      attention: str = "auto") -> dict:
     """ms per decoding step of `rows` rows at a `context`-token history, eager and compiled, vs
     the floor (weights + the K/V the step must read) / bandwidth."""
     config = model.config
@@ -209,14 +213,14 @@ def bench_decode_step(model, tokenizer, rows: int, context: int, steps: int, rep
     element = next(model.parameters()).element_size()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element * rows * context
-    bandwidth = copy_bandwidth() if DEVICE.type == "cuda" else copy_bandwidth(256)
+    bandwidth = copy_bandwidth() if DEVICE.type == "cuda" else copy_bandwidth(64)
     floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
-    result = {"rows": rows, "context": context, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
+    result = {"rows": rows, "context": context, "attention": attention, "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
               "bandwidth_gb_s": bandwidth / 1e9, "floor_ms": floor_ms}
     prompts = [list(p) for p in torch.randint(3, len(tokenizer), (rows, context), generator=torch.Generator().manual_seed(3)).tolist()]
     for compile_ in compiled:
         generator = Generator(model, tokenizer, eos_token_ids=[], compile=compile_, max_rows=rows,
-                              max_length=context + steps * (repeats + 2) + 8)
+                              max_length=context + steps * (repeats + 2) + 8, attention=attention)
         batch = generator.prefill(prompts)
         sampling = SamplingParams(max_new_tokens=steps, seed=0, **SAMPLING)
         generator.decode(batch, SamplingParams(max_new_tokens=3, seed=0, **SAMPLING))  # warm-up / capture
@@ -227,7 +231,7 @@ def bench_decode_step(model, tokenizer, rows: int, context: int, steps: int, rep
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--hiddens", type=int, nargs="+", default=[128, 256, 512])
@@ -240,15 +244,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="--arch: decoding steps timed per repeat")
     parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
                         help="--arch: also time the compiled step (auto = on a GPU)")
+    parser.add_argument("--attention", default="auto", help="--arch: the Generator's attention option "
+                        "(auto = sdpa, eager, flex_attention)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script "
+                        "(with --arch: the decode-step path on a tiny model), measures nothing")
+    parser.add_argument("--out", default="", help="also write the JSON result to this file")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rows, args.hiddens, args.new_tokens, args.layers = [4], [32], 8, 1
+        args.context, args.steps, args.repeats = 16, 4, 1
     tokenizer = load_tokenizer()
     setup = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(DEVICE)} | vars(args)
     with torch.inference_mode():
         result = run_arch(args, tokenizer) if args.arch != "tiny" else run_tiny(args, tokenizer)
     result = {"setup": setup} | result
     print(json.dumps(result, indent=2) if args.json else render(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
 
 
 def run_tiny(args, tokenizer) -> dict:
@@ -262,16 +277,19 @@ def run_tiny(args, tokenizer) -> dict:
                 r = bench_throughput(model, tokenizer, rows, args.new_tokens, ids, args.repeats)
                 table.append({"hidden": hidden, "rows": rows, "stops": stops} | r)
         if hidden == args.hiddens[0]:
-            extra["churn"] = bench_churn(model, tokenizer, max(args.rows), 500, args.repeats)
-            extra["fork"] = bench_fork(model, tokenizer, 512, 8, 16, args.repeats)
+            events, history = (20, 32) if args.smoke else (500, 512)
+            extra["churn"] = bench_churn(model, tokenizer, max(args.rows), events, args.repeats)
+            extra["fork"] = bench_fork(model, tokenizer, history, 8, 16, args.repeats)
             extra["memory"] = bench_memory(model, tokenizer, max(args.rows), args.new_tokens, eos)
     return {"throughput": table} | extra
 
 
 def run_arch(args, tokenizer) -> dict:
-    model = build_model(0, 0, 0, arch=args.arch)
+    vocab = (len(tokenizer) + 63) // 64 * 64
+    model = build_model(64, 1, vocab) if args.smoke else build_model(0, 0, 0, arch=args.arch)
     compiled = {"auto": [False, DEVICE.type == "cuda"], "yes": [False, True], "no": [False]}[args.compile]
-    steps = [bench_decode_step(model, tokenizer, rows, args.context, args.steps, args.repeats, sorted(set(compiled)))
+    steps = [bench_decode_step(model, tokenizer, rows, args.context, args.steps, args.repeats, sorted(set(compiled)),
+                               args.attention)
              for rows in args.rows]
     return {"decode_step": steps}
 
@@ -279,21 +297,23 @@ def run_arch(args, tokenizer) -> dict:
 def render(result: dict) -> str:
     lines = [f"setup: {result['setup']}"]
     if "throughput" in result:
-        lines.append("| hidden | B | stops | ours tok/s (tokens) | generate tok/s (tokens) | ours / generate |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| hidden | B | stops | ours tok/s (tokens) | generate tok/s (tokens) | best / best "
+                     "| per-repeat mean (min-max) |")
+        lines.append("|---|---|---|---|---|---|---|")
         for r in result["throughput"]:
             lines.append(f"| {r['hidden']} | {r['rows']} | {r['stops']} | {r['ours_tokens_per_s']:.0f} ({r['ours_tokens']}) "
-                         f"| {r['hf_tokens_per_s']:.0f} ({r['hf_tokens']}) | {r['ratio']:.2f}x |")
+                         f"| {r['hf_tokens_per_s']:.0f} ({r['hf_tokens']}) | {r['ratio']:.2f}x "
+                         f"| {r['paired_mean']:.2f}x ({min(r['paired_ratios']):.2f}-{max(r['paired_ratios']):.2f}) |")
         c, f, m = result["churn"], result["fork"], result["memory"]
         lines.append(f"decoding step of {c['rows']} rows: {c['step_ms_before']:.2f} ms, after {c['events']} forks + "
                      f"retirements {c['step_ms_after']:.2f} ms ({c['after_over_before']:.2f}x)")
-        lines.append(f"8 rows from a 512-token history: fork {f['fork_ms']:.2f} ms vs re-prefill {f['prefill_ms']:.1f} ms "
+        lines.append(f"8 rows from a {f['history']}-token history: fork {f['fork_ms']:.2f} ms vs re-prefill {f['prefill_ms']:.1f} ms "
                      f"({f['fork_speedup']:.0f}x); with +{f['continue_tokens']} tokens {f['fork_continue_ms']:.1f} vs "
                      f"{f['prefill_continue_ms']:.1f} ms ({f['continue_speedup']:.1f}x)")
         lines.append(f"K/V memory at the end: slot cache {m['ours_bytes'] / 2**20:.1f} MiB vs DynamicCache "
                      f"{m['dynamic_cache_bytes'] / 2**20:.1f} MiB ({m['ratio']:.2f}x)")
     for s in result.get("decode_step", []):
-        lines.append(f"B={s['rows']} context={s['context']}: floor {s['floor_ms']:.2f} ms "
+        lines.append(f"B={s['rows']} context={s['context']} attention={s['attention']}: floor {s['floor_ms']:.2f} ms "
                      f"({s['bandwidth_gb_s']:.0f} GB/s); " + ", ".join(
                          f"{k} {s[k + '_ms']:.2f} ms ({s[k + '_over_floor']:.1f}x floor)"
                          for k in ("eager", "compiled") if k + "_ms" in s))

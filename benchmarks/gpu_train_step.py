@@ -17,7 +17,8 @@ typical weight values (≈ 1e-4), so the update can round away to nothing.
 
     python benchmarks/gpu_train_step.py --config configs/small/qwen2.5-0.5b_reasoning_paper.yaml \
         --json out.json [key=value overrides]
-Run it on a GPU; on a CPU pass `--tiny` to check the script itself on a small model. The
+Run it on a GPU; on a CPU pass `--smoke` (or `--tiny` with your overrides) to check the script itself
+on a small model; benchmarks/gpu_check.sh runs it with bench_generation.py on a GPU. The
 generator decodes with its compiled static-shape step on a GPU (`Generator(compile='auto')`);
 `decode_step` reports the rollout's ms per decoding step next to the weight-reading floor.
 """
@@ -55,6 +56,9 @@ ARCHITECTURES = {
 TINY = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True,
             max_position_embeddings=4096)
+
+SMOKE_OVERRIDES = ["rollout.max_response_tokens=24", "train.prompts_per_step=2", "train.rollout_batch_prompts=2",
+                   "train.mini_batches=1", "rollout.rollout_budget=2", "rollout.num_global=1"]
 
 
 def stand_in_reward(response: str, ground_truth) -> float:
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/small/qwen2.5-0.5b_reasoning_paper.yaml")
     parser.add_argument("--tiny", action="store_true", help="a tiny architecture (checks the script on a CPU)")
+    parser.add_argument("--smoke", action="store_true", help="--tiny plus a tiny step (2 prompts, M = 2, "
+                        "24-token responses): seconds on a CPU")
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     parser.add_argument("--real-reward", action="store_true", help="keep the config's reward (a random "
@@ -132,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dump-after", type=float, default=0,
                         help="print every thread's stack after this many seconds (finds a hang)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.tiny = True
+        args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
     if args.dump_after:
         import faulthandler
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)

@@ -266,3 +266,25 @@ def test_paused_decoding_resumes_exactly_where_it_stopped(arch):
     for row_id, out in straight.items():
         assert paused[row_id].token_ids == out.token_ids and paused[row_id].finish_reason == out.finish_reason
         assert torch.allclose(torch.tensor(paused[row_id].logprobs), torch.tensor(out.logprobs), atol=1e-4)
+
+
+def test_benchmark_smoke_path_runs_and_reports_every_row(tmp_path):
+    """benchmarks/bench_generation.py --smoke (tiny sizes, seconds) and its --arch decode-step
+    path: every table row and figure is there and positive, so the GPU script is ready to run."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from bench_generation import main
+    finally:
+        sys.path.pop(0)
+    result = main(["--smoke", "--out", str(tmp_path / "tiny.json")])
+    assert [(r["rows"], r["stops"]) for r in result["throughput"]] == [(4, "eos"), (4, "no stop")]
+    assert all(r["ours_tokens"] > 0 and r["paired_mean"] > 0 for r in result["throughput"])
+    assert result["churn"]["step_ms_after"] > 0 and result["fork"]["fork_speedup"] > 0
+    assert result["memory"]["ours_bytes"] > 0 and result["memory"]["dynamic_cache_bytes"] > 0
+    assert json.loads((tmp_path / "tiny.json").read_text())["fork"]["history"] == 32
+    steps = main(["--smoke", "--arch", "qwen2.5-0.5b", "--compile", "no"])["decode_step"]
+    assert len(steps) == 1 and steps[0]["eager_ms"] > 0 and steps[0]["floor_ms"] > 0

@@ -59,20 +59,20 @@ def test_fork_and_release_touch_only_their_own_slots():
     generator = Generator(model, tokenizer, eos_token_ids=[], max_rows=8)
     rows = generator.prefill(encode(tokenizer, PROMPTS[:4]))
     generator.decode(rows, SamplingParams(temperature=1.0, max_new_tokens=5, seed=0))
-    others = {r: slot_contents(rows, rows.slots[rows.index(r)], rows.lengths[rows.index(r)]) for r in rows.row_ids}
+    others = {r: slot_contents(rows, rows.slots[rows.index(r)], rows.next_position[rows.index(r)]) for r in rows.row_ids}
     pointers, growths = [layer.keys.data_ptr() for layer in rows.cache.layers], rows.cache.growths
     children = generator.fork(rows, rows.row_ids[2], copies=3)
     generator.release(rows, [rows.row_ids[0], children[0]])
     for r, before in others.items():
         if r in rows.row_ids:
-            after = slot_contents(rows, rows.slots[rows.index(r)], rows.lengths[rows.index(r)])
+            after = slot_contents(rows, rows.slots[rows.index(r)], rows.next_position[rows.index(r)])
             assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     parent = rows.index(rows.row_ids[1])  # row_ids[1] is the old row 2, the parent
     for child in children[1:]:
         b = rows.index(child)
-        assert rows.lengths[b] == rows.lengths[parent]
-        assert all(torch.equal(a, c) for a, c in zip(slot_contents(rows, rows.slots[b], rows.lengths[b]),
-                                                     slot_contents(rows, rows.slots[parent], rows.lengths[parent]),
+        assert rows.next_position[b] == rows.next_position[parent]
+        assert all(torch.equal(a, c) for a, c in zip(slot_contents(rows, rows.slots[b], rows.next_position[b]),
+                                                     slot_contents(rows, rows.slots[parent], rows.next_position[parent]),
                                                      strict=True))
     assert [layer.keys.data_ptr() for layer in rows.cache.layers] == pointers and rows.cache.growths == growths
 
@@ -133,3 +133,34 @@ def test_compiled_decoding_step_gives_the_eager_tokens_and_logprobs():
         assert tokens == c_tokens
         assert torch.allclose(torch.tensor(logprobs), torch.tensor(c_logprobs), atol=1e-4)
         assert torch.allclose(torch.tensor(entropies), torch.tensor(c_entropies), atol=1e-4)
+
+
+def test_attention_option_eager_equals_sdpa_and_unavailable_backends_fail_clearly():
+    """The slot mask is read the same by every attention implementation the option offers here:
+    eager attention gives SDPA's tokens and log-probs (sampled, through a fork). Flex attention
+    needs CUDA (it crashed this CPU build of torch): on a CPU it fails at construction, saying
+    why; an unknown name lists the valid ones; 'auto' keeps the model's own (SDPA here)."""
+    tokenizer = load_tokenizer()
+    prompts = encode(tokenizer, PROMPTS[:3])
+
+    def run(attention: str):
+        model = load_model("qwen2")
+        generator = Generator(model, tokenizer, eos_token_ids=[], attention=attention)
+        assert model.config._attn_implementation == ("sdpa" if attention == "auto" else attention)
+        rows = generator.prefill(prompts)
+        sampling = SamplingParams(temperature=1.0, max_new_tokens=6)
+        rng = torch.Generator().manual_seed(0)
+        first = generator.decode(rows, sampling, rng=rng)
+        (child,) = generator.fork(rows, rows.row_ids[1])
+        second = generator.decode(rows, sampling, rng=rng, row_ids=[child])
+        return [(o.token_ids, o.logprobs) for o in [*first.values(), *second.values()]]
+
+    for (tokens, logprobs), (e_tokens, e_logprobs) in zip(run("auto"), run("eager"), strict=True):
+        assert tokens == e_tokens
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(e_logprobs), atol=1e-4)
+    model = load_model("qwen2")
+    with pytest.raises(ValueError, match="valid: auto, sdpa, eager, flex_attention"):
+        Generator(model, tokenizer, attention="flash")
+    with pytest.raises(RuntimeError, match="flex_attention.*not available.*CUDA"):
+        Generator(model, tokenizer, attention="flex_attention")
+    assert model.config._attn_implementation == "sdpa"  # a refused backend leaves the model as it was

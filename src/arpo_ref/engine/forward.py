@@ -22,6 +22,43 @@ import torch
 from .kv_cache import ForwardPlan, SlotCache
 
 
+def _always(device: torch.device) -> str | None:
+    return None
+
+
+def _flex_missing(device: torch.device) -> str | None:
+    """Why flex attention cannot run here, or None. Needs a CUDA device: on this project's CPU
+    build of torch it crashed the process (malloc error), so it is never tried on a CPU."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
+    if device.type != "cuda":
+        return f"flex attention runs on CUDA devices only here, the model is on {device}"
+    return None
+
+
+ATTENTION = {"sdpa": _always, "eager": _always, "flex_attention": _flex_missing}
+"""Attention implementations the slot mask works with: name -> why it cannot run (None = it can).
+flash-attention's varlen kernels are not here: transformers' flash path drops a 4-D mask, and
+reading slots as varlen sequences needs its own attention function (not written yet)."""
+
+
+def choose_attention(name: str, device: torch.device, current: str | None) -> str:
+    """The attention implementation to decode with. 'auto' = the model's own (`current`: SDPA as
+    transformers loads most models, eager where a model has no SDPA path, e.g. Gemma 2); flex
+    attention is opt-in until it is measured equal and faster on a GPU. An unknown name or a
+    backend that cannot run here fails, saying why."""
+    if name == "auto":
+        return current or "sdpa"
+    if name not in ATTENTION:
+        raise ValueError(f"unknown attention {name!r}; valid: {', '.join(['auto', *ATTENTION])}")
+    missing = ATTENTION[name](device)
+    if missing is not None:
+        raise RuntimeError(f"attention={name!r} is not available: {missing}; use 'sdpa' or 'auto'")
+    return name
+
+
 def slot_mask(positions: torch.Tensor, read_length: int, dtype: torch.dtype,
               sliding_window: int | None = None) -> torch.Tensor:
     """Additive mask [n, 1, W, L]: query (i, j) at position positions[i, j] sees columns <= it.

@@ -14,6 +14,20 @@ The three parts of the engine, each in one place:
 * the sampling step (`sampling.sample_step`): from the logits once, the token, its log-prob under
   the policy and the entropy of the sampling distribution.
 
+The public API (all a rollout needs):
+
+    generator = Generator(model, tokenizer)                # compile='auto', attention='auto'
+    rows = generator.prefill(prompts)                      # a RowBatch: one row (and slot) per prompt
+    outs = generator.decode(rows, SamplingParams(...))     # row id -> GeneratedSequence
+    generator.append(rows, {row_id: tool_result_ids})      # forced tokens, one forward for all rows
+    children = generator.fork(rows, row_id, copies=2)      # copy one row's prefix into free slots
+    generator.release(rows, finished_row_ids)              # free their slots, copy nothing
+    generator.generate(prompts, sampling)                  # prefill + decode, for plain use
+
+`SamplingParams` says how to pick a token (temperature, top-k, top-p, limit, seed);
+`GeneratedSequence` is what a row got from one `decode`: tokens, their log-probs and entropies,
+the finish reason. `RowBatch.next_position[b]` is the position of row b's pending token.
+
 The last token of every row is kept *pending* (not yet in the cache). A decoding step feeds the
 pending tokens of the decoding rows and samples the next ones; forcing tokens feeds the pending
 token plus all forced tokens but the last. So finishing, forking and forcing never waste a forward
@@ -41,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import DecodeStep, ForwardPlan, SlotCache, SlotForward
+from .forward import choose_attention
 from .sampling import SamplingParams, filter_top_k_top_p, make_rng, sample_next, sample_step
 from .stopping import StopRules, default_eos_ids
 
@@ -75,8 +90,9 @@ class RowBatch:
     row_ids: list[int]
     slots: list[int] = field(default_factory=list)
     """The cache slot of each row."""
-    lengths: list[int] = field(default_factory=list)
-    """Tokens of each row in the cache = the position id of its pending token."""
+    next_position: list[int] = field(default_factory=list)
+    """The position id of each row's pending token (= its tokens in the cache; the column the
+    pending token's key/value will be written at)."""
     next_row_id: int = 0
     generated_tokens: int = 0
     """Tokens sampled so far (all rows); prefill and forced tokens are not counted."""
@@ -96,9 +112,9 @@ class RowBatch:
             raise KeyError(f"row {row_id} is not live (live rows: {self.row_ids})") from None
 
     @property
-    def num_cached(self) -> torch.Tensor:
-        """[B] long: tokens of each row in the cache (kept for callers of the old field)."""
-        return torch.tensor(self.lengths, dtype=torch.long)
+    def num_cached(self):
+        raise AttributeError("RowBatch.num_cached was renamed next_position (a list: the position of "
+                             "each row's pending token)")
 
 
 class Generator:
@@ -115,16 +131,24 @@ class Generator:
             in the config.
         max_rows, max_length: size every new batch's cache up front (rows at once, tokens per
             row), so it never grows; 0 = start small and grow geometrically.
+        attention: 'auto' (the model's own, SDPA for most), 'sdpa', 'eager' or 'flex_attention' (CUDA only): the model's
+            attention implementation (set on the model when it differs: the update then uses it
+            too); an unknown or unavailable one fails at construction, naming the valid ones.
     """
 
     def __init__(self, model, tokenizer, eos_token_ids: Sequence[int] | None = None,
-                 compile: bool | str = "auto", max_rows: int = 0, max_length: int = 0) -> None:
+                 compile: bool | str = "auto", max_rows: int = 0, max_length: int = 0,
+                 attention: str = "auto") -> None:
         compile = {"on": True, "off": False}.get(compile, compile)
         if compile not in ("auto", True, False):
             raise ValueError(f"compile must be 'auto', 'on'/True or 'off'/False, got {compile!r}")
         if max_rows < 0 or max_length < 0:
             raise ValueError(f"max_rows and max_length must be >= 0 (0 = grow), got {max_rows}, {max_length}")
         self.model = model
+        current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        self.attention = choose_attention(attention, self.device, current)
+        if current is not None and current != self.attention:
+            model.set_attn_implementation(self.attention)
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         if eos_token_ids is None:
@@ -211,15 +235,15 @@ class Generator:
             raise ValueError(f"copies must be >= 1, got {copies}")
         b = rows.index(row_id)
         slots = rows.cache.allocate(copies)
-        rows.cache.copy_prefix(rows.slots[b], slots, rows.lengths[b])
-        return self._add_rows(rows, slots, [list(rows.histories[b]) for _ in slots], [rows.lengths[b]] * copies)
+        rows.cache.copy_prefix(rows.slots[b], slots, rows.next_position[b])
+        return self._add_rows(rows, slots, [list(rows.histories[b]) for _ in slots], [rows.next_position[b]] * copies)
 
     def release(self, rows: RowBatch, row_ids: Sequence[int]) -> None:
         """Drop finished rows from the batch: their slots are freed, nothing is copied."""
         drop = {rows.index(r) for r in row_ids}
         rows.cache.free([rows.slots[b] for b in drop])
         keep = [b for b in range(len(rows)) if b not in drop]
-        for name in ("row_ids", "histories", "slots", "lengths"):
+        for name in ("row_ids", "histories", "slots", "next_position"):
             values = getattr(rows, name)
             setattr(rows, name, [values[b] for b in keep])
 
@@ -246,15 +270,11 @@ class Generator:
         have finish_reason None, and a later call with them in `resume` continues exactly where
         they were (their last sampled token is fed first). Returns row id -> output.
         """
-        default = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
         if rng is None:
             rng = make_rng(sampling.seed, self.device)
         row_ids = list(rows.row_ids) if row_ids is None else list(row_ids)
-        resume = resume or {}
-        outputs = {r: _copy_sequence(resume.get(r)) for r in row_ids}
-        limits = {r: (default.get(r, sampling.max_new_tokens) if isinstance(default, dict) else default)
-                  for r in row_ids}
-        budget_left = {rows.index(r): limits[r] for r in row_ids}
+        outputs = {r: _copy_sequence((resume or {}).get(r)) for r in row_ids}
+        budget_left = self._budgets(rows, row_ids, sampling, max_new_tokens)
         active = sorted(b for b in budget_left if budget_left[b] > 0)
         for b in set(budget_left) - set(active):
             outputs[rows.row_ids[b]].finish_reason = "length"
@@ -262,37 +282,54 @@ class Generator:
         # Eager: growth stops at what this call can need (every row at its limit). Compiled: plain
         # doubling, so few distinct cache shapes (each is a new graph).
         if not self.compiled:
-            rows.cache.length_limit = max((rows.lengths[b] + budget_left[b] for b in active), default=0)
+            rows.cache.length_limit = max((rows.next_position[b] + budget_left[b] for b in active), default=0)
         stopped = len(budget_left) - len(active)
         while active and (pause_after is None or stopped < pause_after):
             if not self.compiled:  # the decoding rows in one run of slots: views, not gathers
-                rows.cache.pack(rows.slots, rows.lengths, active)
+                rows.cache.pack(rows.slots, rows.next_position, active)
             logits = self._step_logits(rows, active)  # (A, V)
-            tokens, logprobs, entropies, top = sample_step(logits, sampling, rng, self.vocab_size)
+            step = sample_step(logits, sampling, rng, self.vocab_size)
             rows.generated_tokens += len(active)
             rows.decode_steps += 1
-            still_active = []
-            # One device->host copy per step, not one per row.
-            tokens, logprobs, entropies = tokens.tolist(), logprobs.tolist(), entropies.tolist()
-            top = top.tolist() if top is not None else None
-            for j, b in enumerate(active):
-                out = outputs[rows.row_ids[b]]
-                out.token_ids.append(tokens[j])
-                out.logprobs.append(logprobs[j])
-                out.entropies.append(entropies[j])
-                if top is not None:
-                    out.topk_logprobs.append(top[j])
-                rows.histories[b].append(tokens[j])
-                budget_left[b] -= 1
-                reason = self.stops.finish_reason(out.token_ids, stop_strings, stop_chars, budget_left[b])
-                if reason is None:
-                    still_active.append(b)
-                else:
-                    out.finish_reason = reason
-                    stopped += 1
+            still_active = self._record(rows, active, step, outputs, budget_left, stop_strings, stop_chars)
+            stopped += len(active) - len(still_active)
             active = still_active
         rows.cache.length_limit = 0
         return outputs
+
+    @staticmethod
+    def _budgets(rows: RowBatch, row_ids: list[int], sampling: SamplingParams,
+                 max_new_tokens: int | dict[int, int] | None) -> dict[int, int]:
+        """Batch index -> tokens each decoded row may still sample in this call."""
+        default = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(default, dict):
+            return {rows.index(r): default.get(r, sampling.max_new_tokens) for r in row_ids}
+        return {rows.index(r): default for r in row_ids}
+
+    def _record(self, rows: RowBatch, active: list[int], step, outputs: dict[int, GeneratedSequence],
+                budget_left: dict[int, int], stop_strings: Sequence[str], stop_chars) -> list[int]:
+        """Append one sampled step to the active rows' outputs and histories; return the rows
+        that go on (the others get their finish reason)."""
+        tokens, logprobs, entropies, top = step
+        # One device->host copy per step, not one per row.
+        tokens, logprobs, entropies = tokens.tolist(), logprobs.tolist(), entropies.tolist()
+        top = top.tolist() if top is not None else None
+        still_active = []
+        for j, b in enumerate(active):
+            out = outputs[rows.row_ids[b]]
+            out.token_ids.append(tokens[j])
+            out.logprobs.append(logprobs[j])
+            out.entropies.append(entropies[j])
+            if top is not None:
+                out.topk_logprobs.append(top[j])
+            rows.histories[b].append(tokens[j])
+            budget_left[b] -= 1
+            reason = self.stops.finish_reason(out.token_ids, stop_strings, stop_chars, budget_left[b])
+            if reason is None:
+                still_active.append(b)
+            else:
+                out.finish_reason = reason
+        return still_active
 
     # ------------------------------------------------------------------ internals
     @staticmethod
@@ -302,7 +339,7 @@ class Generator:
         rows.row_ids.extend(new_ids)
         rows.slots.extend(slots)
         rows.histories.extend(histories)
-        rows.lengths.extend(lengths)
+        rows.next_position.extend(lengths)
         return new_ids
 
     def _step_logits(self, rows: RowBatch, active: list[int]) -> torch.Tensor:
@@ -311,15 +348,15 @@ class Generator:
         if self.decode_step is None or not cache.layers[0].is_initialized:
             return self._forward_rows(rows, active, [[rows.histories[b][-1]] for b in active]).float()
         # Static step: every slot gets a token; free and waiting slots a pad written past their length.
-        cache.ensure_capacity(max(rows.lengths[b] for b in active) + 1)
+        cache.ensure_capacity(max(rows.next_position[b] for b in active) + 1)
         tokens = torch.full((cache.num_slots,), self.pad_token_id, dtype=torch.long)
         lengths = torch.zeros(cache.num_slots, dtype=torch.long)
-        lengths[rows.slots] = torch.tensor(rows.lengths, dtype=torch.long)
+        lengths[rows.slots] = torch.tensor(rows.next_position, dtype=torch.long)
         slots = torch.tensor([rows.slots[b] for b in active], dtype=torch.long)
         tokens[slots] = torch.tensor([rows.histories[b][-1] for b in active], dtype=torch.long)
         logits = self.decode_step(cache, tokens.to(self.device), lengths.to(self.device))
         for b in active:
-            rows.lengths[b] += 1
+            rows.next_position[b] += 1
         rows.forward_tokens += len(active)
         return logits[slots.to(self.device)]
 
@@ -330,7 +367,7 @@ class Generator:
         order = sorted(range(len(fed)), key=lambda i: rows.slots[fed[i]])  # slot order: views, not copies
         slots = [rows.slots[fed[i]] for i in order]
         width = max(len(c) for c in chunks)
-        starts = torch.tensor([rows.lengths[fed[i]] for i in order], dtype=torch.long)
+        starts = torch.tensor([rows.next_position[fed[i]] for i in order], dtype=torch.long)
         read_length = int(starts.max()) + width
         rows.cache.ensure_capacity(read_length)
         input_ids = torch.full((len(fed), width), self.pad_token_id, dtype=torch.long)
@@ -342,7 +379,7 @@ class Generator:
         plan = ForwardPlan(positions, read_length, first_slot=slots[0], slot_index=slot_index)
         logits = self.forward(rows.cache, input_ids.to(self.device), plan)
         for b, chunk in zip(fed, chunks, strict=True):
-            rows.lengths[b] += len(chunk)
+            rows.next_position[b] += len(chunk)
             rows.forward_tokens += len(chunk)
         back = torch.empty(len(order), dtype=torch.long)
         back[torch.tensor(order)] = torch.arange(len(order))
