@@ -3,7 +3,9 @@ and the branch penalty inside the official-mode rollout (re-derived from the rec
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,9 @@ from arpo_ref.aepo import (
     update_branch_counters,
 )
 from arpo_ref.config import load_config
+from arpo_ref.demo import DemoConfig, run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("root, steps, expected", [
@@ -101,3 +106,27 @@ def test_aepo_options_validate_and_configs_load():
         load_config(None, ["rollout.aepo.branch_penalty=true"])
     with pytest.raises(ValueError, match="dynamic_split"):
         load_config(None, ["rollout.aepo.dynamic_split=true"])
+
+
+@pytest.mark.parametrize("name, budget, initial", [("aepo_7b", 16, 8), ("aepo_14b", 12, 6)])
+def test_aepo_configs_carry_the_released_script_settings(name, budget, initial):
+    config = load_config(ROOT / "configs" / f"{name}.yaml")
+    r, t = config.rollout, config.train
+    assert (r.mode, r.rollout_budget, r.num_global, r.beam_size) == ("official", budget, initial, 2)
+    assert (r.branch_threshold, r.entropy_weight, r.max_tool_calls) == (0.5, 0.2, 6)
+    assert r.aepo.branch_penalty and r.aepo.penalty == 0.05 and not r.aepo.dynamic_split
+    assert (t.learning_rate, t.kl_coef, t.clip_mode) == (1e-6, 0.0, "entropy_balanced")
+
+
+def test_demo_aepo_runs_one_step_with_the_penalised_official_rollout(tmp_path):
+    from test_demo import TINY
+
+    overrides = [o for o in TINY if not o.startswith("train.steps")] + ["train.steps=1"]
+    config = load_config(ROOT / "configs" / "demo_aepo.yaml", overrides + ["tools.search.corpus_path=c.jsonl"],
+                         cls=DemoConfig)
+    assert config.rollout.mode == "official" and config.rollout.aepo.branch_penalty
+    run_demo(ROOT / "configs" / "demo_aepo.yaml", overrides, out_dir=tmp_path / "run", log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/step"] for r in rows] == [1]
+    assert rows[0]["rollout/leaves_global"] + rows[0]["rollout/leaves_branch"] + rows[0]["rollout/leaves_fill_up"] \
+        + rows[0]["rollout/leaves_duplicate"] == 4
