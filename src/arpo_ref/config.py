@@ -32,6 +32,7 @@ from .configfile import (  # noqa: F401  (re-exported: arpo_ref.config is where 
     validate_all,
 )
 from .rewards import RewardConfig
+from .search_options import SearchConfig, check_search_budget
 from .tools.config import ToolsConfig
 from .training.lora import LoRAConfig
 from .training.sft import SFTConfig
@@ -78,8 +79,9 @@ class SamplingConfig:
 
 @dataclass
 class RolloutConfig:
-    mode: Literal["paper", "official", "grpo"] = "paper"
-    """paper = ARPO.md §2.1, official = the released code (§2.2), grpo = M global samples."""
+    mode: Literal["paper", "official", "grpo", "tree_search"] = "paper"
+    """paper = ARPO.md §2.1, official = the released code (§2.2), grpo = M global samples,
+    tree_search = Tree-GRPO's random tree search (arpo_ref.search, settings in rollout.search)."""
     rollout_budget: int = 16
     """M: leaves (trajectories) per prompt; all M form one advantage group."""
     num_global: int = 8
@@ -130,6 +132,8 @@ class RolloutConfig:
     back: a little faster, but a seeded sampled run is then not reproducible."""
     aepo: AEPOConfig = field(default_factory=AEPOConfig)
     """AEPO's rollout options (arpo_ref.aepo): the consecutive-branch penalty (official mode)."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """Tree-GRPO's tree search (rollout.mode: tree_search): m, n, l, k."""
 
     @property
     def resolved_schedule(self) -> str:
@@ -143,6 +147,7 @@ class RolloutConfig:
         if self.tool_join_steps < -1:
             raise ValueError(f"rollout.tool_join_steps must be >= 0, or -1 for 'as soon as the result is back', "
                              f"got {self.tool_join_steps}")
+        check_search_budget(self)
         if self.aepo.branch_penalty and self.mode != "official":
             raise ValueError("rollout.aepo.branch_penalty replaces the official mode's branch rule; "
                              f"set rollout.mode=official (got {self.mode!r})")
