@@ -107,3 +107,20 @@ def test_factory_and_budget_check():
         load_config(None, ["rollout.mode=tree_search", "rollout.rollout_budget=5"])
     config = load_config(None, ["rollout.mode=tree_search", "rollout.rollout_budget=6", "rollout.num_global=1"])
     assert config.rollout.search.leaves_per_prompt() == 6
+
+
+def test_one_training_step_with_tree_search_and_the_tree_grpo_estimator(tmp_path):
+    import shutil
+
+    from test_train import ROWS, overrides
+    from tiny import model_dir, tokenizer_dir
+
+    from arpo_ref.training.train import train
+
+    shutil.copytree(tokenizer_dir(), tmp_path / "model", dirs_exist_ok=True)
+    shutil.copytree(model_dir("qwen2"), tmp_path / "model", dirs_exist_ok=True)
+    (tmp_path / "data.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in ROWS))
+    extra = {"rollout.mode": "tree_search", "rollout.rollout_budget": 6, "rollout.num_global": 1,
+             "train.estimator": "tree_grpo", "train.steps": 1, "train.micro_batch_leaves": 6}
+    metrics = train(load_config(overrides=overrides(tmp_path, "run", **extra)), log=lambda *_: None)
+    assert metrics["train/step"] == 1 and metrics["train/updates"] == 2 and metrics["loss/ratio_mean"] > 0

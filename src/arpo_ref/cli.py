@@ -156,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_rollout(args: argparse.Namespace) -> int:
     from .engine.generation import Generator
     from .episode import render_prompt
-    from .rollout import AdaptiveRollout
+    from .search import build_rollout
     from .tools.registry import ToolRegistry
     from .training.train import _system_prompt
     from .tree import render
@@ -164,7 +164,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     model, tokenizer = _policy(config)
     with ToolRegistry.from_config(config.tools) as registry:
-        engine = AdaptiveRollout(Generator(model, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling, seed=config.seed)
+        engine = build_rollout(Generator(model, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling, seed=config.seed)
         prompt = render_prompt(tokenizer, args.question, _system_prompt(config.data.system_prompt))
         result = engine([prompt], metadata=[{"question": args.question}])
     print(render(result.trees[0], tokenizer.decode, width=100))

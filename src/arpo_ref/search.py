@@ -65,6 +65,7 @@ class TreeSearchRollout:
                                        top_p=sampling.top_p, max_new_tokens=config.max_response_tokens)
         self.token_rng = torch.Generator(device=generator.device).manual_seed(seed)
         self.draw_rng = random.Random(seed)
+        self.stale_baselines: dict[int, float] = {}  # checkpointed with the RNGs (official-mode state; unused)
         self.stop_strings = registry.stop_strings() if registry is not None else []
 
     def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
