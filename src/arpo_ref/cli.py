@@ -157,7 +157,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     from .engine.generation import Generator
     from .episode import render_prompt
     from .progress import progress_bar
-    from .rollout import AdaptiveRollout
+    from .search import build_rollout
     from .tools.registry import ToolRegistry
     from .training.train import _system_prompt
     from .tree import render
@@ -169,7 +169,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     bar.update(1)
     bar.set_postfix_str(f"rolling out M={config.rollout.rollout_budget}")
     with ToolRegistry.from_config(config.tools) as registry:
-        engine = AdaptiveRollout(Generator(model, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling, seed=config.seed)
+        engine = build_rollout(Generator(model, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling, seed=config.seed)
         prompt = render_prompt(tokenizer, args.question, _system_prompt(config.data.system_prompt))
         result = engine([prompt], metadata=[{"question": args.question}])
     bar.update(1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .aepo import AEPOConfig
 from .configfile import (  # noqa: F401  (re-exported: arpo_ref.config is where users look)
     ConfigError,
     apply_override,
@@ -31,6 +32,7 @@ from .configfile import (  # noqa: F401  (re-exported: arpo_ref.config is where 
     validate_all,
 )
 from .rewards import RewardConfig
+from .search_options import SearchConfig, check_search_budget
 from .tools.config import ToolsConfig
 from .training.lora import LoRAConfig
 from .training.sft import SFTConfig
@@ -77,8 +79,9 @@ class SamplingConfig:
 
 @dataclass
 class RolloutConfig:
-    mode: Literal["paper", "official", "grpo"] = "paper"
-    """paper = ARPO.md §2.1, official = the released code (§2.2), grpo = M global samples."""
+    mode: Literal["paper", "official", "grpo", "tree_search"] = "paper"
+    """paper = ARPO.md §2.1, official = the released code (§2.2), grpo = M global samples,
+    tree_search = Tree-GRPO's random tree search (arpo_ref.search, settings in rollout.search)."""
     rollout_budget: int = 16
     """M: leaves (trajectories) per prompt; all M form one advantage group."""
     num_global: int = 8
@@ -127,6 +130,10 @@ class RolloutConfig:
     step, and so a seeded run, does not depend on how long tools take. Larger values hide more
     tool time behind decoding but leave the row idle longer. -1 = join as soon as the result is
     back: a little faster, but a seeded sampled run is then not reproducible."""
+    aepo: AEPOConfig = field(default_factory=AEPOConfig)
+    """AEPO's rollout options (arpo_ref.aepo): the consecutive-branch penalty (official mode)."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """Tree-GRPO's tree search (rollout.mode: tree_search): m, n, l, k."""
 
     @property
     def resolved_schedule(self) -> str:
@@ -140,6 +147,10 @@ class RolloutConfig:
         if self.tool_join_steps < -1:
             raise ValueError(f"rollout.tool_join_steps must be >= 0, or -1 for 'as soon as the result is back', "
                              f"got {self.tool_join_steps}")
+        check_search_budget(self)
+        if self.aepo.branch_penalty and self.mode != "official":
+            raise ValueError("rollout.aepo.branch_penalty replaces the official mode's branch rule; "
+                             f"set rollout.mode=official (got {self.mode!r})")
         if self.mode == "official" and self.schedule == "continuous":
             raise ValueError("rollout.schedule 'continuous' is not implemented for official mode, whose decisions "
                              "and fill-ups are defined per round; use 'rounds' (or leave it empty)")

@@ -26,7 +26,7 @@ from .config import Config, load_config, save_config
 from .engine.generation import Generator
 from .evaluate import accuracy_by_kind, evaluate
 from .render import tree_png
-from .rollout import AdaptiveRollout
+from .search import build_rollout
 from .tasks.data import load_records
 from .tasks.toy_world.world import ToyWorldConfig, build_toy_world
 from .tools.registry import ToolRegistry
@@ -190,7 +190,7 @@ def _write_tree(out: Path, model, tokenizer, registry, config: Config, world) ->
     """One adaptive rollout of an eval question, rendered (rollout_tree.txt) and as JSON."""
     from .episode import render_prompt
 
-    engine = AdaptiveRollout(Generator(model, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling, seed=config.seed)
+    engine = build_rollout(Generator(model, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling, seed=config.seed)
     question = world.eval[0]
     tree = engine([render_prompt(tokenizer, question.question, config.data.system_prompt)],
                   metadata=[{"question": question.question, "answer": question.answer}]).trees[0]

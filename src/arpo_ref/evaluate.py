@@ -27,9 +27,9 @@ from .config import RolloutConfig, SamplingConfig
 from .engine.generation import Generator
 from .episode import render_prompt
 from .progress import progress_bar
-from .rollout import AdaptiveRollout
 from .scoring.answers import exact_match, extract_answer, f1_score, parse_golds
 from .scoring.math_equivalence import math_equal
+from .search import build_rollout
 from .tasks.data import Record
 from .tree import RolloutTree
 
@@ -85,7 +85,7 @@ def evaluate(generator: Generator, registry, records: list[Record], rollout: Rol
     """pass@1 (and pass@k when samples > 1) over `records`; returns (metrics `eval/…`, trees)."""
     config = dataclasses.replace(rollout, mode="grpo", rollout_budget=samples, num_global=samples)
     sampling = sampling or SamplingConfig(temperature=0.0)
-    engine = AdaptiveRollout(generator, registry, config, sampling, seed=seed)
+    engine = build_rollout(generator, registry, config, sampling, seed=seed)
     tokenizer, tool_names = generator.tokenizer, (registry.names if registry is not None else ())
     trees, solved, any_solved, f1s, rewards, calls, lengths = [], [], [], [], [], [], []
     bar = progress_bar(len(records), "evaluation", "question")

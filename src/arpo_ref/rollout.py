@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .aepo import counters_after_round, official_branch
 from .config import RolloutConfig, SamplingConfig
 from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
 from .entropy import truncated_segment_entropy
@@ -102,8 +103,7 @@ class AdaptiveRollout:
         self.token_rng = torch.Generator(device=generator.device).manual_seed(seed)
         self.draw_rng = random.Random(seed)
         self.stale_baselines: dict[int, float] = {}
-        vocab = generator.vocab_size
-        self.normaliser = config.entropy_normaliser or math.log(vocab)
+        self.normaliser = config.entropy_normaliser or math.log(generator.vocab_size)
         self.stop_strings = registry.stop_strings() if registry is not None else []
 
     # ------------------------------------------------------------------ the loop
@@ -117,6 +117,7 @@ class AdaptiveRollout:
         for tree, prompt in zip(trees, prompts):
             tree.add_node(None, "prompt", prompt)
         self.prompts, self.trajectories = prompts, []
+        self.branch_counters = {i: 0 for i in range(len(prompts))}  # AEPO's c, reset per rollout
         rows = gen.prefill(prompts)
         first = cfg.rollout_budget if cfg.mode == "grpo" else cfg.num_global
         for tree, row_id in zip(trees, list(rows.row_ids)):
@@ -142,7 +143,7 @@ class AdaptiveRollout:
         paths = cfg.rollout_budget * (1 if cfg.turn_end_fraction >= 1 else len(trees))
         turns, max_turns = 0, paths * (cfg.max_tool_calls + 2) + 1
         while any(not t.done for t in self.trajectories) and turns < max_turns:
-            turns += 1
+            turns, started = turns + 1, len(self.trajectories)
             if cfg.mode == "paper":  # 1. look ahead k tokens after results, decide, fork
                 self._paper_decisions(rows)
             self._generate(rows)  # 2. every live row to the end of its segment
@@ -158,6 +159,7 @@ class AdaptiveRollout:
             elif cfg.mode == "paper":
                 self._take_snapshots(rows, calling)
             self._fill_up(rows, trees)  # 5. prompts with leaves missing and no live path
+            self.branch_counters = counters_after_round(self.branch_counters, self.trajectories[started:])
 
     # ------------------------------------------------------------------ phases
     def _generate(self, rows: RowBatch) -> None:
@@ -304,7 +306,7 @@ class AdaptiveRollout:
             for _ in range(min(cfg.beam_size - 1, budget)):
                 u = self.draw_rng.random()
                 draws.append(u)
-                if min(max(u - cfg.entropy_weight * delta, 0.0), 1.0) <= cfg.branch_threshold:
+                if official_branch(cfg, u, delta, self.branch_counters[t.tree.prompt_index]):
                     (row_id,) = self.generator.fork(rows, t.row_id, 1)
                     self.stats["rollout/prefill_tokens_saved"] += len(rows.histories[rows.index(row_id)])
                     self._add_trajectory(t.tree, row_id, "branch", parent=t)

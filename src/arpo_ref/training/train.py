@@ -53,6 +53,7 @@ from ..engine.generation import Generator
 from ..episode import render_prompt, system_prompt
 from ..evaluate import evaluate
 from ..rollout import AdaptiveRollout
+from ..search import build_rollout
 from ..tasks.data import Record, records_for
 from ..tools.registry import ToolRegistry
 from ..tree import RolloutTree, to_batch
@@ -111,7 +112,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     reward_fn = config.reward.build_reward_fn(registry.names)
     estimator = get_estimator(cfg.estimator)
     policy = Policy(accelerator, model)  # hides FSDP / DDP / one process from the loop below
-    rollout = AdaptiveRollout(Generator(policy.module, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling,
+    rollout = build_rollout(Generator(policy.module, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling,
                               seed=config.seed + 1000 * accelerator.process_index)
     per_process = cfg.prompts_per_process(accelerator.num_processes)
     if accelerator.is_main_process:

@@ -1,0 +1,128 @@
+"""AEPO's two rollout options as pure functions (AEPO, arXiv 2510.14545, §3.1 and the released code).
+
+* Dynamic global/branch split (AEPO §3.1, "entropy pre-monitoring"): before the rollout, one
+  50-token sample per prompt gives H_root and an n = 1 tool-using pre-rollout gives the segment
+  entropies H_step; the number of global samples is
+  m = clamp(⌊n·σ(0.5·(H_root − mean H_step))⌋ + 1, 1, n), the other n − m leaves are branches.
+  `global_sample_count`. Off in both released scripts.
+* Segment entropy of H_step: the sum over the first ≤ 20 tokens of the top-10 entropy, divided by
+  ln|V| — the ARPO official code's truncated entropy, reused from `arpo_ref.entropy`.
+  `segment_entropy`.
+* Branch probability with a consecutive-branch penalty (AEPO §3.1, "branch penalty"):
+  p = clip((U + β·ΔH)·max(0, 1 − 0.05·c), 0, 1), branch iff p ≥ τ, where U ~ U(0, 1) and c counts
+  the prompt's consecutive branching rounds. `branch_probability`, `should_branch`.
+* The counter rule of the released code (`update_branch_counters`): c is kept per prompt and reset
+  at the start of every rollout; after a round in which ANY copy (branch) was made anywhere in the
+  batch, c += 1 for every prompt that got a new rollout in that round — refills (fill-up samples)
+  count as new rollouts — and c = 0 for the others; after a round without any copy in the whole
+  batch, every c is unchanged. Deviation from the paper's wording ("consecutive branches of a
+  trajectory"): the released counter is per prompt and batch-coupled; we reproduce the released
+  rule as the default (a test pins the quirk).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .entropy import truncated_segment_entropy
+
+
+def global_sample_count(budget: int, root_entropy: float, step_entropies: list[float],
+                        slope: float = 0.5) -> int:
+    """m = clamp(⌊n·σ(slope·(H_root − mean H_step))⌋ + 1, 1, n) (AEPO §3.1, released code).
+
+    Args:
+        budget: n, the leaves per prompt.
+        root_entropy: H_root, entropy of the prompt's 50-token pre-sample.
+        step_entropies: H_step of the pre-rollout's segments after tool results; empty (the
+            pre-rollout called no tool) means mean H_step = H_root, i.e. σ(0) = 1/2.
+        slope: the 0.5 inside the sigmoid.
+    """
+    if budget < 1:
+        raise ValueError(f"budget (n) must be >= 1, got {budget}")
+    mean_step = sum(step_entropies) / len(step_entropies) if step_entropies else root_entropy
+    share = 1.0 / (1.0 + math.exp(-slope * (root_entropy - mean_step)))
+    return min(max(math.floor(budget * share) + 1, 1), budget)
+
+
+def segment_entropy(topk_logprobs: torch.Tensor, vocab_size: int, max_positions: int = 20) -> float:
+    """H_step of one segment: Σ over its first ≤ max_positions tokens of the top-k entropy ÷ ln|V|."""
+    return truncated_segment_entropy(topk_logprobs, vocab_size, max_positions)
+
+
+def branch_probability(uniform: float, delta_entropy: float, consecutive: int,
+                       entropy_weight: float = 0.2, penalty: float = 0.05) -> float:
+    """p = clip((U + β·ΔH)·max(0, 1 − penalty·c), 0, 1) (AEPO §3.1 branch penalty, released code)."""
+    if consecutive < 0:
+        raise ValueError(f"consecutive-branch count must be >= 0, got {consecutive}")
+    damp = max(0.0, 1.0 - penalty * consecutive)
+    return min(max((uniform + entropy_weight * delta_entropy) * damp, 0.0), 1.0)
+
+
+def should_branch(probability: float, threshold: float) -> bool:
+    """AEPO branches iff p ≥ τ (ARPO's official rule is the mirror clip(u − β·ΔH) ≤ τ)."""
+    return probability >= threshold
+
+
+def update_branch_counters(counters: dict[int, int], new_rollouts: dict[int, int],
+                           copies_made: int) -> dict[int, int]:
+    """The released per-round update of the consecutive-branch counters (module docstring).
+
+    Args:
+        counters: c per prompt before the round.
+        new_rollouts: per prompt, trajectories that started in the round (branches and refills).
+        copies_made: copies (branches) made in the round, batch-wide.
+
+    Returns:
+        The new counters (a new dict; `counters` is not modified).
+    """
+    if copies_made == 0:
+        return dict(counters)
+    return {prompt: (c + 1 if new_rollouts.get(prompt, 0) > 0 else 0) for prompt, c in counters.items()}
+
+
+@dataclass
+class AEPOConfig:
+    """`rollout.aepo`: AEPO's rollout options on the adaptive rollout (both off by default)."""
+
+    branch_penalty: bool = False
+    """Official mode only: branch iff clip((U + β·ΔH)·max(0, 1 − penalty·c), 0, 1) ≥ τ with the
+    released per-prompt counter c, instead of ARPO's clip(U − β·ΔH, 0, 1) ≤ τ (AEPO §3.1)."""
+    penalty: float = 0.05
+    """The consecutive-branch penalty per round, 0.05 in the released code."""
+    dynamic_split: bool = False
+    """Choose the global samples per prompt as m = clamp(⌊n·σ(0.5·(H_root − mean H_step))⌋+1, 1, n)
+    from a pre-rollout (AEPO §3.1 entropy pre-monitoring; off in both released scripts).
+    Not wired into the rollout yet: setting it fails at config load."""
+    root_sample_tokens: int = 50
+    """Length of the per-prompt pre-sample whose entropy is H_root (released: 50)."""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.penalty <= 1.0:
+            raise ValueError(f"rollout.aepo.penalty must be in [0, 1], got {self.penalty}")
+        if self.root_sample_tokens < 1:
+            raise ValueError(f"rollout.aepo.root_sample_tokens must be >= 1, got {self.root_sample_tokens}")
+        if self.dynamic_split:
+            raise ValueError("rollout.aepo.dynamic_split is not implemented in the rollout yet (the pure "
+                             "function is arpo_ref.aepo.global_sample_count); set it to false")
+
+
+def official_branch(config, uniform: float, delta_entropy: float, consecutive: int) -> bool:
+    """One official-mode draw: ARPO's clip(U − β·ΔH, 0, 1) ≤ τ, or AEPO's penalised rule when
+    `config.aepo.branch_penalty` (config: a RolloutConfig)."""
+    if not config.aepo.branch_penalty:
+        return min(max(uniform - config.entropy_weight * delta_entropy, 0.0), 1.0) <= config.branch_threshold
+    probability = branch_probability(uniform, delta_entropy, consecutive, config.entropy_weight, config.aepo.penalty)
+    return should_branch(probability, config.branch_threshold)
+
+
+def counters_after_round(counters: dict[int, int], started) -> dict[int, int]:
+    """`update_branch_counters` from the trajectories started in the round (objects with
+    `.tree.prompt_index` and `.origin`; branches are the copies, refills count as new rollouts)."""
+    new_rollouts: dict[int, int] = {}
+    for t in started:
+        new_rollouts[t.tree.prompt_index] = new_rollouts.get(t.tree.prompt_index, 0) + 1
+    return update_branch_counters(counters, new_rollouts, sum(t.origin == "branch" for t in started))

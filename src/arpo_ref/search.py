@@ -1,0 +1,186 @@
+"""Tree-search rollouts beside ARPO's adaptive rollout, and `build_rollout`, the factory by mode.
+
+`tree_search` — Tree-GRPO (arXiv 2509.21240, §3.1 and the released AMAP-ML/Tree-GRPO code):
+per prompt, m trees; each starts as one full chain (a global sample); then l iterations, each
+drawing n nodes per tree uniformly WITH replacement among the tree's root (the prompt) and its
+non-leaf nodes, and continuing a new chain from each drawn node. A node is one agent turn: the
+model's text up to the closing tool tag plus the tool's observation, so an expansion starts right
+after an observation (or at the prompt). Finally k leaves per tree are kept at random
+(defaults m=2, n=2, l=1, k=3: 1 + l·n = 3 chains per tree, 6 leaves per prompt).
+
+In arpo_ref's `RolloutTree` the m trees of a prompt hang under one prompt node: each tree's first
+chain is a 'global' leaf, its expansions are 'branch' leaves with `branch_node` = the node they
+continued from, so the `tree_grpo` estimator's tree (a global sample and the branches forked from
+it) is exactly Tree-GRPO's tree. Every expansion records a `BranchDecision` (mode 'tree_search',
+probability = 1 / number of candidates, num_branches = times the node was drawn) on the node it
+continued from, so rendered trees show why each fork happened.
+
+Deviations: the expansion's prefix is read again (one prefill) because a finished chain's cache
+row is released; the re-read tokens are counted (`search/prefix_tokens_reread`) next to those a
+fork would have saved (none are forked yet: every chain prefills its prefix). The released code drops leaves
+beyond k per tree at random; so do we (the dropped chains' nodes stay in the tree, unreferenced
+by any leaf, hence absent from the batch). Not implemented yet: `eptree` (TreeRL's fork at the
+top-N −log p tokens); `build_rollout` refuses it with a clear message.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .config import RolloutConfig, SamplingConfig
+from .engine.generation import Generator, RowBatch, SamplingParams
+from .episode import run_tool_calls
+from .rollout import AdaptiveRollout, RolloutResult
+from .search_options import SearchConfig  # noqa: F401  (re-exported)
+from .tree import BranchDecision, RolloutTree, ToolCall
+
+
+@dataclass
+class Chain:
+    """One chain being rolled out: its row, its tip, the Tree-GRPO tree it belongs to."""
+
+    tree: RolloutTree
+    owner: int
+    """Index of its Tree-GRPO tree among the prompt's m trees."""
+    row_id: int
+    node_id: int
+    origin: str
+    branch_node: int | None
+    tool_calls: int
+    response_tokens: int
+    finish_reason: str = ""
+
+
+class TreeSearchRollout:
+    """Tree-GRPO's random tree search (module docstring); same interface as `AdaptiveRollout`."""
+
+    def __init__(self, generator: Generator, registry, config: RolloutConfig,
+                 sampling: SamplingConfig | None = None, seed: int = 0) -> None:
+        self.generator, self.registry, self.config = generator, registry, config
+        sampling = sampling or SamplingConfig()
+        self.sampling = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
+                                       top_p=sampling.top_p, max_new_tokens=config.max_response_tokens)
+        self.token_rng = torch.Generator(device=generator.device).manual_seed(seed)
+        self.draw_rng = random.Random(seed)
+        self.stale_baselines: dict[int, float] = {}  # checkpointed with the RNGs (official-mode state; unused)
+        self.stop_strings = registry.stop_strings() if registry is not None else []
+
+    def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
+        search = self.config.search
+        self.stats = {"search/prefix_tokens_reread": 0.0, "rollout/tool_calls_executed": 0.0}
+        trees = [RolloutTree(i, metadata=dict(metadata[i]) if metadata else {}) for i in range(len(prompts))]
+        for tree, prompt in zip(trees, prompts):
+            tree.add_node(None, "prompt", prompt)
+        self.owners = [{0: -1} for _ in trees]  # node id -> Tree-GRPO tree index (-1: the shared prompt)
+        finished = self._run([(tree, j, 0, "global") for tree in trees for j in range(search.trees)])
+        for _ in range(search.iterations):
+            finished += self._run(self._draw_expansions(trees))
+        self._keep_leaves(trees, finished)
+        self.stats["rollout/tool_calls_executed"] /= max(len(trees), 1)
+        return RolloutResult(trees, dict(self.stats))
+
+    def _draw_expansions(self, trees: list[RolloutTree]) -> list[tuple]:
+        """n nodes per tree, uniformly with replacement among its root and non-leaf turns."""
+        starts = []
+        for tree in trees:
+            owners = self.owners[tree.prompt_index]
+            for j in range(self.config.search.trees):
+                candidates = [0] + [n.id for n in tree.nodes if n.kind == "tool" and owners[n.id] == j]
+                picks = [self.draw_rng.choice(candidates) for _ in range(self.config.search.expansions)]
+                for node_id in sorted(set(picks)):
+                    tree.nodes[node_id].decision = BranchDecision(
+                        "tree_search", [], [], 0.0, 1.0 / len(candidates), True, picks.count(node_id))
+                starts += [(tree, j, node_id, "branch") for node_id in picks]
+        return starts
+
+    def _run(self, starts: list[tuple]) -> list[Chain]:
+        """Roll each (tree, owner, node, origin) out to its end; returns the finished chains."""
+        gen = self.generator
+        rows = gen.new_batch()
+        chains = []
+        for tree, owner, node_id, origin in starts:
+            path = tree.path(node_id)
+            prefix = [t for n in path for t in n.token_ids]
+            first = rows.next_row_id
+            gen.prefill([prefix], rows)
+            if node_id != 0:  # the finished chain's row is gone: its prefix is read again
+                self.stats["search/prefix_tokens_reread"] += len(prefix)
+            chains.append(Chain(tree, owner, first, node_id, origin, None if origin == "global" else node_id,
+                                sum(n.kind == "tool" for n in path), sum(len(n.token_ids) for n in path[1:])))
+        live, finished = list(chains), []
+        while live:
+            live = self._turn(rows, live, finished)
+        return finished
+
+    def _turn(self, rows: RowBatch, live: list[Chain], finished: list[Chain]) -> list[Chain]:
+        """Decode every live chain to the end of its segment, then run the calls and append."""
+        cfg, gen = self.config, self.generator
+        limits = {c.row_id: cfg.max_response_tokens - c.response_tokens for c in live}
+        outputs = gen.decode(rows, self.sampling, self.stop_strings, row_ids=list(limits), rng=self.token_rng,
+                             max_new_tokens=limits)
+        calling = []
+        for c in live:
+            seg = outputs[c.row_id]
+            node = c.tree.add_node(c.node_id, "model", seg.token_ids, logprobs=seg.logprobs,
+                                   entropies=seg.entropies, finish_reason=seg.finish_reason)
+            self.owners[c.tree.prompt_index][node.id] = c.owner
+            c.node_id, c.response_tokens = node.id, c.response_tokens + len(seg.token_ids)
+            if seg.finish_reason != "stop":
+                self._end(rows, c, seg.finish_reason, finished)
+            elif c.tool_calls >= cfg.max_tool_calls:
+                self._end(rows, c, "tool_limit", finished)
+            else:
+                calling.append(c)
+        steps = run_tool_calls(self.registry, gen.tokenizer, [c.tree.nodes[c.node_id].token_ids for c in calling])
+        forced, still = {}, []
+        for c, step in zip(calling, steps):
+            if step is None:
+                self._end(rows, c, "stop", finished)
+                continue
+            ids = step.result_ids[: cfg.max_response_tokens - c.response_tokens]
+            call = ToolCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
+                            step.result.error_kind, step.result.seconds)
+            node = c.tree.add_node(c.node_id, "tool", ids, tool_call=call)
+            self.owners[c.tree.prompt_index][node.id] = c.owner
+            c.node_id, c.response_tokens, c.tool_calls = node.id, c.response_tokens + len(ids), c.tool_calls + 1
+            self.stats["rollout/tool_calls_executed"] += 1
+            if len(ids) < len(step.result_ids) or c.response_tokens >= cfg.max_response_tokens:
+                self._end(rows, c, "length", finished)
+            else:
+                forced[c.row_id] = ids
+                still.append(c)
+        gen.append(rows, {r: ids for r, ids in forced.items() if ids})
+        return still
+
+    def _end(self, rows: RowBatch, chain: Chain, reason: str, finished: list[Chain]) -> None:
+        chain.finish_reason = reason
+        finished.append(chain)
+        self.generator.release(rows, [chain.row_id])
+
+    def _keep_leaves(self, trees: list[RolloutTree], finished: list[Chain]) -> None:
+        """k random leaves per Tree-GRPO tree (all when it has no more), in creation order."""
+        keep = self.config.search.keep_leaves
+        for tree in trees:
+            for j in range(self.config.search.trees):
+                mine = [c for c in finished if c.tree is tree and c.owner == j]
+                chosen = sorted(self.draw_rng.sample(range(len(mine)), min(keep, len(mine))))
+                for i in chosen:
+                    c = mine[i]
+                    tree.add_leaf(c.node_id, c.origin, finish_reason=c.finish_reason,
+                                  tool_calls=c.tool_calls, branch_node=c.branch_node)
+
+
+ROLLOUTS = {"paper": AdaptiveRollout, "official": AdaptiveRollout, "grpo": AdaptiveRollout,
+            "tree_search": TreeSearchRollout}
+
+
+def build_rollout(generator: Generator, registry, rollout_config: RolloutConfig,
+                  sampling: SamplingConfig | None = None, seed: int = 0):
+    """The rollout object for `rollout_config.mode` (unknown modes fail listing the valid ones)."""
+    mode = rollout_config.mode
+    if mode not in ROLLOUTS:
+        raise ValueError(f"rollout.mode {mode!r} has no rollout yet; valid: {sorted(ROLLOUTS)}")
+    return ROLLOUTS[mode](generator, registry, rollout_config, sampling, seed)
