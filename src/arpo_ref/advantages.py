@@ -373,3 +373,12 @@ def get_estimator(name: str) -> Estimator:
     close = difflib.get_close_matches(name, list(ESTIMATORS), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"unknown advantage estimator {name!r}.{hint} Valid names: {valid}.")
+
+
+def check_estimator_name(name: str) -> None:
+    """`train.estimator` at config load: a name in ESTIMATORS or a 'package.module:function' path."""
+    if name not in ESTIMATORS and ":" not in name:
+        close = difflib.get_close_matches(name, list(ESTIMATORS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown estimator {name!r}; {hint}valid: {sorted(ESTIMATORS)} "
+                         f"(or 'package.module:function' for your own)")

@@ -14,7 +14,6 @@ Symbols follow ARPO.md: M = rollout_budget, N = num_global, k = entropy_window,
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -310,7 +309,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("steps", "prompts_per_step", "mini_batches", "micro_batch_leaves", "ppo_epochs",
-                     "distributed_timeout_minutes"):
+                     "distributed_timeout_minutes", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.prompts_per_step % self.mini_batches:
@@ -328,25 +327,17 @@ class TrainConfig:
                      "eval_every", "save_every", "micro_batch_tokens", "rollout_batch_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        if self.keep_checkpoints < 1:
-            raise ValueError("keep_checkpoints must be >= 1")
         if self.packing not in ("tree", "padded"):
             raise ValueError(f"packing must be 'tree' or 'padded', got {self.packing!r}")
         if self.logprob_temperature != "sampling" and self.logprob_temperature != 1.0:
             raise ValueError(f"logprob_temperature must be 1.0 (the temperature-1 policy) or 'sampling' (logits "
                              f"divided by sampling.temperature, as verl does), got {self.logprob_temperature!r}")
-        from .advantages import ESTIMATORS
+        from .advantages import check_estimator_name
 
-        if self.estimator not in ESTIMATORS and ":" not in self.estimator:
-            close = difflib.get_close_matches(self.estimator, list(ESTIMATORS), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"unknown estimator {self.estimator!r}; {hint}valid: {sorted(ESTIMATORS)} "
-                             f"(or 'package.module:function' for your own)")
+        check_estimator_name(self.estimator)
         from .training.metrics import check_trackers
 
-        check_trackers(self.trackers)
-        if not self.tracker_project:
-            raise ValueError("tracker_project must not be empty")
+        check_trackers(self.trackers, self.tracker_project)
 
 
 @dataclass

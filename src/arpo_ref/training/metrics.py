@@ -155,10 +155,13 @@ TRACKER_PACKAGES = {
 that provide it (any one of them): `pip install -e .[track]` or `./install.sh track`."""
 
 
-def check_trackers(names: list[str]) -> None:
+def check_trackers(names: list[str], project: str = "arpo_ref") -> None:
     """Fail at config load, not after the first training step, on an unknown tracker or one whose
-    package is not installed."""
+    package is not installed (and on an empty `train.tracker_project`)."""
     import importlib.util
+
+    if not project:
+        raise ValueError("tracker_project must not be empty")
 
     unknown = [name for name in names if name not in TRACKER_PACKAGES]
     if unknown:
