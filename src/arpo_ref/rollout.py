@@ -40,10 +40,10 @@ import torch
 
 from .config import RolloutConfig, SamplingConfig
 from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
-from .entropy import truncated_segment_entropy
+from .entropy import entropy_normaliser, pooled_topk_entropy
 from .episode import run_tool_calls, segment_call
 from .tools.registry import summarize_results
-from .tree import BranchDecision, RolloutTree, ToolCall
+from .tree import BranchDecision, ExecutedCall, RolloutTree
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Trajectory:
     row_id: int
     node_id: int
     origin: str
-    index: int
+    creation_index: int
     """Creation order across the batch: the official code's entropy-baseline key."""
     tool_calls: int = 0
     calls_per_tool: dict[str, int] = field(default_factory=dict)
@@ -63,7 +63,7 @@ class Trajectory:
     initial_entropy: list[float] | None = None
     segment: GeneratedSequence | None = None
     """The segment being generated (paper mode: after the look-ahead, it is resumed)."""
-    snapshot_row: int | None = None
+    branch_point_row: int | None = None
     """Paper mode: a copy of the row at the branch point, awaiting the decision."""
     branch_node: int | None = None
     """Branches: the node they were forked after (recorded on their leaf)."""
@@ -102,8 +102,7 @@ class AdaptiveRollout:
         self.token_rng = torch.Generator(device=generator.device).manual_seed(seed)
         self.draw_rng = random.Random(seed)
         self.stale_baselines: dict[int, float] = {}
-        vocab = generator.vocab_size
-        self.normaliser = config.entropy_normaliser or math.log(vocab)
+        self.normaliser = entropy_normaliser(config.entropy_normaliser, generator.vocab_size)
         self.stop_strings = registry.stop_strings() if registry is not None else []
 
     # ------------------------------------------------------------------ the loop
@@ -191,7 +190,7 @@ class AdaptiveRollout:
                 t.initial_entropy = seg.entropies[: cfg.entropy_window]
             if cfg.mode == "official":
                 node_entropy = self._segment_entropy(seg)
-                self.baselines.setdefault(t.index, node_entropy)
+                self.baselines.setdefault(t.creation_index, node_entropy)
                 t.last_segment_entropy = node_entropy
             if seg.finish_reason != "stop":
                 self._finish(rows, t, seg.finish_reason)
@@ -225,7 +224,7 @@ class AdaptiveRollout:
             room = self.config.max_response_tokens - t.response_tokens
             ids = step.result_ids[:room]
             self.tool_results.append(step.result)
-            call = ToolCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
+            call = ExecutedCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
                             step.result.error_kind, step.result.seconds)
             node = t.tree.add_node(t.node_id, "tool", ids, tool_call=call)
             t.node_id, t.response_tokens, t.tool_calls = node.id, t.response_tokens + len(ids), t.tool_calls + 1
@@ -243,12 +242,12 @@ class AdaptiveRollout:
         """Copy each row at its branch point while the prompt still has budget for branches."""
         for t in calling:
             if self._budget_left(t.tree) > 0:
-                (t.snapshot_row,) = self.generator.fork(rows, t.row_id, 1)
+                (t.branch_point_row,) = self.generator.fork(rows, t.row_id, 1)
 
     def _paper_decisions(self, rows: RowBatch) -> None:
         """ARPO.md §2.1 steps 2–3: k look-ahead tokens, ΔH_t, P_t = α + β·ΔH_t > τ → fork Z."""
         cfg = self.config
-        waiting = [t for t in self.trajectories if not t.done and t.snapshot_row is not None]
+        waiting = [t for t in self.trajectories if not t.done and t.branch_point_row is not None]
         if not waiting:
             return
         limits = {t.row_id: min(cfg.entropy_window, cfg.max_response_tokens - t.response_tokens) for t in waiting}
@@ -268,7 +267,7 @@ class AdaptiveRollout:
         the copy made at the branch point."""
         cfg = self.config
         look_ahead = t.segment.entropies[: cfg.entropy_window]
-        snapshot, t.snapshot_row = t.snapshot_row, None
+        snapshot, t.branch_point_row = t.branch_point_row, None
         budget = self._budget_left(t.tree)
         if budget == 0:
             self.generator.release(rows, [snapshot])
@@ -295,11 +294,11 @@ class AdaptiveRollout:
         clip(u − β·ΔH, 0, 1) ≤ τ, where ΔH = (truncated entropy of the segment that ENDED with
         the call − the first segment entropy seen for its index), all divided by ln|V|."""
         cfg = self.config
-        for t in sorted(calling, key=lambda t: t.index):
+        for t in sorted(calling, key=lambda t: t.creation_index):
             budget = self._budget_left(t.tree)
             if budget == 0:
                 continue
-            delta = t.last_segment_entropy - self.baselines[t.index]
+            delta = t.last_segment_entropy - self.baselines[t.creation_index]
             draws, made = [], 0
             for _ in range(min(cfg.beam_size - 1, budget)):
                 u = self.draw_rng.random()
@@ -311,15 +310,14 @@ class AdaptiveRollout:
                     made += 1
             probability = min(max(cfg.branch_threshold + cfg.entropy_weight * delta, 0.0), 1.0)
             t.tree.nodes[t.node_id].decision = BranchDecision(
-                "official", [self.baselines[t.index]], [t.last_segment_entropy], delta, probability,
+                "official", [self.baselines[t.creation_index]], [t.last_segment_entropy], delta, probability,
                 made > 0, made, draws)
 
     def _segment_entropy(self, segment: GeneratedSequence) -> float:
-        """The official truncated segment entropy, divided by the configured normaliser."""
-        vocab = self.generator.vocab_size
+        """The official truncated segment entropy (`pooled_topk_entropy`), divided by the same
+        normaliser as paper mode's ΔH (`entropy_normaliser`)."""
         top = torch.tensor(segment.topk_logprobs) if segment.topk_logprobs else torch.zeros(0, 1)
-        per_ln_vocab = truncated_segment_entropy(top, vocab, max_positions=self.config.entropy_window)
-        return per_ln_vocab * math.log(vocab) / self.normaliser
+        return pooled_topk_entropy(top, max_positions=self.config.entropy_window) / self.normaliser
 
     # ------------------------------------------------------------------ bookkeeping
     def _budget_left(self, tree: RolloutTree) -> int:
@@ -334,7 +332,7 @@ class AdaptiveRollout:
 
     def _add_trajectory(self, tree: RolloutTree, row_id: int, origin: str,
                         parent: Trajectory | None = None) -> Trajectory:
-        t = Trajectory(tree, row_id, node_id=0, origin=origin, index=len(self.trajectories))
+        t = Trajectory(tree, row_id, node_id=0, origin=origin, creation_index=len(self.trajectories))
         if parent is not None:  # a branch: same prefix, same counters
             t.node_id, t.tool_calls, t.branch_node = parent.node_id, parent.tool_calls, parent.node_id
             t.calls_per_tool = dict(parent.calls_per_tool)
@@ -345,8 +343,8 @@ class AdaptiveRollout:
     def _finish(self, rows: RowBatch, t: Trajectory, reason: str) -> None:
         t.tree.add_leaf(t.node_id, t.origin, finish_reason=reason, tool_calls=t.tool_calls, branch_node=t.branch_node)
         t.done = True
-        drop = [r for r in (t.row_id, t.snapshot_row) if r is not None and r in rows.row_ids]
-        t.snapshot_row = None
+        drop = [r for r in (t.row_id, t.branch_point_row) if r is not None and r in rows.row_ids]
+        t.branch_point_row = None
         self.generator.release(rows, drop)
 
     def _fill_up(self, rows: RowBatch, trees: list[RolloutTree]) -> None:

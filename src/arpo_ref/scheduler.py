@@ -135,6 +135,6 @@ def _step(engine, rows, decoding) -> None:
         if segment.finish_reason == "length" and t.response_tokens + len(segment.token_ids) < cfg.max_response_tokens:
             segment.finish_reason = None  # the one-step limit, not the length budget: still open
         t.segment = segment
-        if t.snapshot_row is not None and (len(segment.token_ids) >= cfg.entropy_window
+        if t.branch_point_row is not None and (len(segment.token_ids) >= cfg.entropy_window
                                            or segment.finish_reason is not None):
             engine._decide_paper(rows, t)
