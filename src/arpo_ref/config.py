@@ -127,6 +127,12 @@ class RolloutConfig:
     step, and so a seeded run, does not depend on how long tools take. Larger values hide more
     tool time behind decoding but leave the row idle longer. -1 = join as soon as the result is
     back: a little faster, but a seeded sampled run is then not reproducible."""
+    speculative_fill_ups: bool = True
+    """Paper mode: start the M − N fill-up samples together with the N global ones, each branch
+    cancelling the youngest fill-up of its prompt (`arpo_ref.fill_ups`): the same distribution of
+    leaves as fill-ups sampled after the branching, without their decoding steps at the end;
+    tokens of cancelled fill-ups are wasted (rollout/fill_up_tokens_wasted). False = the paper's
+    order: fill-ups start once a prompt has leaves missing and no live path."""
 
     @property
     def resolved_schedule(self) -> str:

@@ -1,31 +1,33 @@
 """Entropy-based adaptive rollout (ARPO §3.2, ARPO.md §2): modes `paper`, `official` and `grpo`.
 
-Every prompt gets a `RolloutTree` with exactly M leaves. All live trajectories of the batch
-advance together, one turn at a time: generate until a closing tool tag, EOS or the length budget;
-run the tools of every row in parallel; insert the results as forced tokens (loss mask 0); then
-decide where to branch. Branches fork the generator's cache rows (the shared prefix is not read
-again) and reuse the prefix's tool results (no re-execution).
+Every prompt gets a `RolloutTree` with exactly M leaves. A row generates until a closing tool
+tag, EOS or the length budget; its call runs and the result goes in as forced tokens (loss mask
+0); then it may branch. Branches fork the generator's cache rows (the prefix is not read again)
+and reuse the prefix's tool results. Schedules (`rollout.schedule`): `continuous` (paper, grpo;
+`arpo_ref.scheduler`: rows advance on their own, tools run while others decode) or `rounds`
+(official; `_run_rounds`: a turn lasts until its slowest row stopped, then all tools run).
 
 paper (ARPO.md §2.1): N global samples; H_initial = entropies of a trajectory's first k tokens.
     After each tool result the trajectory generates k look-ahead tokens, H_t = their entropies,
     ΔH_t = Σ_j (H_t[j] − H_initial[j]) / normaliser, P_t = α + β·ΔH_t; if P_t > τ, Z branches
     fork at the point right after the result. Once M − N branches exist no more decisions are
-    made; prompts whose paths all ended with leaves missing get the rest as fill-up samples.
+    made; the leaves branches leave unused are fill-up samples (`arpo_ref.fill_ups`).
 official (ARPO.md §2.2): the released code, point by point — see `_official_decisions`.
 grpo: M global samples, no branching (the baseline every comparison needs).
 
 Gaps the paper leaves open and how they are filled here:
 * k (entropy_window) = 20 and Z (branches_per_decision) = 1 by default, as in the official code.
-* Normaliser of ΔH: `rollout.entropy_normaliser`, default ln|V| with |V| = len(tokenizer).
-* Look-ahead: before the k look-ahead tokens are sampled, the row is copied (a cache-row fork)
-  so branches start exactly at the branch point; the look-ahead tokens stay with the original
-  only, which simply continues its segment afterwards. The copy is dropped if no branch is made.
+* Normaliser of ΔH: `rollout.entropy_normaliser`, default ln|V| (`entropy.entropy_normaliser`).
+* Look-ahead: right after the result the row is copied (`Trajectory.branch_point_row`) so
+  branches start exactly at the branch point; the look-ahead tokens stay with the original,
+  which continues its segment. The copy is dropped if no branch is made.
 * Shorter windows: when the look-ahead or the first segment has fewer than k tokens (EOS or a
   tool tag came first), ΔH sums over the positions both have.
-* Fill-up samples (paper) are added all at once when a prompt has no live path, and do not
-  branch themselves, so the budget is exactly spent.
+* Fill-ups (paper) do not branch. By default they start with the globals and each branch
+  cancels the youngest (`rollout.speculative_fill_ups`); else they start once a prompt has no
+  live path. Either way the budget is spent exactly and the leaves have the same distribution.
 * Over the tool-call limit a trajectory ends ('tool_limit') without the official code's
-  appended EOS (see `arpo_ref.episode`); so does a call over its tool's own limit
+  appended EOS (`arpo_ref.episode`); so does a call over its tool's own limit
   (`rollout.max_calls_per_tool`, an addition: the official code has one limit for all tools).
 """
 
@@ -38,11 +40,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import fill_ups
 from .config import RolloutConfig, SamplingConfig
 from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
 from .entropy import entropy_normaliser, pooled_topk_entropy
 from .episode import run_tool_calls, segment_call
-from .tools.registry import summarize_results
+from .rollout_metrics import rollout_metrics
 from .tree import BranchDecision, ExecutedCall, RolloutTree
 
 
@@ -71,6 +74,10 @@ class Trajectory:
     """Official mode: truncated entropy of the trajectory's latest segment."""
     waiting_on_tool: bool = False
     """Continuous schedule: its call is in the tool pool; it rejoins decoding once the result is in."""
+    home: RolloutTree | None = None
+    """A speculative fill-up (`arpo_ref.fill_ups`): its prompt's tree (`tree` is its own)."""
+    cancelled: bool = False
+    """A speculative fill-up whose leaf a branch took (youngest first); it leaves no leaf."""
     done: bool = False
 
 
@@ -109,7 +116,7 @@ class AdaptiveRollout:
     def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
         cfg, gen = self.config, self.generator
         self.stats: dict[str, float] = {"rollout/prefill_tokens_saved": 0.0, "time/generation": 0.0,
-                                        "time/tools": 0.0}
+                                        "time/tools": 0.0, "rollout/fill_up_tokens_wasted": 0.0}
         self.tool_results = []
         self.baselines = self.stale_baselines if cfg.official_stale_baseline else {}
         trees = [RolloutTree(i, metadata=dict(metadata[i]) if metadata else {}) for i in range(len(prompts))]
@@ -120,6 +127,8 @@ class AdaptiveRollout:
         first = cfg.rollout_budget if cfg.mode == "grpo" else cfg.num_global
         for tree, row_id in zip(trees, list(rows.row_ids)):
             self._spawn(rows, tree, row_id, first, "global")
+            if cfg.mode == "paper" and cfg.speculative_fill_ups:
+                fill_ups.spawn(self, rows, tree, row_id)
         if cfg.resolved_schedule == "continuous":
             from .scheduler import run_continuous
 
@@ -129,9 +138,10 @@ class AdaptiveRollout:
         for t in self.trajectories:  # only reached when max_turns ran out
             if not t.done:
                 self._finish(rows, t, "length")
+        fill_ups.graft_kept(self)
         self._pad_with_duplicates(trees)
         gen.release(rows, list(rows.row_ids))
-        return RolloutResult(trees, self._metrics(trees, rows))
+        return RolloutResult(trees, rollout_metrics(self.stats, self.tool_results, trees, rows))
 
     def _run_rounds(self, rows: RowBatch, trees: list[RolloutTree]) -> None:
         """The official code's schedule: turns that end when (a fraction of) the rows stopped."""
@@ -241,7 +251,7 @@ class AdaptiveRollout:
     def _take_snapshots(self, rows: RowBatch, calling: list[Trajectory]) -> None:
         """Copy each row at its branch point while the prompt still has budget for branches."""
         for t in calling:
-            if self._budget_left(t.tree) > 0:
+            if t.origin != "fill_up" and self._branch_budget(t.tree) > 0:
                 (t.branch_point_row,) = self.generator.fork(rows, t.row_id, 1)
 
     def _paper_decisions(self, rows: RowBatch) -> None:
@@ -268,7 +278,7 @@ class AdaptiveRollout:
         cfg = self.config
         look_ahead = t.segment.entropies[: cfg.entropy_window]
         snapshot, t.branch_point_row = t.branch_point_row, None
-        budget = self._budget_left(t.tree)
+        budget = self._branch_budget(t.tree)
         if budget == 0:
             self.generator.release(rows, [snapshot])
             return
@@ -286,6 +296,7 @@ class AdaptiveRollout:
         self.stats["rollout/prefill_tokens_saved"] += branches * len(rows.histories[rows.index(snapshot)])
         for row_id in copies:
             self._add_trajectory(t.tree, row_id, "branch", parent=t)
+        fill_ups.cancel_youngest(self, rows, t.tree)
 
     # ------------------------------------------------------------------ official mode
     def _official_decisions(self, rows: RowBatch, calling: list[Trajectory]) -> None:
@@ -320,8 +331,13 @@ class AdaptiveRollout:
         return pooled_topk_entropy(top, max_positions=self.config.entropy_window) / self.normaliser
 
     # ------------------------------------------------------------------ bookkeeping
-    def _budget_left(self, tree: RolloutTree) -> int:
+    def _branch_budget(self, tree: RolloutTree) -> int:
+        """Leaves still open to branches: M − (global and branch paths); fill-ups yield theirs."""
         return self.config.rollout_budget - sum(t.tree is tree for t in self.trajectories)
+
+    def _budget_left(self, tree: RolloutTree) -> int:
+        """Leaves no path will fill: the branch budget less the speculative fill-ups kept."""
+        return self._branch_budget(tree) - len(fill_ups.speculative(self.trajectories, tree))
 
     def _spawn(self, rows: RowBatch, tree: RolloutTree, row_id: int, count: int, origin: str) -> None:
         """`count` new trajectories from a freshly prefilled prompt row (the copies are forks)."""
@@ -365,32 +381,3 @@ class AdaptiveRollout:
                 last = tree.leaves[-1]
                 tree.add_leaf(last.node_id, "duplicate", finish_reason=last.finish_reason,
                               tool_calls=last.tool_calls)
-
-    def _metrics(self, trees: list[RolloutTree], rows: RowBatch) -> dict[str, float]:
-        """Namespaced metrics of one rollout (means are per prompt)."""
-        prompts = max(len(trees), 1)
-        leaves = [leaf for tree in trees for leaf in tree.leaves]
-        decisions = [d for tree in trees for d in tree.decisions()]
-        metrics = dict(self.stats)
-        for origin in ("global", "branch", "fill_up", "duplicate"):
-            metrics[f"rollout/leaves_{origin}"] = sum(leaf.origin == origin for leaf in leaves) / prompts
-        metrics["rollout/branch_decisions"] = float(len(decisions))
-        metrics["rollout/branches"] = float(sum(d.num_branches for d in decisions))
-        metrics["rollout/branch_declined"] = float(sum(not d.branched for d in decisions))
-        metrics["entropy/delta"] = (sum(d.delta_entropy for d in decisions) / len(decisions)) if decisions else 0.0
-        metrics["rollout/tool_calls_executed"] = len(self.tool_results) / prompts
-        metrics["rollout/tool_calls_in_leaves"] = sum(leaf.tool_calls for leaf in leaves) / prompts
-        metrics["rollout/generated_tokens"] = float(rows.generated_tokens)
-        # Turn by turn, a turn lasts as long as its slowest row; the longest single path is the
-        # floor any schedule would need (every row continuing as soon as its tool result is in).
-        metrics["rollout/decode_steps"] = float(rows.decode_steps)
-        metrics["rollout/longest_path_tokens"] = float(max((
-            sum(len(n.token_ids) for n in tree.response_segments(leaf) if n.kind == "model")
-            for tree in trees for leaf in tree.leaves), default=0))
-        metrics["rollout/response_tokens_mean"] = sum(
-            sum(len(n.token_ids) for n in tree.response_segments(leaf)) for tree in trees for leaf in tree.leaves
-        ) / max(len(leaves), 1)
-        for reason in ("eos", "length", "tool_limit", "stop"):
-            metrics[f"rollout/finish_{reason}"] = sum(leaf.finish_reason == reason for leaf in leaves) / max(len(leaves), 1)
-        metrics.update(summarize_results(self.tool_results))
-        return metrics

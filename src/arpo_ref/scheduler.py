@@ -113,6 +113,7 @@ def run_continuous(engine, rows, trees) -> None:
 
 
 def _insert_results(engine, rows, back) -> None:
+    back = [(t, step) for t, step in back if not t.done]  # a fill-up cancelled while its tool ran
     if not back:
         return
     for t, _ in back:
