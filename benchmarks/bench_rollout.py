@@ -33,7 +33,7 @@ from arpo_ref.tools.registry import ToolRegistry  # noqa: E402
 
 KEYS = ["time/total", "rollout/generated_tokens", "rollout/prefill_tokens_saved", "rollout/tool_calls_executed",
         "rollout/tool_calls_in_leaves", "time/generation", "time/tools", "rollout/decode_steps",
-        "rollout/longest_path_tokens", "time/tools_busy", "rollout/tool_time_hidden",
+        "rollout/sampling_steps", "rollout/longest_path_tokens", "time/tools_busy", "rollout/tool_time_hidden",
         "rollout/fill_up_tokens_wasted"]
 
 
