@@ -127,6 +127,11 @@ class RolloutConfig:
     step, and so a seeded run, does not depend on how long tools take. Larger values hide more
     tool time behind decoding but leave the row idle longer. -1 = join as soon as the result is
     back: a little faster, but a seeded sampled run is then not reproducible."""
+    speculative_branches: bool = True
+    """Paper mode, continuous schedule: fork the Z branch copies right after a tool result and let
+    them decode alongside the k look-ahead tokens the decision reads (`arpo_ref.branch_copies`);
+    kept if P_t > τ, released otherwise (rollout/branch_tokens_wasted). Same distribution as
+    copies started after the decision, k decoding steps sooner. False = start after it."""
     speculative_fill_ups: bool = True
     """Paper mode: start the M − N fill-up samples together with the N global ones, each branch
     cancelling the youngest fill-up of its prompt (`arpo_ref.fill_ups`): the same distribution of

@@ -43,8 +43,7 @@ def speculative(trajectories, home: RolloutTree) -> list:
 def cancel_youngest(engine, rows, home: RolloutTree) -> None:
     """Cancel the youngest kept fill-ups of `home` until its trajectories number at most M."""
     kept = speculative(engine.trajectories, home)
-    committed = sum(t.tree is home for t in engine.trajectories)
-    over = committed + len(kept) - engine.config.rollout_budget
+    over = len(kept) - engine._branch_budget(home)  # branch budget: M − global and branch paths
     for t in kept[len(kept) - over:] if over > 0 else []:
         t.cancelled = True
         wasted = sum(len(n.token_ids) for n in t.tree.nodes if n.kind == "model")

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import fill_ups
+from . import branch_copies, fill_ups
 from .config import RolloutConfig, SamplingConfig
 from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
 from .entropy import entropy_normaliser, pooled_topk_entropy
@@ -77,7 +77,12 @@ class Trajectory:
     home: RolloutTree | None = None
     """A speculative fill-up (`arpo_ref.fill_ups`): its prompt's tree (`tree` is its own)."""
     cancelled: bool = False
-    """A speculative fill-up whose leaf a branch took (youngest first); it leaves no leaf."""
+    """A speculative fill-up whose leaf a branch took (youngest first), or a released speculative
+    branch copy; it leaves no leaf."""
+    branch_copies: list[Trajectory] = field(default_factory=list)
+    """`rollout.speculative_branches`: copies forked at the branch point, awaiting the decision."""
+    awaiting_decision: bool = False
+    """A speculative branch copy whose parent has not decided yet: it is not closed or counted."""
     done: bool = False
 
 
@@ -116,7 +121,8 @@ class AdaptiveRollout:
     def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
         cfg, gen = self.config, self.generator
         self.stats: dict[str, float] = {"rollout/prefill_tokens_saved": 0.0, "time/generation": 0.0,
-                                        "time/tools": 0.0, "rollout/fill_up_tokens_wasted": 0.0}
+                                        "time/tools": 0.0, "rollout/fill_up_tokens_wasted": 0.0,
+                                        "rollout/branch_tokens_wasted": 0.0}
         self.tool_results = []
         self.baselines = self.stale_baselines if cfg.official_stale_baseline else {}
         trees = [RolloutTree(i, metadata=dict(metadata[i]) if metadata else {}) for i in range(len(prompts))]
@@ -190,7 +196,7 @@ class AdaptiveRollout:
         """Turn finished segments into model nodes; end trajectories or run their tool calls."""
         cfg, calling = self.config, []
         for t in self.trajectories:
-            if t.done or t.segment is None or t.segment.finish_reason is None:
+            if t.done or t.awaiting_decision or t.segment is None or t.segment.finish_reason is None:
                 continue
             seg, t.segment = t.segment, None
             node = t.tree.add_node(t.node_id, "model", seg.token_ids, logprobs=seg.logprobs,
@@ -280,7 +286,8 @@ class AdaptiveRollout:
         snapshot, t.branch_point_row = t.branch_point_row, None
         budget = self._branch_budget(t.tree)
         if budget == 0:
-            self.generator.release(rows, [snapshot])
+            self.generator.release(rows, [snapshot] if snapshot is not None else [])
+            branch_copies.settle(self, rows, t, 0)
             return
         n = min(len(look_ahead), len(t.initial_entropy))
         delta = sum(h - h0 for h, h0 in zip(look_ahead[:n], t.initial_entropy[:n])) / self.normaliser
@@ -288,8 +295,12 @@ class AdaptiveRollout:
         branches = min(cfg.branches_per_decision, budget) if probability > cfg.branch_threshold else 0
         t.tree.nodes[t.node_id].decision = BranchDecision(
             "paper", list(t.initial_entropy), look_ahead, delta, probability, branches > 0, branches)
-        if branches == 0:
+        if snapshot is None:  # speculative copies decoded alongside the look-ahead
+            branch_copies.settle(self, rows, t, branches)
+        elif branches == 0:
             self.generator.release(rows, [snapshot])
+        if snapshot is None or branches == 0:
+            fill_ups.cancel_youngest(self, rows, t.tree)
             return
         copies = [snapshot] + (self.generator.fork(rows, snapshot, branches - 1) if branches > 1 else [])
         # Only snapshots that become branches save a prefill; dropped ones saved nothing.
@@ -333,7 +344,8 @@ class AdaptiveRollout:
     # ------------------------------------------------------------------ bookkeeping
     def _branch_budget(self, tree: RolloutTree) -> int:
         """Leaves still open to branches: M − (global and branch paths); fill-ups yield theirs."""
-        return self.config.rollout_budget - sum(t.tree is tree for t in self.trajectories)
+        return self.config.rollout_budget - sum(t.tree is tree and not t.cancelled and not t.awaiting_decision
+                                                for t in self.trajectories)
 
     def _budget_left(self, tree: RolloutTree) -> int:
         """Leaves no path will fill: the branch budget less the speculative fill-ups kept."""
@@ -362,6 +374,8 @@ class AdaptiveRollout:
         drop = [r for r in (t.row_id, t.branch_point_row) if r is not None and r in rows.row_ids]
         t.branch_point_row = None
         self.generator.release(rows, drop)
+        branch_copies.discard(self, rows, t.branch_copies)
+        t.branch_copies = []
 
     def _fill_up(self, rows: RowBatch, trees: list[RolloutTree]) -> None:
         for tree in trees:

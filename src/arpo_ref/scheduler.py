@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
+from . import branch_copies
 from .episode import run_tool_calls
 
 
@@ -96,7 +97,8 @@ def run_continuous(engine, rows, trees) -> None:
             engine._fill_up(rows, trees)  # prompts with leaves missing and no live path
             if all(t.done for t in engine.trajectories):
                 break
-            decoding = [t for t in engine.trajectories if not t.done and not t.waiting_on_tool]
+            decoding = [t for t in engine.trajectories if not t.done and not t.waiting_on_tool
+                        and not (t.awaiting_decision and t.segment is not None and t.segment.finish_reason)]
             if decoding:
                 _step(engine, rows, decoding)
                 step += 1
@@ -119,7 +121,11 @@ def _insert_results(engine, rows, back) -> None:
     for t, _ in back:
         t.waiting_on_tool = False
     called = engine._insert_results(rows, [t for t, _ in back], [step for _, step in back])
-    if engine.config.mode == "paper":
+    if engine.config.mode == "paper" and engine.config.speculative_branches:
+        for t in called:  # copies at the branch point, decoding alongside the look-ahead
+            if t.origin != "fill_up":
+                branch_copies.start(engine, rows, t)
+    elif engine.config.mode == "paper":
         engine._take_snapshots(rows, called)  # the copy at the branch point, right after the result
 
 
@@ -136,6 +142,6 @@ def _step(engine, rows, decoding) -> None:
         if segment.finish_reason == "length" and t.response_tokens + len(segment.token_ids) < cfg.max_response_tokens:
             segment.finish_reason = None  # the one-step limit, not the length budget: still open
         t.segment = segment
-        if t.branch_point_row is not None and (len(segment.token_ids) >= cfg.entropy_window
+        if (t.branch_point_row is not None or t.branch_copies) and (len(segment.token_ids) >= cfg.entropy_window
                                            or segment.finish_reason is not None):
             engine._decide_paper(rows, t)
