@@ -5,9 +5,10 @@ stops on a closing tool tag sends its call to a thread pool (the python tool is 
 threads suffice) and the other rows keep decoding; at the next step boundary after its result is
 back, the result is appended as forced tokens and the row decodes again. Paper mode's decision is
 taken for a row as soon as its k look-ahead tokens after a result exist (or its segment ended
-sooner), from the copy of the row made right after the result (`AdaptiveRollout._decide_paper`).
-Fill-up samples start, as in the rounds schedule, once a prompt has leaves missing and no live
-path. The rollout ends when every prompt has its M leaves.
+sooner) (`AdaptiveRollout._decide_paper`); by default its branch copies, forked right after the
+result, decode alongside the look-ahead (`arpo_ref.branch_copies`), and fill-up samples start
+with the globals, a branch cancelling the youngest (`arpo_ref.fill_ups`). The rollout ends when
+every prompt has its M leaves.
 
 Results join deterministically by default: a call sent at step s is inserted at the boundary of
 step s + `rollout.tool_join_steps` (the loop waits if the tool is slower), so the sequence of
