@@ -33,7 +33,8 @@ from arpo_ref.tools.registry import ToolRegistry  # noqa: E402
 
 KEYS = ["time/total", "rollout/generated_tokens", "rollout/prefill_tokens_saved", "rollout/tool_calls_executed",
         "rollout/tool_calls_in_leaves", "time/generation", "time/tools", "rollout/decode_steps",
-        "rollout/longest_path_tokens", "time/tools_busy", "rollout/tool_time_hidden"]
+        "rollout/sampling_steps", "rollout/longest_path_tokens", "time/tools_busy", "rollout/tool_time_hidden",
+        "rollout/fill_up_tokens_wasted"]
 
 
 def load_agent(args):
@@ -58,6 +59,8 @@ def main() -> None:
                         help="rollout.turn_end_fraction (1 = turns wait for their slowest row)")
     parser.add_argument("--schedule", default="", choices=["", "continuous", "rounds"],
                         help="rollout.schedule ('' = each mode's default: continuous for grpo/paper, rounds for official)")
+    parser.add_argument("--no-speculative-fill-ups", action="store_true",
+                        help="rollout.speculative_fill_ups false: paper fill-ups start once a prompt has no live path")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     folder, world, model, tokenizer = load_agent(args)
@@ -70,6 +73,7 @@ def main() -> None:
             rollout = config.rollout.__class__(**{**vars(config.rollout), "mode": mode, "rollout_budget": args.budget,
                                                    "num_global": num_global,
                                                    "turn_end_fraction": args.turn_end_fraction,
+                                                   "speculative_fill_ups": not args.no_speculative_fill_ups,
                                                    "schedule": "" if mode == "official" else args.schedule})
             runs = []
             for seed in range(args.repeats):
@@ -83,6 +87,7 @@ def main() -> None:
                 metrics["time/tools"] /= len(prompts)
                 metrics["time/tools_busy"] = metrics.get("time/tools_busy", metrics["time/tools"] * len(prompts)) / len(prompts)
                 metrics.setdefault("rollout/tool_time_hidden", 0.0)
+                metrics["rollout/fill_up_tokens_wasted"] /= len(prompts)
                 runs.append(metrics)
             results[mode] = {k: (statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs)) for k in KEYS}
     if args.json:

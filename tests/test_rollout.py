@@ -173,8 +173,9 @@ def test_official_stale_baseline_flag_reproduces_the_bug():
     assert stale and all(d > 0.01 for d in stale)  # compared with step 1's more certain segments
 
 
-def test_branch_leaf_shares_exactly_the_prefix_up_to_the_branch_point():
-    _, result, tool = rollout("paper", PROMPTS[:1], AFTER)
+@pytest.mark.parametrize("speculative", [False, True])
+def test_branch_leaf_shares_exactly_the_prefix_up_to_the_branch_point(speculative):
+    _, result, tool = rollout("paper", PROMPTS[:1], AFTER, speculative_fill_ups=speculative)
     tree = result.trees[0]
     batch = to_batch([tree])
     for i, leaf in enumerate(tree.leaves):
@@ -189,8 +190,11 @@ def test_branch_leaf_shares_exactly_the_prefix_up_to_the_branch_point():
         after_own = set(batch.node_ids[i, cut:].tolist()) - {-1}
         after_parent = set(batch.node_ids[parent_leaf, cut:].tolist()) - {-1}
         assert after_own and not (after_own & after_parent)
-    # Branches reuse their prefix's tool results: fewer executions than calls in leaves.
-    assert tool.calls == result.metrics["rollout/tool_calls_executed"] < result.metrics["rollout/tool_calls_in_leaves"]
+    # Branches reuse their prefix's tool results: fewer executions than calls in leaves (without
+    # speculative fill-ups, whose cancelled rows' calls are executed for nothing).
+    assert tool.calls == result.metrics["rollout/tool_calls_executed"]
+    if not speculative:
+        assert result.metrics["rollout/tool_calls_executed"] < result.metrics["rollout/tool_calls_in_leaves"]
 
 
 def test_to_batch_matches_a_brute_force_flattening_and_json_round_trips(tmp_path):
@@ -292,13 +296,14 @@ def test_rollout_on_a_real_tiny_model_records_teacher_forced_logprobs():
         assert torch.allclose(expected[mask].float(), batch.old_logprobs[i, 1:n][mask], atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["paper", "official", "grpo"])
-def test_prefill_saved_counts_exactly_the_histories_forks_reused(mode):
+@pytest.mark.parametrize("mode, speculative", [("paper", False), ("paper", True), ("official", False),
+                                               ("grpo", False)])
+def test_prefill_saved_counts_exactly_the_histories_forks_reused(mode, speculative):
     """Regression: paper mode used to count the copy made before the look-ahead even when the
     decision declined and the copy was dropped (6647 counted vs 3990 reused over 5 seeds).
     Prefill saved = the inherited history of every branch, plus the prompt of every global or
     fill-up sample forked from a freshly read prompt row."""
-    engine, result, _ = rollout(mode, PROMPTS, AFTER)
+    engine, result, _ = rollout(mode, PROMPTS, AFTER, speculative_fill_ups=speculative)
     expected = 0
     for tree in result.trees:
         prompt_length = len(tree.nodes[0].token_ids)
@@ -307,19 +312,23 @@ def test_prefill_saved_counts_exactly_the_histories_forks_reused(mode):
                 expected += sum(len(n.token_ids) for n in tree.path(leaf.branch_node))
         origins = [leaf.origin for leaf in tree.leaves]
         expected += (origins.count("global") - 1) * prompt_length  # one row read, the rest forked
-        if mode == "paper" and "fill_up" in origins:  # all fill-ups spawned at once from one read
+        if speculative:  # kept fill-ups were forked from the globals' prompt row (cancelled ones saved nothing)
+            expected += origins.count("fill_up") * prompt_length
+        elif mode == "paper" and "fill_up" in origins:  # all fill-ups spawned at once from one read
             expected += (origins.count("fill_up") - 1) * prompt_length
     assert result.metrics["rollout/prefill_tokens_saved"] == expected
 
 
 def test_decode_steps_are_counted_per_column_and_bounded_by_the_longest_path():
     """GRPO with a deterministic agent: every row writes the same three segments (two calls, an
-    answer), so each turn lasts one segment and the decoding steps equal the longest path. In
+    answer), so each turn lasts one segment and the sampling steps equal the longest path; the
+    forward passes add one prompt prefill and one pass per round of tool results (two). In
     paper mode look-aheads, branches and fill-ups start later and add steps beyond it."""
     _, result, _ = rollout("grpo", PROMPTS, AFTER, schedule="rounds")
     path = 2 * len(CALL) + len(ANSWER) + 1  # + EOS
     assert result.metrics["rollout/longest_path_tokens"] == path
-    assert result.metrics["rollout/decode_steps"] == path
+    assert result.metrics["rollout/sampling_steps"] == path
+    assert result.metrics["rollout/decode_steps"] == path + 1 + 2
     assert result.metrics["rollout/generated_tokens"] == path * 6 * len(PROMPTS)
     _, result, _ = rollout("paper", PROMPTS, AFTER, schedule="rounds")
     assert result.metrics["rollout/decode_steps"] > result.metrics["rollout/longest_path_tokens"] == path
@@ -360,6 +369,32 @@ def test_greedy_grpo_leaves_are_the_same_under_both_schedules_and_every_mode_kee
                     for tree in result.trees]
         assert texts(continuous) == texts(rounds)
         assert continuous.metrics["rollout/decode_steps"] < rounds.metrics["rollout/decode_steps"]
+
+
+@pytest.mark.parametrize("schedule", ["rounds", "continuous"])
+def test_speculative_fill_ups_keep_the_leaves_and_cost_fewer_steps(schedule):
+    """Greedy, deterministic agent: every sample of a prompt writes the same path, so starting
+    fill-ups early (each branch cancelling the youngest) must give the very leaves of fill-ups
+    started once the paths ended, as (origin, tokens, finish, calls), with M leaves and fewer
+    forward passes; the cancelled fill-ups' tokens are counted as wasted."""
+    engines = {spec: rollout("paper", PROMPTS, AFTER, schedule=schedule, speculative_fill_ups=spec, calls=1)
+               for spec in (False, True)}  # one call: prompt 0 branches twice, 2 of its 4 fill-ups are kept
+    runs = {spec: result for spec, (_, result, _) in engines.items()}
+    for tree in runs[True].trees:  # the youngest are cancelled: kept ones are the oldest
+        cancelled = [t.cancelled for t in engines[True][0].trajectories if t.home is tree]
+        assert cancelled == sorted(cancelled) and len(cancelled) - sum(cancelled) == sum(
+            leaf.origin == "fill_up" for leaf in tree.leaves)
+
+    def leaves(result):
+        return [sorted((leaf.origin, tuple(tree.leaf_tokens(leaf)), leaf.finish_reason, leaf.tool_calls)
+                       for leaf in tree.leaves) for tree in result.trees]
+    assert leaves(runs[True]) == leaves(runs[False])
+    assert all(len(tree.leaves) == 6 for tree in runs[True].trees)
+    assert sum(leaf.origin == "fill_up" for leaf in runs[True].trees[0].leaves) == 2
+    assert runs[True].metrics["rollout/decode_steps"] < runs[False].metrics["rollout/decode_steps"]
+    branches = runs[True].metrics["rollout/branches"]
+    assert branches > 0 and runs[True].metrics["rollout/fill_up_tokens_wasted"] > 0
+    assert runs[False].metrics["rollout/fill_up_tokens_wasted"] == 0
 
 
 class SlowSearch(EchoSearch):

@@ -32,6 +32,7 @@ from .configfile import (  # noqa: F401  (re-exported: arpo_ref.config is where 
 )
 from .rewards import RewardConfig
 from .search_options import SearchConfig, check_search_budget
+from .tasks.data import DataConfig
 from .tools.config import ToolsConfig
 from .training.lora import LoRAConfig
 from .training.sft import SFTConfig
@@ -133,6 +134,17 @@ class RolloutConfig:
     """AEPO's rollout options (arpo_ref.aepo): the consecutive-branch penalty (official mode)."""
     search: SearchConfig = field(default_factory=SearchConfig)
     """Tree-GRPO's tree search (rollout.mode: tree_search): m, n, l, k."""
+    speculative_branches: bool = True
+    """Paper mode, continuous schedule: fork the Z branch copies right after a tool result and let
+    them decode alongside the k look-ahead tokens the decision reads (`arpo_ref.branch_copies`);
+    kept if P_t > τ, released otherwise (rollout/branch_tokens_wasted). Same distribution as
+    copies started after the decision, k decoding steps sooner. False = start after it."""
+    speculative_fill_ups: bool = True
+    """Paper mode: start the M − N fill-up samples together with the N global ones, each branch
+    cancelling the youngest fill-up of its prompt (`arpo_ref.fill_ups`): the same distribution of
+    leaves as fill-ups sampled after the branching, without their decoding steps at the end;
+    tokens of cancelled fill-ups are wasted (rollout/fill_up_tokens_wasted). False = the paper's
+    order: fill-ups start once a prompt has leaves missing and no live path."""
 
     @property
     def resolved_schedule(self) -> str:
@@ -175,39 +187,6 @@ class RolloutConfig:
             raise ValueError("entropy_normaliser must be > 0, or 0 for ln|V|")
         if not 0.0 < self.turn_end_fraction <= 1.0:
             raise ValueError("turn_end_fraction must be in (0, 1]: 1 ends a turn when every row has stopped")
-
-
-@dataclass
-class DataConfig:
-    train_path: str = ""
-    """Training prompts with questions and answers: a .jsonl / .json / .parquet file, a folder saved
-    with datasets' `save_to_disk`, or a hub dataset written hf://owner/name[/config][:split]
-    (split defaults to train), e.g. hf://openai/gsm8k/main:train."""
-    eval_path: str = ""
-    """Evaluation prompts in the same forms (e.g. hf://openai/gsm8k/main:test); empty = no periodic evaluation."""
-    question_field: str = "question"
-    """Field holding the question text (official ARPO parquet: handled automatically)."""
-    answer_field: str = "answer"
-    """Field holding the gold answer (a string or a list of acceptable strings)."""
-    answer_pattern: str = ""
-    """A regular expression (multi-line: ^ and $ match at every line) whose last match in the
-    answer field is the gold answer (its first group if it has one), for answer fields holding
-    more than the answer; applies to every data file of the run. 'gsm8k' names
-    '####\\s*(.+?)\\s*$' (GSM8K's worked solutions ending "#### 72"). Empty = the field as is."""
-    skip_malformed: bool = False
-    """Skip rows that fail the checks (their count and the first reason are logged) instead of
-    stopping at the first one."""
-    system_prompt: str = "reasoning"
-    """'reasoning' or 'search' (packaged prompts describing the tools), or the prompt text itself."""
-    max_eval_prompts: int = 0
-    """Evaluate on at most this many prompts; 0 = all."""
-
-    def validate(self) -> None:
-        from .tasks.data import compile_answer_pattern
-
-        compile_answer_pattern(self.answer_pattern)  # a bad expression fails at load, not at the first row
-        if self.max_eval_prompts < 0:
-            raise ValueError("max_eval_prompts must be >= 0")
 
 
 @dataclass

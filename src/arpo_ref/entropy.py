@@ -45,6 +45,27 @@ def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
     return -terms.sum(dim=-1)
 
 
+def entropy_normaliser(configured: float, vocab_size: int) -> float:
+    """The divisor of every entropy change, in both modes: `rollout.entropy_normaliser`, or ln|V|
+    when it is 0 (the official code's choice; the paper leaves the normaliser open)."""
+    if configured > 0:
+        return configured
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be at least 2 to normalise by ln|V|, got {vocab_size}")
+    return math.log(vocab_size)
+
+
+def pooled_topk_entropy(topk_logprobs: torch.Tensor, max_positions: int = 20) -> float:
+    """The official code's segment entropy before normalising, in nats: −Σ exp(l)·l over the
+    top-k log-probs l of the segment's first min(max_positions, len) positions pooled into one
+    list (a SUM over positions, so a longer window gives a larger value). 0.0 when empty."""
+    window = topk_logprobs[:max_positions].double()
+    if window.numel() == 0:
+        return 0.0
+    finite = torch.isfinite(window)
+    return float(-torch.where(finite, window.exp() * window, torch.zeros_like(window)).sum())
+
+
 def truncated_segment_entropy(
     topk_logprobs: torch.Tensor, vocab_size: int, max_positions: int = 20
 ) -> float:
@@ -52,8 +73,9 @@ def truncated_segment_entropy(
 
     ARPO official code (`vllm_rollout_with_tools.py`): for a segment just generated, take the
     top-k log-probs at each of its first min(max_positions, len) positions, pool them into one
-    list l, and return (−Σ exp(l)·l) / ln|V|. It is a SUM over positions, so a longer window
-    gives a larger value; the released setting is max_positions = 20, k = 10.
+    list l, and return (−Σ exp(l)·l) / ln|V|; the released setting is max_positions = 20, k = 10.
+    The rollout uses `pooled_topk_entropy` / `entropy_normaliser` (the same value when
+    `rollout.entropy_normaliser` is 0), the one normaliser both modes share.
 
     Args:
         topk_logprobs: [P, k] log-probs of the k most likely tokens at each of the segment's P
@@ -64,14 +86,7 @@ def truncated_segment_entropy(
     Returns:
         The normalised truncated entropy as a Python float; 0.0 for an empty segment.
     """
-    if vocab_size < 2:
-        raise ValueError(f"vocab_size must be at least 2 to normalise by ln|V|, got {vocab_size}")
-    window = topk_logprobs[:max_positions].double()
-    if window.numel() == 0:
-        return 0.0
-    finite = torch.isfinite(window)
-    terms = torch.where(finite, window.exp() * window, torch.zeros_like(window))
-    return float(-terms.sum() / math.log(vocab_size))
+    return pooled_topk_entropy(topk_logprobs, max_positions) / entropy_normaliser(0.0, vocab_size)
 
 
 def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:

@@ -1,31 +1,33 @@
 """Entropy-based adaptive rollout (ARPO §3.2, ARPO.md §2): modes `paper`, `official` and `grpo`.
 
-Every prompt gets a `RolloutTree` with exactly M leaves. All live trajectories of the batch
-advance together, one turn at a time: generate until a closing tool tag, EOS or the length budget;
-run the tools of every row in parallel; insert the results as forced tokens (loss mask 0); then
-decide where to branch. Branches fork the generator's cache rows (the shared prefix is not read
-again) and reuse the prefix's tool results (no re-execution).
+Every prompt gets a `RolloutTree` with exactly M leaves. A row generates until a closing tool
+tag, EOS or the length budget; its call runs and the result goes in as forced tokens (loss mask
+0); then it may branch. Branches fork the generator's cache rows (the prefix is not read again)
+and reuse the prefix's tool results. Schedules (`rollout.schedule`): `continuous` (paper, grpo;
+`arpo_ref.scheduler`: rows advance on their own, tools run while others decode) or `rounds`
+(official; `_run_rounds`: a turn lasts until its slowest row stopped, then all tools run).
 
 paper (ARPO.md §2.1): N global samples; H_initial = entropies of a trajectory's first k tokens.
     After each tool result the trajectory generates k look-ahead tokens, H_t = their entropies,
     ΔH_t = Σ_j (H_t[j] − H_initial[j]) / normaliser, P_t = α + β·ΔH_t; if P_t > τ, Z branches
     fork at the point right after the result. Once M − N branches exist no more decisions are
-    made; prompts whose paths all ended with leaves missing get the rest as fill-up samples.
+    made; the leaves branches leave unused are fill-up samples (`arpo_ref.fill_ups`).
 official (ARPO.md §2.2): the released code, point by point — see `_official_decisions`.
 grpo: M global samples, no branching (the baseline every comparison needs).
 
 Gaps the paper leaves open and how they are filled here:
 * k (entropy_window) = 20 and Z (branches_per_decision) = 1 by default, as in the official code.
-* Normaliser of ΔH: `rollout.entropy_normaliser`, default ln|V| with |V| = len(tokenizer).
-* Look-ahead: before the k look-ahead tokens are sampled, the row is copied (a cache-row fork)
-  so branches start exactly at the branch point; the look-ahead tokens stay with the original
-  only, which simply continues its segment afterwards. The copy is dropped if no branch is made.
+* Normaliser of ΔH: `rollout.entropy_normaliser`, default ln|V| (`entropy.entropy_normaliser`).
+* Look-ahead: right after the result the row is copied (`Trajectory.branch_point_row`) so
+  branches start exactly at the branch point; the look-ahead tokens stay with the original,
+  which continues its segment. The copy is dropped if no branch is made.
 * Shorter windows: when the look-ahead or the first segment has fewer than k tokens (EOS or a
   tool tag came first), ΔH sums over the positions both have.
-* Fill-up samples (paper) are added all at once when a prompt has no live path, and do not
-  branch themselves, so the budget is exactly spent.
+* Fill-ups (paper) do not branch. By default they start with the globals and each branch
+  cancels the youngest (`rollout.speculative_fill_ups`); else they start once a prompt has no
+  live path. Either way the budget is spent exactly and the leaves have the same distribution.
 * Over the tool-call limit a trajectory ends ('tool_limit') without the official code's
-  appended EOS (see `arpo_ref.episode`); so does a call over its tool's own limit
+  appended EOS (`arpo_ref.episode`); so does a call over its tool's own limit
   (`rollout.max_calls_per_tool`, an addition: the official code has one limit for all tools).
 """
 
@@ -38,13 +40,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import branch_copies, fill_ups
 from .aepo import counters_after_round, official_branch
 from .config import RolloutConfig, SamplingConfig
 from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
-from .entropy import truncated_segment_entropy
+from .entropy import entropy_normaliser, pooled_topk_entropy
 from .episode import run_tool_calls, segment_call
-from .tools.registry import summarize_results
-from .tree import BranchDecision, RolloutTree, ToolCall
+from .rollout_metrics import rollout_metrics
+from .tree import BranchDecision, ExecutedCall, RolloutTree
 
 
 @dataclass
@@ -55,7 +58,7 @@ class Trajectory:
     row_id: int
     node_id: int
     origin: str
-    index: int
+    creation_index: int
     """Creation order across the batch: the official code's entropy-baseline key."""
     tool_calls: int = 0
     calls_per_tool: dict[str, int] = field(default_factory=dict)
@@ -64,7 +67,7 @@ class Trajectory:
     initial_entropy: list[float] | None = None
     segment: GeneratedSequence | None = None
     """The segment being generated (paper mode: after the look-ahead, it is resumed)."""
-    snapshot_row: int | None = None
+    branch_point_row: int | None = None
     """Paper mode: a copy of the row at the branch point, awaiting the decision."""
     branch_node: int | None = None
     """Branches: the node they were forked after (recorded on their leaf)."""
@@ -72,6 +75,15 @@ class Trajectory:
     """Official mode: truncated entropy of the trajectory's latest segment."""
     waiting_on_tool: bool = False
     """Continuous schedule: its call is in the tool pool; it rejoins decoding once the result is in."""
+    home: RolloutTree | None = None
+    """A speculative fill-up (`arpo_ref.fill_ups`): its prompt's tree (`tree` is its own)."""
+    cancelled: bool = False
+    """A speculative fill-up whose leaf a branch took (youngest first), or a released speculative
+    branch copy; it leaves no leaf."""
+    branch_copies: list[Trajectory] = field(default_factory=list)
+    """`rollout.speculative_branches`: copies forked at the branch point, awaiting the decision."""
+    awaiting_decision: bool = False
+    """A speculative branch copy whose parent has not decided yet: it is not closed or counted."""
     done: bool = False
 
 
@@ -103,14 +115,15 @@ class AdaptiveRollout:
         self.token_rng = torch.Generator(device=generator.device).manual_seed(seed)
         self.draw_rng = random.Random(seed)
         self.stale_baselines: dict[int, float] = {}
-        self.normaliser = config.entropy_normaliser or math.log(generator.vocab_size)
+        self.normaliser = entropy_normaliser(config.entropy_normaliser, generator.vocab_size)
         self.stop_strings = registry.stop_strings() if registry is not None else []
 
     # ------------------------------------------------------------------ the loop
     def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
         cfg, gen = self.config, self.generator
         self.stats: dict[str, float] = {"rollout/prefill_tokens_saved": 0.0, "time/generation": 0.0,
-                                        "time/tools": 0.0}
+                                        "time/tools": 0.0, "rollout/fill_up_tokens_wasted": 0.0,
+                                        "rollout/branch_tokens_wasted": 0.0}
         self.tool_results = []
         self.baselines = self.stale_baselines if cfg.official_stale_baseline else {}
         trees = [RolloutTree(i, metadata=dict(metadata[i]) if metadata else {}) for i in range(len(prompts))]
@@ -122,6 +135,8 @@ class AdaptiveRollout:
         first = cfg.rollout_budget if cfg.mode == "grpo" else cfg.num_global
         for tree, row_id in zip(trees, list(rows.row_ids)):
             self._spawn(rows, tree, row_id, first, "global")
+            if cfg.mode == "paper" and cfg.speculative_fill_ups:
+                fill_ups.spawn(self, rows, tree, row_id)
         if cfg.resolved_schedule == "continuous":
             from .scheduler import run_continuous
 
@@ -131,9 +146,10 @@ class AdaptiveRollout:
         for t in self.trajectories:  # only reached when max_turns ran out
             if not t.done:
                 self._finish(rows, t, "length")
+        fill_ups.graft_kept(self)
         self._pad_with_duplicates(trees)
         gen.release(rows, list(rows.row_ids))
-        return RolloutResult(trees, self._metrics(trees, rows))
+        return RolloutResult(trees, rollout_metrics(self.stats, self.tool_results, trees, rows))
 
     def _run_rounds(self, rows: RowBatch, trees: list[RolloutTree]) -> None:
         """The official code's schedule: turns that end when (a fraction of) the rows stopped."""
@@ -183,7 +199,7 @@ class AdaptiveRollout:
         """Turn finished segments into model nodes; end trajectories or run their tool calls."""
         cfg, calling = self.config, []
         for t in self.trajectories:
-            if t.done or t.segment is None or t.segment.finish_reason is None:
+            if t.done or t.awaiting_decision or t.segment is None or t.segment.finish_reason is None:
                 continue
             seg, t.segment = t.segment, None
             node = t.tree.add_node(t.node_id, "model", seg.token_ids, logprobs=seg.logprobs,
@@ -193,7 +209,7 @@ class AdaptiveRollout:
                 t.initial_entropy = seg.entropies[: cfg.entropy_window]
             if cfg.mode == "official":
                 node_entropy = self._segment_entropy(seg)
-                self.baselines.setdefault(t.index, node_entropy)
+                self.baselines.setdefault(t.creation_index, node_entropy)
                 t.last_segment_entropy = node_entropy
             if seg.finish_reason != "stop":
                 self._finish(rows, t, seg.finish_reason)
@@ -227,7 +243,7 @@ class AdaptiveRollout:
             room = self.config.max_response_tokens - t.response_tokens
             ids = step.result_ids[:room]
             self.tool_results.append(step.result)
-            call = ToolCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
+            call = ExecutedCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
                             step.result.error_kind, step.result.seconds)
             node = t.tree.add_node(t.node_id, "tool", ids, tool_call=call)
             t.node_id, t.response_tokens, t.tool_calls = node.id, t.response_tokens + len(ids), t.tool_calls + 1
@@ -244,13 +260,13 @@ class AdaptiveRollout:
     def _take_snapshots(self, rows: RowBatch, calling: list[Trajectory]) -> None:
         """Copy each row at its branch point while the prompt still has budget for branches."""
         for t in calling:
-            if self._budget_left(t.tree) > 0:
-                (t.snapshot_row,) = self.generator.fork(rows, t.row_id, 1)
+            if t.origin != "fill_up" and self._branch_budget(t.tree) > 0:
+                (t.branch_point_row,) = self.generator.fork(rows, t.row_id, 1)
 
     def _paper_decisions(self, rows: RowBatch) -> None:
         """ARPO.md §2.1 steps 2–3: k look-ahead tokens, ΔH_t, P_t = α + β·ΔH_t > τ → fork Z."""
         cfg = self.config
-        waiting = [t for t in self.trajectories if not t.done and t.snapshot_row is not None]
+        waiting = [t for t in self.trajectories if not t.done and t.branch_point_row is not None]
         if not waiting:
             return
         limits = {t.row_id: min(cfg.entropy_window, cfg.max_response_tokens - t.response_tokens) for t in waiting}
@@ -270,10 +286,11 @@ class AdaptiveRollout:
         the copy made at the branch point."""
         cfg = self.config
         look_ahead = t.segment.entropies[: cfg.entropy_window]
-        snapshot, t.snapshot_row = t.snapshot_row, None
-        budget = self._budget_left(t.tree)
+        snapshot, t.branch_point_row = t.branch_point_row, None
+        budget = self._branch_budget(t.tree)
         if budget == 0:
-            self.generator.release(rows, [snapshot])
+            self.generator.release(rows, [snapshot] if snapshot is not None else [])
+            branch_copies.settle(self, rows, t, 0)
             return
         n = min(len(look_ahead), len(t.initial_entropy))
         delta = sum(h - h0 for h, h0 in zip(look_ahead[:n], t.initial_entropy[:n])) / self.normaliser
@@ -281,14 +298,19 @@ class AdaptiveRollout:
         branches = min(cfg.branches_per_decision, budget) if probability > cfg.branch_threshold else 0
         t.tree.nodes[t.node_id].decision = BranchDecision(
             "paper", list(t.initial_entropy), look_ahead, delta, probability, branches > 0, branches)
-        if branches == 0:
+        if snapshot is None:  # speculative copies decoded alongside the look-ahead
+            branch_copies.settle(self, rows, t, branches)
+        elif branches == 0:
             self.generator.release(rows, [snapshot])
+        if snapshot is None or branches == 0:
+            fill_ups.cancel_youngest(self, rows, t.tree)
             return
         copies = [snapshot] + (self.generator.fork(rows, snapshot, branches - 1) if branches > 1 else [])
         # Only snapshots that become branches save a prefill; dropped ones saved nothing.
         self.stats["rollout/prefill_tokens_saved"] += branches * len(rows.histories[rows.index(snapshot)])
         for row_id in copies:
             self._add_trajectory(t.tree, row_id, "branch", parent=t)
+        fill_ups.cancel_youngest(self, rows, t.tree)
 
     # ------------------------------------------------------------------ official mode
     def _official_decisions(self, rows: RowBatch, calling: list[Trajectory]) -> None:
@@ -297,11 +319,11 @@ class AdaptiveRollout:
         clip(u − β·ΔH, 0, 1) ≤ τ, where ΔH = (truncated entropy of the segment that ENDED with
         the call − the first segment entropy seen for its index), all divided by ln|V|."""
         cfg = self.config
-        for t in sorted(calling, key=lambda t: t.index):
+        for t in sorted(calling, key=lambda t: t.creation_index):
             budget = self._budget_left(t.tree)
             if budget == 0:
                 continue
-            delta = t.last_segment_entropy - self.baselines[t.index]
+            delta = t.last_segment_entropy - self.baselines[t.creation_index]
             draws, made = [], 0
             for _ in range(min(cfg.beam_size - 1, budget)):
                 u = self.draw_rng.random()
@@ -313,19 +335,24 @@ class AdaptiveRollout:
                     made += 1
             probability = min(max(cfg.branch_threshold + cfg.entropy_weight * delta, 0.0), 1.0)
             t.tree.nodes[t.node_id].decision = BranchDecision(
-                "official", [self.baselines[t.index]], [t.last_segment_entropy], delta, probability,
+                "official", [self.baselines[t.creation_index]], [t.last_segment_entropy], delta, probability,
                 made > 0, made, draws)
 
     def _segment_entropy(self, segment: GeneratedSequence) -> float:
-        """The official truncated segment entropy, divided by the configured normaliser."""
-        vocab = self.generator.vocab_size
+        """The official truncated segment entropy (`pooled_topk_entropy`), divided by the same
+        normaliser as paper mode's ΔH (`entropy_normaliser`)."""
         top = torch.tensor(segment.topk_logprobs) if segment.topk_logprobs else torch.zeros(0, 1)
-        per_ln_vocab = truncated_segment_entropy(top, vocab, max_positions=self.config.entropy_window)
-        return per_ln_vocab * math.log(vocab) / self.normaliser
+        return pooled_topk_entropy(top, max_positions=self.config.entropy_window) / self.normaliser
 
     # ------------------------------------------------------------------ bookkeeping
+    def _branch_budget(self, tree: RolloutTree) -> int:
+        """Leaves still open to branches: M − (global and branch paths); fill-ups yield theirs."""
+        return self.config.rollout_budget - sum(t.tree is tree and not t.cancelled and not t.awaiting_decision
+                                                for t in self.trajectories)
+
     def _budget_left(self, tree: RolloutTree) -> int:
-        return self.config.rollout_budget - sum(t.tree is tree for t in self.trajectories)
+        """Leaves no path will fill: the branch budget less the speculative fill-ups kept."""
+        return self._branch_budget(tree) - len(fill_ups.speculative(self.trajectories, tree))
 
     def _spawn(self, rows: RowBatch, tree: RolloutTree, row_id: int, count: int, origin: str) -> None:
         """`count` new trajectories from a freshly prefilled prompt row (the copies are forks)."""
@@ -336,7 +363,7 @@ class AdaptiveRollout:
 
     def _add_trajectory(self, tree: RolloutTree, row_id: int, origin: str,
                         parent: Trajectory | None = None) -> Trajectory:
-        t = Trajectory(tree, row_id, node_id=0, origin=origin, index=len(self.trajectories))
+        t = Trajectory(tree, row_id, node_id=0, origin=origin, creation_index=len(self.trajectories))
         if parent is not None:  # a branch: same prefix, same counters
             t.node_id, t.tool_calls, t.branch_node = parent.node_id, parent.tool_calls, parent.node_id
             t.calls_per_tool = dict(parent.calls_per_tool)
@@ -347,9 +374,11 @@ class AdaptiveRollout:
     def _finish(self, rows: RowBatch, t: Trajectory, reason: str) -> None:
         t.tree.add_leaf(t.node_id, t.origin, finish_reason=reason, tool_calls=t.tool_calls, branch_node=t.branch_node)
         t.done = True
-        drop = [r for r in (t.row_id, t.snapshot_row) if r is not None and r in rows.row_ids]
-        t.snapshot_row = None
+        drop = [r for r in (t.row_id, t.branch_point_row) if r is not None and r in rows.row_ids]
+        t.branch_point_row = None
         self.generator.release(rows, drop)
+        branch_copies.discard(self, rows, t.branch_copies)
+        t.branch_copies = []
 
     def _fill_up(self, rows: RowBatch, trees: list[RolloutTree]) -> None:
         for tree in trees:
@@ -369,32 +398,3 @@ class AdaptiveRollout:
                 last = tree.leaves[-1]
                 tree.add_leaf(last.node_id, "duplicate", finish_reason=last.finish_reason,
                               tool_calls=last.tool_calls)
-
-    def _metrics(self, trees: list[RolloutTree], rows: RowBatch) -> dict[str, float]:
-        """Namespaced metrics of one rollout (means are per prompt)."""
-        prompts = max(len(trees), 1)
-        leaves = [leaf for tree in trees for leaf in tree.leaves]
-        decisions = [d for tree in trees for d in tree.decisions()]
-        metrics = dict(self.stats)
-        for origin in ("global", "branch", "fill_up", "duplicate"):
-            metrics[f"rollout/leaves_{origin}"] = sum(leaf.origin == origin for leaf in leaves) / prompts
-        metrics["rollout/branch_decisions"] = float(len(decisions))
-        metrics["rollout/branches"] = float(sum(d.num_branches for d in decisions))
-        metrics["rollout/branch_declined"] = float(sum(not d.branched for d in decisions))
-        metrics["entropy/delta"] = (sum(d.delta_entropy for d in decisions) / len(decisions)) if decisions else 0.0
-        metrics["rollout/tool_calls_executed"] = len(self.tool_results) / prompts
-        metrics["rollout/tool_calls_in_leaves"] = sum(leaf.tool_calls for leaf in leaves) / prompts
-        metrics["rollout/generated_tokens"] = float(rows.generated_tokens)
-        # Turn by turn, a turn lasts as long as its slowest row; the longest single path is the
-        # floor any schedule would need (every row continuing as soon as its tool result is in).
-        metrics["rollout/decode_steps"] = float(rows.decode_steps)
-        metrics["rollout/longest_path_tokens"] = float(max((
-            sum(len(n.token_ids) for n in tree.response_segments(leaf) if n.kind == "model")
-            for tree in trees for leaf in tree.leaves), default=0))
-        metrics["rollout/response_tokens_mean"] = sum(
-            sum(len(n.token_ids) for n in tree.response_segments(leaf)) for tree in trees for leaf in tree.leaves
-        ) / max(len(leaves), 1)
-        for reason in ("eos", "length", "tool_limit", "stop"):
-            metrics[f"rollout/finish_{reason}"] = sum(leaf.finish_reason == reason for leaf in leaves) / max(len(leaves), 1)
-        metrics.update(summarize_results(self.tool_results))
-        return metrics

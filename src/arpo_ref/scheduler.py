@@ -5,9 +5,10 @@ stops on a closing tool tag sends its call to a thread pool (the python tool is 
 threads suffice) and the other rows keep decoding; at the next step boundary after its result is
 back, the result is appended as forced tokens and the row decodes again. Paper mode's decision is
 taken for a row as soon as its k look-ahead tokens after a result exist (or its segment ended
-sooner), from the copy of the row made right after the result (`AdaptiveRollout._decide_paper`).
-Fill-up samples start, as in the rounds schedule, once a prompt has leaves missing and no live
-path. The rollout ends when every prompt has its M leaves.
+sooner) (`AdaptiveRollout._decide_paper`); by default its branch copies, forked right after the
+result, decode alongside the look-ahead (`arpo_ref.branch_copies`), and fill-up samples start
+with the globals, a branch cancelling the youngest (`arpo_ref.fill_ups`). The rollout ends when
+every prompt has its M leaves.
 
 Results join deterministically by default: a call sent at step s is inserted at the boundary of
 step s + `rollout.tool_join_steps` (the loop waits if the tool is slower), so the sequence of
@@ -24,6 +25,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
+from . import branch_copies
 from .episode import run_tool_calls
 
 
@@ -96,7 +98,8 @@ def run_continuous(engine, rows, trees) -> None:
             engine._fill_up(rows, trees)  # prompts with leaves missing and no live path
             if all(t.done for t in engine.trajectories):
                 break
-            decoding = [t for t in engine.trajectories if not t.done and not t.waiting_on_tool]
+            decoding = [t for t in engine.trajectories if not t.done and not t.waiting_on_tool
+                        and not (t.awaiting_decision and t.segment is not None and t.segment.finish_reason)]
             if decoding:
                 _step(engine, rows, decoding)
                 step += 1
@@ -113,12 +116,17 @@ def run_continuous(engine, rows, trees) -> None:
 
 
 def _insert_results(engine, rows, back) -> None:
+    back = [(t, step) for t, step in back if not t.done]  # a fill-up cancelled while its tool ran
     if not back:
         return
     for t, _ in back:
         t.waiting_on_tool = False
     called = engine._insert_results(rows, [t for t, _ in back], [step for _, step in back])
-    if engine.config.mode == "paper":
+    if engine.config.mode == "paper" and engine.config.speculative_branches:
+        for t in called:  # copies at the branch point, decoding alongside the look-ahead
+            if t.origin != "fill_up":
+                branch_copies.start(engine, rows, t)
+    elif engine.config.mode == "paper":
         engine._take_snapshots(rows, called)  # the copy at the branch point, right after the result
 
 
@@ -135,6 +143,6 @@ def _step(engine, rows, decoding) -> None:
         if segment.finish_reason == "length" and t.response_tokens + len(segment.token_ids) < cfg.max_response_tokens:
             segment.finish_reason = None  # the one-step limit, not the length budget: still open
         t.segment = segment
-        if t.snapshot_row is not None and (len(segment.token_ids) >= cfg.entropy_window
+        if (t.branch_point_row is not None or t.branch_copies) and (len(segment.token_ids) >= cfg.entropy_window
                                            or segment.finish_reason is not None):
             engine._decide_paper(rows, t)

@@ -100,7 +100,7 @@ class BranchDecision:
 
 
 @dataclass
-class ToolCall:
+class ExecutedCall:
     """A tool call a trajectory made: executed once, shared by every leaf below it."""
 
     tag: str
@@ -122,7 +122,7 @@ class Node:
     """Model nodes: log pi_old of each token at temperature 1; empty otherwise."""
     entropies: list[float] = field(default_factory=list)
     """Model nodes: entropy of the sampling distribution at each token; empty otherwise."""
-    tool_call: ToolCall | None = None
+    tool_call: ExecutedCall | None = None
     """Tool nodes: the call whose result this is."""
     decision: BranchDecision | None = None
     """The branch decision taken right after this node, if any."""
@@ -199,7 +199,7 @@ class RolloutTree:
         nodes = []
         for n in data["nodes"]:
             n = dict(n)
-            n["tool_call"] = ToolCall(**n["tool_call"]) if n.get("tool_call") else None
+            n["tool_call"] = ExecutedCall(**n["tool_call"]) if n.get("tool_call") else None
             n["decision"] = BranchDecision(**n["decision"]) if n.get("decision") else None
             nodes.append(Node(**n))
         leaves = [Leaf(**leaf) for leaf in data["leaves"]]

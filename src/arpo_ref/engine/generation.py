@@ -98,6 +98,8 @@ class RowBatch:
     """Tokens sampled so far (all rows); prefill and forced tokens are not counted."""
     forward_tokens: int = 0
     """Real (not padding) tokens fed through the model so far: what compute was spent on."""
+    forced_passes: int = 0
+    """Forward passes that read forced tokens only (prompt prefills, tool results): no sampling."""
     decode_steps: int = 0
     """Decoding forward passes so far (one per sampled column, whatever the number of rows): on a
     GPU, where a step of a small batch costs about the same as a step of a large one, the time."""
@@ -223,6 +225,7 @@ class Generator:
                 chunks.append([rows.histories[b][-1]] + list(token_ids[:-1]))
                 rows.histories[b].extend(token_ids)
         if fed:
+            rows.forced_passes += 1
             self._forward_rows(rows, fed, chunks)
 
     @torch.inference_mode()

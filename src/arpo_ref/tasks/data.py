@@ -29,6 +29,37 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
+@dataclass
+class DataConfig:
+    train_path: str = ""
+    """Training prompts with questions and answers: a .jsonl / .json / .parquet file, a folder saved
+    with datasets' `save_to_disk`, or a hub dataset written hf://owner/name[/config][:split]
+    (split defaults to train), e.g. hf://openai/gsm8k/main:train."""
+    eval_path: str = ""
+    """Evaluation prompts in the same forms (e.g. hf://openai/gsm8k/main:test); empty = no periodic evaluation."""
+    question_field: str = "question"
+    """Field holding the question text (official ARPO parquet: handled automatically)."""
+    answer_field: str = "answer"
+    """Field holding the gold answer (a string or a list of acceptable strings)."""
+    answer_pattern: str = ""
+    """A regular expression (multi-line: ^ and $ match at every line) whose last match in the
+    answer field is the gold answer (its first group if it has one), for answer fields holding
+    more than the answer; applies to every data file of the run. 'gsm8k' names
+    '####\\s*(.+?)\\s*$' (GSM8K's worked solutions ending "#### 72"). Empty = the field as is."""
+    skip_malformed: bool = False
+    """Skip rows that fail the checks (their count and the first reason are logged) instead of
+    stopping at the first one."""
+    system_prompt: str = "reasoning"
+    """'reasoning' or 'search' (packaged prompts describing the tools), or the prompt text itself."""
+    max_eval_prompts: int = 0
+    """Evaluate on at most this many prompts; 0 = all."""
+
+    def validate(self) -> None:
+        compile_answer_pattern(self.answer_pattern)  # a bad expression fails at load, not at the first row
+        if self.max_eval_prompts < 0:
+            raise ValueError("max_eval_prompts must be >= 0")
+
 HUB_PREFIX = "hf://"
 HUB_SYNTAX = "hf://owner/name[/config][:split], e.g. hf://openai/gsm8k/main:test"
 ANSWER_PATTERNS = {"gsm8k": r"####\s*(.+?)\s*$"}

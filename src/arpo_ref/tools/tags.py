@@ -69,7 +69,7 @@ class ParsedCall(NamedTuple):
     """A call parsed from text. A plain `(tag, content)` tuple, plus `problem` when it cannot run.
 
     `problem` is None for a well-formed call, otherwise the error text the model should read.
-    (Not `tree.ToolCall`, which records a call that ran, with its result.)
+    (Not `tree.ExecutedCall`, which records a call that ran, with its result.)
     """
 
     tag: str

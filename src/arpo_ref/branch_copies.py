@@ -1,0 +1,41 @@
+"""Speculative branch copies (paper mode, continuous schedule, `rollout.speculative_branches`).
+
+ARPO.md §2.1 step 3 decides whether to branch at a tool result from the k look-ahead tokens the
+row writes after it, so a branch could only start k decoding steps after its branch point. Here
+Z copies of the row forked right after the result (`Trajectory.branch_copies`) decode alongside
+the look-ahead. The decision reads only the parent's look-ahead, and each copy samples from the
+same prefix, so a copy's tokens are a branch's tokens in distribution whatever the decision. If
+P_t > τ the first min(Z, budget) copies become the branches; the others, or all if the decision
+declines, are released and their tokens counted in `rollout/branch_tokens_wasted`. A copy whose
+segment ends before the decision waits (it is neither closed nor decoded) until then.
+"""
+
+from __future__ import annotations
+
+
+def start(engine, rows, t) -> None:
+    """Fork min(Z, branch budget) copies of `t` at its branch point; they decode from now on."""
+    count = min(engine.config.branches_per_decision, engine._branch_budget(t.tree))
+    for row_id in engine.generator.fork(rows, t.row_id, count) if count > 0 else []:
+        copy = engine._add_trajectory(t.tree, row_id, "branch", parent=t)
+        copy.awaiting_decision = True
+        t.branch_copies.append(copy)
+
+
+def settle(engine, rows, t, branches: int) -> None:
+    """After `t`'s decision: its first `branches` copies become branches, the others go."""
+    keep, drop = t.branch_copies[:branches], t.branch_copies[branches:]
+    t.branch_copies = []
+    for copy in keep:
+        copy.awaiting_decision = False
+    prefix = sum(len(node.token_ids) for node in t.tree.path(t.node_id))  # t.node_id: the branch point
+    engine.stats["rollout/prefill_tokens_saved"] += len(keep) * prefix
+    discard(engine, rows, drop)
+
+
+def discard(engine, rows, copies) -> None:
+    for copy in copies:
+        copy.done = copy.cancelled = True
+        copy.awaiting_decision = False
+        engine.stats["rollout/branch_tokens_wasted"] += len(copy.segment.token_ids) if copy.segment else 0
+        engine.generator.release(rows, [r for r in (copy.row_id,) if r in rows.row_ids])

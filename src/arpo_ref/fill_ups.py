@@ -1,0 +1,70 @@
+"""Speculative fill-up samples (paper mode, `rollout.speculative_fill_ups`; ARPO.md §2.1 step 4).
+
+The paper samples the leaves its branches did not use as extra global samples ("fill-ups") once
+the branching is over. Started only then, they add a whole path's decoding steps to the end of
+the rollout. Here the M − N fill-ups of a prompt start together with its N global samples, as
+low-priority rows: each branch the decisions make cancels the YOUNGEST fill-up of its prompt
+still kept (finished or not, whatever its content), so a prompt always holds exactly M leaves.
+
+Why the distribution is the paper's: branch decisions read only the global and branch paths and
+the branch budget M − (globals + branches), which fill-ups do not change; the fill-ups kept are
+chosen by creation order alone, so they are i.i.d. samples of the policy, as late fill-ups are.
+Only the order in which the random stream is consumed differs. Cost: the tokens (and tool calls)
+of cancelled fill-ups are wasted; `rollout/fill_up_tokens_wasted` counts the tokens.
+
+A speculative fill-up writes into a tree of its own (`Trajectory.tree`), its prompt's tree being
+`Trajectory.home`; the kept ones are grafted into the prompt's tree when the rollout ends.
+"""
+
+from __future__ import annotations
+
+from .tree import RolloutTree
+
+
+def shadow_tree(home: RolloutTree) -> RolloutTree:
+    """A tree holding only `home`'s prompt node, for one speculative fill-up to write into."""
+    tree = RolloutTree(home.prompt_index)
+    tree.add_node(None, "prompt", home.nodes[0].token_ids)
+    return tree
+
+
+def spawn(engine, rows, home: RolloutTree, prompt_row: int) -> None:
+    """Fork M − N speculative fill-ups of `home` from its freshly read prompt row."""
+    count = engine.config.rollout_budget - engine.config.num_global
+    for row_id in engine.generator.fork(rows, prompt_row, count) if count > 0 else []:
+        engine._add_trajectory(shadow_tree(home), row_id, "fill_up").home = home
+
+
+def speculative(trajectories, home: RolloutTree) -> list:
+    """The speculative fill-ups of `home` still kept, oldest first."""
+    return [t for t in trajectories if t.home is home and not t.cancelled]
+
+
+def cancel_youngest(engine, rows, home: RolloutTree) -> None:
+    """Cancel the youngest kept fill-ups of `home` until its trajectories number at most M."""
+    kept = speculative(engine.trajectories, home)
+    over = len(kept) - engine._branch_budget(home)  # branch budget: M − global and branch paths
+    for t in kept[len(kept) - over:] if over > 0 else []:
+        t.cancelled = True
+        wasted = sum(len(n.token_ids) for n in t.tree.nodes if n.kind == "model")
+        engine.stats["rollout/fill_up_tokens_wasted"] += wasted + (len(t.segment.token_ids) if t.segment else 0)
+        if not t.done:
+            t.done = True
+            engine.generator.release(rows, [r for r in (t.row_id,) if r in rows.row_ids])
+
+
+def graft_kept(engine) -> None:
+    """Copy every kept fill-up's path and leaf into its prompt's tree, in creation order."""
+    for t in engine.trajectories:
+        if t.home is None or t.cancelled:
+            continue
+        mapping = {0: 0}
+        for node in t.tree.nodes[1:]:
+            copy = t.home.add_node(mapping[node.parent], node.kind, node.token_ids, logprobs=node.logprobs,
+                                   entropies=node.entropies, tool_call=node.tool_call,
+                                   finish_reason=node.finish_reason)
+            mapping[node.id] = copy.id
+        for leaf in t.tree.leaves:
+            t.home.add_leaf(mapping[leaf.node_id], leaf.origin, finish_reason=leaf.finish_reason,
+                            tool_calls=leaf.tool_calls)
+        engine.stats["rollout/prefill_tokens_saved"] += len(t.home.nodes[0].token_ids)
