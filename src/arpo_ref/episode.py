@@ -120,7 +120,9 @@ def run_tool_calls(registry: ToolRegistry, tokenizer, segments: list[list[int]],
     """
     calls = [segment_call(tokenizer, ids) for ids in segments]
     todo = [i for i, call in enumerate(calls) if call is not None]
-    results = registry.run_batch([calls[i] for i in todo], [runners[i] for i in todo] if runners else None)
+    runners = [runners[i] for i in todo] if runners else []
+    todo_calls = [calls[i] for i in todo]  # runners only when one is set: duck-typed registries take calls alone
+    results = registry.run_batch(todo_calls, runners) if any(runners) else registry.run_batch(todo_calls)
     steps: list[ToolStep | None] = [None] * len(calls)
     for i, result in zip(todo, results):
         steps[i] = ToolStep(calls[i], result, encode_result(tokenizer, result.text))

@@ -42,7 +42,12 @@ from .config import RolloutConfig, SamplingConfig
 from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
 from .entropy import truncated_segment_entropy
 from .episode import run_tool_calls, segment_call
-from .tasks.environment import environment_stop_strings, fork_environment, leaf_environments, runner_of
+from .tasks.environment import (
+    environment_stop_strings,
+    fork_environment,
+    leaf_environments,
+    runner_of,
+)
 from .tools.registry import summarize_results
 from .tree import BranchDecision, RolloutTree, ToolCall
 
