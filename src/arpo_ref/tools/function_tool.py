@@ -199,7 +199,7 @@ def _run_in_process(function: Callable, arguments: dict, timeout: float) -> tupl
     finally:
         if process.is_alive():
             process.kill()
-        process.join()
+        process.join(5.0)  # bounded: a child that survives kill() is reported, never waited on forever
         receive.close()
 
 
