@@ -13,7 +13,12 @@ from arpo_ref.engine.generation import Generator
 from arpo_ref.engine.scripted import ScriptedLM
 from arpo_ref.episode import render_prompt
 from arpo_ref.rollout import AdaptiveRollout
-from arpo_ref.tasks.environment import EnvironmentTools, environment_rewards, fork_environment, reset_all
+from arpo_ref.tasks.environment import (
+    EnvironmentTools,
+    environment_rewards,
+    fork_environment,
+    reset_all,
+)
 from arpo_ref.tasks.toy_world import ToyWorldEnvironment
 from arpo_ref.tools import ToolRegistry
 from arpo_ref.tools.base import BAD_INPUT, ToolResult
