@@ -42,12 +42,7 @@ from .config import RolloutConfig, SamplingConfig
 from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
 from .entropy import truncated_segment_entropy
 from .episode import run_tool_calls, segment_call
-from .tasks.environment import (
-    environment_stop_strings,
-    fork_environment,
-    leaf_environments,
-    runner_of,
-)
+from .tasks import environment as task_environment
 from .tools.registry import summarize_results
 from .tree import BranchDecision, RolloutTree, ToolCall
 
@@ -117,7 +112,7 @@ class AdaptiveRollout:
     # ------------------------------------------------------------------ the loop
     def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None, environments: list | None = None) -> RolloutResult:
         cfg, gen = self.config, self.generator  # environments: one reset environment per prompt (tasks/environment.py)
-        self.environments, self.stop_strings = environments, environment_stop_strings(self.registry_stops, environments)
+        self.environments, self.stop_strings = environments, task_environment.environment_stop_strings(self.registry_stops, environments)
         self.stats: dict[str, float] = {"rollout/prefill_tokens_saved": 0.0, "time/generation": 0.0, "time/tools": 0.0}
         self.tool_results = []
         self.baselines = self.stale_baselines if cfg.official_stale_baseline else {}
@@ -140,7 +135,7 @@ class AdaptiveRollout:
                 self._finish(rows, t, "length")
         self._pad_with_duplicates(trees)
         gen.release(rows, list(rows.row_ids))
-        return RolloutResult(trees, self._metrics(trees, rows), leaf_environments(trees, self.trajectories) if environments else [])
+        return RolloutResult(trees, self._metrics(trees, rows), task_environment.leaf_environments(trees, self.trajectories) if environments else [])
 
     def _run_rounds(self, rows: RowBatch, trees: list[RolloutTree]) -> None:
         """The official code's schedule: turns that end when (a fraction of) the rows stopped."""
@@ -158,7 +153,7 @@ class AdaptiveRollout:
             if calling:
                 start = time.perf_counter()
                 segments = [self._call_segment(t) for t in calling]
-                steps = run_tool_calls(self.registry, self.generator.tokenizer, segments, [runner_of(t.environment) for t in calling])
+                steps = run_tool_calls(self.registry, self.generator.tokenizer, segments, [task_environment.runner_of(t.environment) for t in calling])
                 self.stats["time/tools"] += time.perf_counter() - start
                 calling = self._insert_results(rows, calling, steps)
             if cfg.mode == "official":  # 4. decide after the results
@@ -343,7 +338,7 @@ class AdaptiveRollout:
     def _add_trajectory(self, tree: RolloutTree, row_id: int, origin: str,
                         parent: Trajectory | None = None) -> Trajectory:
         t = Trajectory(tree, row_id, node_id=0, origin=origin, index=len(self.trajectories))
-        t.environment = fork_environment(parent.environment if parent else self.environments[tree.prompt_index] if self.environments else None)
+        t.environment = task_environment.fork_environment(parent.environment if parent else self.environments[tree.prompt_index] if self.environments else None)
         if parent is not None:  # a branch: same prefix, same counters
             t.node_id, t.tool_calls, t.branch_node = parent.node_id, parent.tool_calls, parent.node_id
             t.calls_per_tool = dict(parent.calls_per_tool)
