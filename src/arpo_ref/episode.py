@@ -110,15 +110,19 @@ def segment_call(tokenizer, token_ids: list[int]) -> ParsedCall | None:
     return parse_tool_call(text, stop_token_at=len(os.path.commonprefix([before, text])))
 
 
-def run_tool_calls(registry: ToolRegistry, tokenizer, segments: list[list[int]]) -> list[ToolStep | None]:
+def run_tool_calls(registry: ToolRegistry, tokenizer, segments: list[list[int]],
+                   runners: list | None = None) -> list[ToolStep | None]:
     """Parse the call that ends each segment (token ids) and run all calls in parallel (ARPO.md §5).
 
     Returns, per segment, a `ToolStep`, or None when the segment does not end with a call.
-    Failures are results (error text for the model), never exceptions.
+    Failures are results (error text for the model), never exceptions. `runners[i]` (optional)
+    answers segment i's call instead of the registry (a trajectory's environment).
     """
     calls = [segment_call(tokenizer, ids) for ids in segments]
     todo = [i for i, call in enumerate(calls) if call is not None]
-    results = registry.run_batch([calls[i] for i in todo])
+    runners = [runners[i] for i in todo] if runners else []
+    todo_calls = [calls[i] for i in todo]  # runners only when one is set: duck-typed registries take calls alone
+    results = registry.run_batch(todo_calls, runners) if any(runners) else registry.run_batch(todo_calls)
     steps: list[ToolStep | None] = [None] * len(calls)
     for i, result in zip(todo, results):
         steps[i] = ToolStep(calls[i], result, encode_result(tokenizer, result.text))

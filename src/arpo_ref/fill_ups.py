@@ -68,3 +68,11 @@ def graft_kept(engine) -> None:
             t.home.add_leaf(mapping[leaf.node_id], leaf.origin, finish_reason=leaf.finish_reason,
                             tool_calls=leaf.tool_calls)
         engine.stats["rollout/prefill_tokens_saved"] += len(t.home.nodes[0].token_ids)
+
+
+def pad_with_duplicates(trees: list[RolloutTree], budget: int) -> None:
+    """The official code's fallback: a prompt still short of M leaves repeats its last leaf."""
+    for tree in trees:
+        while 0 < len(tree.leaves) < budget:
+            last = tree.leaves[-1]
+            tree.add_leaf(last.node_id, "duplicate", finish_reason=last.finish_reason, tool_calls=last.tool_calls)

@@ -47,6 +47,7 @@ from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingP
 from .entropy import entropy_normaliser, pooled_topk_entropy
 from .episode import run_tool_calls, segment_call
 from .rollout_metrics import rollout_metrics
+from .tasks import environment as task_environment
 from .tree import BranchDecision, ExecutedCall, RolloutTree
 
 
@@ -73,6 +74,7 @@ class Trajectory:
     """Branches: the node they were forked after (recorded on their leaf)."""
     last_segment_entropy: float = 0.0
     """Official mode: truncated entropy of the trajectory's latest segment."""
+    environment: object | None = None  # its own copy of the task's environment, forked with the row
     waiting_on_tool: bool = False
     """Continuous schedule: its call is in the tool pool; it rejoins decoding once the result is in."""
     home: RolloutTree | None = None
@@ -91,6 +93,7 @@ class Trajectory:
 class RolloutResult:
     trees: list[RolloutTree]
     metrics: dict[str, float] = field(default_factory=dict)
+    environments: list[list] = field(default_factory=list)  # per tree, per leaf: the environment it ended with
 
 
 class AdaptiveRollout:
@@ -116,14 +119,14 @@ class AdaptiveRollout:
         self.draw_rng = random.Random(seed)
         self.stale_baselines: dict[int, float] = {}
         self.normaliser = entropy_normaliser(config.entropy_normaliser, generator.vocab_size)
-        self.stop_strings = registry.stop_strings() if registry is not None else []
+        self.registry_stops = self.stop_strings = registry.stop_strings() if registry is not None else []
 
     # ------------------------------------------------------------------ the loop
-    def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
-        cfg, gen = self.config, self.generator
-        self.stats: dict[str, float] = {"rollout/prefill_tokens_saved": 0.0, "time/generation": 0.0,
-                                        "time/tools": 0.0, "rollout/fill_up_tokens_wasted": 0.0,
-                                        "rollout/branch_tokens_wasted": 0.0}
+    def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None, environments: list | None = None) -> RolloutResult:
+        cfg, gen = self.config, self.generator  # environments: one reset environment per prompt (tasks/environment.py)
+        self.environments, self.stop_strings = environments, task_environment.environment_stop_strings(self.registry_stops, environments)
+        self.stats: dict[str, float] = {"rollout/prefill_tokens_saved": 0.0, "time/generation": 0.0, "time/tools": 0.0,
+                                        "rollout/fill_up_tokens_wasted": 0.0, "rollout/branch_tokens_wasted": 0.0}
         self.tool_results = []
         self.baselines = self.stale_baselines if cfg.official_stale_baseline else {}
         trees = [RolloutTree(i, metadata=dict(metadata[i]) if metadata else {}) for i in range(len(prompts))]
@@ -147,9 +150,10 @@ class AdaptiveRollout:
             if not t.done:
                 self._finish(rows, t, "length")
         fill_ups.graft_kept(self)
-        self._pad_with_duplicates(trees)
+        fill_ups.pad_with_duplicates(trees, cfg.rollout_budget)
         gen.release(rows, list(rows.row_ids))
-        return RolloutResult(trees, rollout_metrics(self.stats, self.tool_results, trees, rows))
+        return RolloutResult(trees, rollout_metrics(self.stats, self.tool_results, trees, rows),
+                             task_environment.leaf_environments(trees, self.trajectories) if environments else [])
 
     def _run_rounds(self, rows: RowBatch, trees: list[RolloutTree]) -> None:
         """The official code's schedule: turns that end when (a fraction of) the rows stopped."""
@@ -167,7 +171,7 @@ class AdaptiveRollout:
             if calling:
                 start = time.perf_counter()
                 segments = [self._call_segment(t) for t in calling]
-                steps = run_tool_calls(self.registry, self.generator.tokenizer, segments)
+                steps = run_tool_calls(self.registry, self.generator.tokenizer, segments, [task_environment.runner_of(t.environment) for t in calling])
                 self.stats["time/tools"] += time.perf_counter() - start
                 calling = self._insert_results(rows, calling, steps)
             if cfg.mode == "official":  # 4. decide after the results
@@ -364,6 +368,7 @@ class AdaptiveRollout:
     def _add_trajectory(self, tree: RolloutTree, row_id: int, origin: str,
                         parent: Trajectory | None = None) -> Trajectory:
         t = Trajectory(tree, row_id, node_id=0, origin=origin, creation_index=len(self.trajectories))
+        t.environment = task_environment.fork_environment(parent.environment if parent else self.environments[tree.prompt_index] if self.environments else None)
         if parent is not None:  # a branch: same prefix, same counters
             t.node_id, t.tool_calls, t.branch_node = parent.node_id, parent.tool_calls, parent.node_id
             t.calls_per_tool = dict(parent.calls_per_tool)
@@ -385,16 +390,7 @@ class AdaptiveRollout:
             missing = self._budget_left(tree)
             if missing == 0 or any(t.tree is tree and not t.done for t in self.trajectories):
                 continue
-            count = 1 if self.config.mode == "official" else missing
-            before = set(rows.row_ids)
+            count, before = 1 if self.config.mode == "official" else missing, set(rows.row_ids)
             self.generator.prefill([self.prompts[tree.prompt_index]], rows)
             (row_id,) = [r for r in rows.row_ids if r not in before]
             self._spawn(rows, tree, row_id, count, "fill_up")
-
-    def _pad_with_duplicates(self, trees: list[RolloutTree]) -> None:
-        """Official fallback: a prompt still short of M leaves repeats its last leaf."""
-        for tree in trees:
-            while 0 < len(tree.leaves) < self.config.rollout_budget:
-                last = tree.leaves[-1]
-                tree.add_leaf(last.node_id, "duplicate", finish_reason=last.finish_reason,
-                              tool_calls=last.tool_calls)

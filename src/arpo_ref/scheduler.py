@@ -27,6 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from . import branch_copies
 from .episode import run_tool_calls
+from .tasks.environment import runner_of
 
 
 class ToolPool:
@@ -39,13 +40,14 @@ class ToolPool:
         self.intervals: list[tuple[float, float]] = []
         self.blocked = self.row_wait = 0.0
 
-    def _run(self, segment: list[int]):
+    def _run(self, segment: list[int], runner):
         start = time.perf_counter()
-        (step,) = run_tool_calls(self.registry, self.tokenizer, [segment])
+        (step,) = run_tool_calls(self.registry, self.tokenizer, [segment], [runner])
         return step, start, time.perf_counter()
 
     def submit(self, trajectory, segment: list[int], step: int) -> None:
-        self.pending[self.executor.submit(self._run, segment)] = (trajectory, time.perf_counter(), step)
+        runner = runner_of(getattr(trajectory, "environment", None))  # its environment, if any
+        self.pending[self.executor.submit(self._run, segment, runner)] = (trajectory, time.perf_counter(), step)
 
     def collect(self, block: bool, step: int, join_steps: int) -> list[tuple[object, object]]:
         """(trajectory, ToolStep | None) of the calls that join now, in submission order.

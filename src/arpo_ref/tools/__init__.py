@@ -8,13 +8,14 @@
 Modules: `base` (ToolResult, Tool protocol, error kinds), `tags` (ToolSyntax: the call and
 result syntax, parsing), `registry` (parallel execution, metrics), `python_tool` + `sandbox` +
 `sandbox_bootstrap` (the sandboxed interpreter), `search` + `bm25` (offline search),
-`calculator`, `config` (the `tools:` config section).
+`calculator`, `function_tool` (typed Python functions as tools), `config` (the `tools:` section).
 """
 
 from .base import ERROR_KINDS, Tool, ToolResult, error_result
 from .bm25 import BM25Index, Passage, load_corpus, tokenize
 from .calculator import Calculator, CalculatorError, evaluate_expression
 from .config import CalculatorToolConfig, PythonToolConfig, SearchToolConfig, ToolsConfig
+from .function_tool import ArgumentError, FunctionTool, load_function
 from .python_tool import PythonTool
 from .registry import ToolRegistry, summarize_results
 from .sandbox import SandboxPlan
@@ -43,7 +44,7 @@ __all__ = [
     "BM25Index", "Passage", "load_corpus", "tokenize",
     "Calculator", "CalculatorError", "evaluate_expression",
     "CalculatorToolConfig", "PythonToolConfig", "SearchToolConfig", "ToolsConfig",
-    "PythonTool", "SandboxPlan",
+    "PythonTool", "SandboxPlan", "ArgumentError", "FunctionTool", "load_function",
     "ToolRegistry", "summarize_results",
     "NO_RESULTS", "BM25Backend", "SearchBackend", "SearchTool", "format_passages",
     "load_query_cache",

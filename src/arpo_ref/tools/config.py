@@ -146,6 +146,14 @@ class ToolsConfig:
     """The offline search tool."""
     calculator: CalculatorToolConfig = field(default_factory=CalculatorToolConfig)
     """The arithmetic calculator tool."""
+    functions: list[str] = field(default_factory=list)
+    """Python functions as tools, by dotted path `package.module:function` (tools/function_tool.py):
+    the tag is the function's name; each needs a docstring and type hints. Always enabled."""
+    function_timeout_seconds: float = 10.0
+    """Wall-clock limit of one function-tool call; past it the model reads a timeout error."""
+    function_isolation: Literal["thread", "process"] = "thread"
+    """thread = call on a daemon thread (a hang is abandoned, not killed; the function must be
+    thread-safe); process = a fresh process per call, killed at the timeout."""
 
     def validate(self) -> None:
         """Raise ValueError for a bad field here or in a nested section (named with its dotted path)."""
@@ -160,7 +168,26 @@ class ToolsConfig:
         _require(len(set(self.enabled)) == len(self.enabled), f"enabled: {self.enabled} lists a "
                  "tool twice; list each tool once")
         _require(self.max_workers >= 1, f"max_workers: must be >= 1, got {self.max_workers}")
+        self._validate_functions()
         _require("search" not in self.enabled or self.search.corpus_path is not None
                  or self.search.cache_path is not None,
                  "enabled: search is enabled but has nothing to search; set search.corpus_path "
                  "(jsonl passages) or search.cache_path (query→result JSON), or drop search")
+
+    def _validate_functions(self) -> None:
+        """Import every function tool now, so a bad path fails at config load, not mid-run."""
+        from .function_tool import load_function
+
+        _require(self.function_timeout_seconds > 0, "function_timeout_seconds: must be > 0, got "
+                 f"{self.function_timeout_seconds}")
+        _require(self.function_isolation in ("thread", "process"), "function_isolation: must be "
+                 f"thread or process, got {self.function_isolation!r}")
+        names = list(self.enabled)
+        for index, path in enumerate(self.functions):
+            try:
+                name = load_function(path).__name__
+            except ValueError as error:
+                raise ValueError(f"functions[{index}]: {error}") from None
+            _require(name not in names, f"functions[{index}]: {path!r} is named {name!r}, a tag "
+                     "already taken; rename the function or drop the other tool")
+            names.append(name)

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .base import BAD_INPUT, INTERNAL, UNKNOWN_TOOL, Tool, ToolResult, error_result
 from .calculator import Calculator
 from .config import ToolsConfig
+from .function_tool import FunctionTool, load_function
 from .python_tool import PythonTool
 from .search import SearchTool
 from .tags import ToolSyntax, tool_syntax
@@ -49,7 +50,9 @@ class ToolRegistry:
         builders = {"python": lambda: PythonTool(config.python),
                     "search": lambda: SearchTool(config.search),
                     "calculator": lambda: Calculator(config.calculator)}
-        return cls([builders[name]() for name in config.enabled], config.max_workers)
+        functions = [FunctionTool(load_function(path), config.function_timeout_seconds,
+                                  config.function_isolation) for path in config.functions]
+        return cls([builders[name]() for name in config.enabled] + functions, config.max_workers)
 
     @property
     def names(self) -> list[str]:
@@ -60,6 +63,11 @@ class ToolRegistry:
     def syntax(self) -> ToolSyntax:
         """The call and result syntax of the enabled tools (what rewards and parsing take)."""
         return tool_syntax(self.tools)
+
+    def describe(self) -> str:
+        """Lines for the system prompt describing the tools that describe themselves (function
+        tools); empty when none do (the built-in tools are described by the packaged prompts)."""
+        return "\n".join(tool.describe() for tool in self.tools.values() if hasattr(tool, "describe"))
 
     def stop_strings(self) -> list[str]:
         """Closing tags generation should stop on."""
@@ -85,12 +93,17 @@ class ToolRegistry:
         result.tool_name = result.tool_name or tag
         return result
 
-    def run_batch(self, calls: Sequence[tuple[str, str] | tuple[str, str, str | None]]
-                  ) -> list[ToolResult]:
-        """Run calls `(tag, content)` (or `tags.ParsedCall`s) in parallel; results in call order."""
-        if len(calls) <= 1:
-            return [self.run(*call) for call in calls]
-        return list(self._pool().map(lambda call: self.run(*call), calls))
+    def run_batch(self, calls: Sequence[tuple[str, str] | tuple[str, str, str | None]],
+                  runners: Sequence[object | None] | None = None) -> list[ToolResult]:
+        """Run calls `(tag, content)` (or `tags.ParsedCall`s) in parallel; results in call order.
+
+        `runners[i]`, when given and not None, answers call i instead of this registry: anything
+        with `run(tag, content, problem)`, e.g. a trajectory's `EnvironmentTools`."""
+        runners = list(runners) if runners is not None else [None] * len(calls)
+        work = [(runner or self, call) for runner, call in zip(runners, calls)]
+        if len(work) <= 1:
+            return [runner.run(*call) for runner, call in work]
+        return list(self._pool().map(lambda item: item[0].run(*item[1]), work))
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._executor_lock:

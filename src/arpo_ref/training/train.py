@@ -108,7 +108,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     quiet = log if accelerator.is_main_process else (lambda *_: None)  # every process reads the data
     train_records = records_for(config.data, config.data.train_path, quiet)
     eval_records = _eval_records(config, quiet)
-    system = _system_prompt(config.data.system_prompt)
+    system = "\n".join(filter(None, [_system_prompt(config.data.system_prompt), registry.describe()])) or None  # + function tools
     reward_fn = config.reward.build_reward_fn(registry.names)
     estimator = get_estimator(cfg.estimator)
     policy = Policy(accelerator, model)  # hides FSDP / DDP / one process from the loop below

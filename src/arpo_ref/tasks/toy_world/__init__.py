@@ -57,6 +57,7 @@ from .demonstrations import (
     build_demonstration,
     format_result,
 )
+from .environment import ToyWorldEnvironment
 from .prompt import SYSTEM_PROMPT, chat_messages
 from .questions import KINDS, Fact, Question, evaluate_expression
 from .tiny_model import make_tiny_model, padded_vocab_size
@@ -73,7 +74,7 @@ from .world import ToyWorld, ToyWorldConfig, build_toy_world, load_toy_world
 __all__ = [
     "CHAT_TEMPLATE", "END_TOKEN", "KINDS", "PAD_TOKEN", "RESULT_PREFIX", "RESULT_SUFFIX", "START_TOKEN",
     "SYSTEM_PROMPT", "TAGS", "Demonstration", "Fact", "Passage", "Question", "RunTool", "Segment",
-    "ToyWorld", "ToyWorldConfig", "build_demonstration", "build_toy_world", "chat_messages",
+    "ToyWorld", "ToyWorldConfig", "ToyWorldEnvironment", "build_demonstration", "build_toy_world", "chat_messages",
     "evaluate_expression", "format_result", "load_toy_world", "make_tiny_model", "padded_vocab_size",
     "train_tokenizer",
 ]

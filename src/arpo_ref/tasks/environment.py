@@ -1,0 +1,138 @@
+"""Environments: stateful multi-turn tasks behind the tool calls (ARPO §3.2's "environment").
+
+An environment is one object per trajectory, TRL's `environment_factory` convention:
+
+    class Environment(Protocol):
+        tool_names: tuple[str, ...]                       # the tags it answers (stop strings)
+        def reset(self, record: dict) -> str: ...         # a data record -> the user prompt
+        def step(self, call: ParsedCall) -> ToolResult | str: ...   # a call -> the observation
+        def reward(self, response: str) -> float: ...     # the finished trajectory's reward
+
+The rollout gets one reset environment per prompt (`AdaptiveRollout(..., environments=[...])`);
+each trajectory works on its own copy, so state never leaks between samples of a prompt.
+
+Branching: a branch forks the environment together with the generator's KV-cache row, by
+COPYING it (`copy.deepcopy` at the fork; `fork_environment`). The alternative, re-deriving the
+state by replaying the parent's calls on a fresh reset copy, would re-run every call of the
+shared prefix (the cost ARPO's branching exists to avoid), and is only right for deterministic,
+side-effect-free steps; a copy is exact for anything deepcopy can copy. An environment that
+cannot be deep-copied (an open socket, a handle to an external process) defines `__deepcopy__`
+(or `fork()`, which is preferred when present) to decide what a branch shares.
+
+Where a branch point is: right after the tool result that precedes the decision (paper mode:
+the copy of the row made after the result; official mode: after the turn's results), before the
+parent's next call runs, so the branch starts from its parent's state at that point and the two
+diverge from there (tests/test_environment.py checks both).
+
+Threads: each trajectory's environment is stepped by one call at a time (a trajectory waits for
+its result), but calls of different trajectories run in parallel on the tool threads, so
+environments of one prompt must not share mutable state beyond what deepcopy separates.
+
+Rewards: `environment_rewards(result, tokenizer)` sets each leaf's `reward` from the
+environment of the trajectory that ended there (`RolloutResult.environments`), replacing the
+reward function of eq. 8 for environment tasks (ARPO.md §6 stays the default for QA data).
+Deviation: neither the paper nor the official code has environments; their tools are stateless.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Protocol, runtime_checkable
+
+from ..tools.base import BAD_INPUT, INTERNAL, UNKNOWN_TOOL, ToolResult, error_result
+from ..tools.tags import ParsedCall
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """A stateful task: reset from a record, step on calls, reward the finished response."""
+
+    tool_names: tuple[str, ...]
+
+    def reset(self, record: dict) -> str: ...
+
+    def step(self, call: ParsedCall) -> ToolResult | str: ...
+
+    def reward(self, response: str) -> float: ...
+
+
+def fork_environment(environment: Environment | None) -> Environment | None:
+    """An independent copy for a new trajectory or a branch: `fork()` if defined, else deepcopy."""
+    if environment is None:
+        return None
+    fork = getattr(environment, "fork", None)
+    return fork() if callable(fork) else copy.deepcopy(environment)
+
+
+class EnvironmentTools:
+    """Adapts one trajectory's environment to the registry's `run(tag, content, problem)`.
+
+    Failures are results the model reads (STYLE.md rule 11): a tag the environment does not
+    answer, a malformed call, and any exception raised by `step`.
+    """
+
+    def __init__(self, environment: Environment) -> None:
+        self.environment = environment
+
+    def run(self, tag: str, content: str, problem: str | None = None) -> ToolResult:
+        start = time.monotonic()
+        names = tuple(self.environment.tool_names)
+        if tag not in names:
+            known = ", ".join(f"<{name}>" for name in names) or "none"
+            return error_result(f"Error: unknown tool <{tag}>. Known tools: {known}.", UNKNOWN_TOOL, 0.0, tag)
+        if problem is not None:
+            return error_result(problem, BAD_INPUT, 0.0, tag)
+        try:
+            observation = self.environment.step(ParsedCall(tag, content))
+        except Exception as error:  # an environment bug must not stop a run; it is counted
+            return error_result(f"Error: the {tag} step failed: {type(error).__name__}: {error}",
+                                INTERNAL, time.monotonic() - start, tag)
+        if isinstance(observation, ToolResult):
+            observation.tool_name = observation.tool_name or tag
+            return observation
+        return ToolResult(str(observation), seconds=time.monotonic() - start, tool_name=tag)
+
+
+def environment_stop_strings(stop_strings: list[str], environments: list | None) -> list[str]:
+    """The registry's stop strings plus the closing tags of the environments' tools."""
+    tags = sorted({name for environment in environments or [] for name in environment.tool_names})
+    return list(dict.fromkeys(list(stop_strings) + [f"</{name}>" for name in tags]))
+
+
+def leaf_environments(trees, trajectories) -> list[list]:
+    """Per tree, per leaf, the environment of the trajectory that ended at the leaf's node.
+
+    Two trajectories that end at one node took no step since they were forked (the fork copies
+    the state, the node is their shared tip), so their states are equal; an official-mode
+    duplicate leaf repeats its last leaf, and gets that leaf's environment."""
+    ended = {(id(t.tree), t.node_id): t.environment for t in trajectories}
+    return [[ended[(id(tree), leaf.node_id)] for leaf in tree.leaves] for tree in trees]
+
+
+def runner_of(environment: Environment | None) -> EnvironmentTools | None:
+    """What the registry's `run_batch(..., runners)` takes for a trajectory (None = the registry)."""
+    return None if environment is None else EnvironmentTools(environment)
+
+
+def reset_all(factory, records: list[dict]) -> tuple[list[Environment], list[str]]:
+    """One fresh environment per record from `factory()`, reset: (environments, user prompts)."""
+    environments = [factory() for _ in records]
+    prompts = [environment.reset(record) for environment, record in zip(environments, records)]
+    return environments, prompts
+
+
+def environment_rewards(result, tokenizer) -> list[list[float]]:
+    """Set every leaf's reward from its trajectory's environment; returns them per tree.
+
+    `result` is a `RolloutResult` of a rollout given environments; the response text is the
+    decoded response segments of the leaf (model and tool tokens, as the reward function reads)."""
+    rewards = []
+    for tree, environments in zip(result.trees, result.environments):
+        row = []
+        for leaf, environment in zip(tree.leaves, environments):
+            ids = [t for node in tree.response_segments(leaf) for t in node.token_ids]
+            leaf.reward = float(environment.reward(tokenizer.decode(ids, skip_special_tokens=True)))
+            row.append(leaf.reward)
+        rewards.append(row)
+    return rewards

@@ -1,0 +1,300 @@
+"""Function tools: any typed, documented Python function becomes a tool (ARPO.md §5).
+
+    def lookup(city: str, year: int = 2024) -> str:
+        '''Population of a city in a year.'''
+    tool = FunctionTool(lookup)            # tag <lookup>, as `tools.functions: [mypkg.tools:lookup]`
+    tool('{"city": "Oslo", "year": 2020}') # a JSON object of arguments ...
+    tool("Oslo")                           # ... or a bare string for the one required argument
+
+Not in the paper or the official code (which hard-code python and search); it follows TRL's
+`tools=[fn]` convention: the function's name is the tag, its docstring's first paragraph and its
+parameters are what `describe()` puts in the system prompt, and the call's arguments are checked
+and coerced against the type hints (`"7"` becomes 7 for an `int`), with a readable error result
+otherwise (STYLE.md rule 11). The return value is the result text: a str as is, anything else as
+JSON when it can be, else `str()`.
+
+Timeouts, by `isolation`:
+- "thread" (default): the call runs on its own daemon thread and the tool stops waiting after
+  `timeout_seconds`. Python cannot kill a thread, so a function that hangs keeps running in the
+  background (counted in `abandoned`); the model reads a timeout error and the rollout goes on.
+  Cheap (no start-up), shares the process's memory (a cache, a loaded index).
+- "process": each call runs in a fresh spawned interpreter that is killed at the timeout, so a
+  hang really is cut off. Costs an interpreter start per call (~0.1-1 s) and needs the function to
+  be importable by name in the child (a module-level function; `sys.path` is passed on).
+Thread-safety: in "thread" mode one function is called from several threads at once (the
+registry's pool and the continuous scheduler run calls in parallel), so it must be thread-safe,
+or hold its own lock; in "process" mode calls share nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import multiprocessing
+import threading
+import time
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal
+
+from .base import BAD_INPUT, EXCEPTION, TIMEOUT, ToolResult, error_result
+
+ISOLATIONS = ("thread", "process")
+
+
+class ArgumentError(ValueError):
+    """The call's arguments do not fit the function; the message is shown to the model."""
+
+
+def load_function(path: str) -> Callable:
+    """The function named by `module.sub:function`; raises ValueError saying what is wrong."""
+    module_name, colon, attribute = path.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ValueError(f"function tool {path!r}: write it as 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"function tool {path!r}: cannot import {module_name!r} ({error}); "
+                         "is its folder on PYTHONPATH?") from None
+    function = module
+    for part in attribute.split("."):
+        if not hasattr(function, part):
+            raise ValueError(f"function tool {path!r}: {module_name} has no attribute {attribute!r}")
+        function = getattr(function, part)
+    check_function(function, path)
+    return function
+
+
+def check_function(function: Callable, where: str = "") -> None:
+    """Raise ValueError unless `function` is callable, documented and type-hinted."""
+    where = where or getattr(function, "__name__", repr(function))
+    if not callable(function):
+        raise ValueError(f"function tool {where!r} is not callable")
+    if not inspect.getdoc(function):
+        raise ValueError(f"function tool {where!r} has no docstring; the docstring is the tool's "
+                         "description in the system prompt")
+    hints = typing.get_type_hints(function)
+    parameters = inspect.signature(function).parameters.values()
+    untyped = [p.name for p in parameters if p.name not in hints
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if untyped:
+        raise ValueError(f"function tool {where!r}: parameter(s) {untyped} have no type hint; "
+                         "annotate every parameter (e.g. `city: str`)")
+
+
+class FunctionTool:
+    """A Python function as a tool named after it (see the module docstring)."""
+
+    def __init__(self, function: Callable, timeout_seconds: float = 10.0,
+                 isolation: Literal["thread", "process"] = "thread", name: str | None = None) -> None:
+        check_function(function)
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"isolation: must be one of {list(ISOLATIONS)}, got {isolation!r}")
+        if timeout_seconds <= 0:
+            raise ValueError(f"timeout_seconds: must be > 0, got {timeout_seconds}")
+        self.function, self.timeout_seconds, self.isolation = function, timeout_seconds, isolation
+        self.name = name or function.__name__
+        self.signature = inspect.signature(function)
+        self.hints = typing.get_type_hints(function)
+        self.abandoned = 0
+        """Thread mode: calls that timed out and are still running in the background."""
+
+    # ------------------------------------------------------------------ the system prompt
+    def describe(self) -> str:
+        """One line for the system prompt: the call syntax, the docstring's summary, the arguments."""
+        summary = " ".join(inspect.getdoc(self.function).split("\n\n")[0].split())
+        arguments = ", ".join(
+            f"{p.name}: {_type_name(self.hints.get(p.name))}"
+            + ("" if p.default is p.empty else f" = {p.default!r}")
+            for p in self.signature.parameters.values())
+        example = "{" + ", ".join(f'"{name}": ...' for name in self.signature.parameters) + "}"
+        return f"<{self.name}>{example}</{self.name}> {summary} Arguments: {arguments or 'none'}."
+
+    # ------------------------------------------------------------------ arguments
+    def parse_arguments(self, content: str) -> dict[str, Any]:
+        """Keyword arguments from a JSON object, or from one bare string for a one-argument function."""
+        parameters = self.signature.parameters
+        content = content.strip()
+        if content.startswith("{"):
+            try:
+                raw = json.loads(content)
+            except json.JSONDecodeError as error:
+                raise ArgumentError(f"the arguments are not valid JSON ({error.msg} at character "
+                                    f"{error.pos}); write {self._example()}") from None
+        elif len(parameters) == 1 or len(required := [p for p in parameters.values()
+                                                      if p.default is p.empty]) == 1:
+            # one argument (or one required one, the rest defaulted): the bare text is its value
+            raw = {next(iter(parameters)) if len(parameters) == 1 else required[0].name: content}
+        else:
+            raise ArgumentError(f"<{self.name}> takes {len(parameters)} arguments; write them as a "
+                                f"JSON object: {self._example()}")
+        unknown = [key for key in raw if key not in parameters]
+        if unknown:
+            raise ArgumentError(f"unknown argument(s) {unknown}; <{self.name}> takes {list(parameters)}")
+        missing = [p.name for p in parameters.values() if p.default is p.empty and p.name not in raw]
+        if missing:
+            raise ArgumentError(f"missing argument(s) {missing}; write {self._example()}")
+        return {key: coerce(value, self.hints.get(key, Any), key) for key, value in raw.items()}
+
+    def _example(self) -> str:
+        return f"<{self.name}>{{" + ", ".join(f'"{n}": ...' for n in self.signature.parameters) + f"}}</{self.name}>"
+
+    # ------------------------------------------------------------------ the call
+    def __call__(self, content: str) -> ToolResult:
+        start = time.monotonic()
+        try:
+            arguments = self.parse_arguments(content)
+        except ArgumentError as error:
+            return error_result(f"Error: {error}", BAD_INPUT, time.monotonic() - start, self.name)
+        runner = _run_in_thread if self.isolation == "thread" else _run_in_process
+        outcome, value = runner(self.function, arguments, self.timeout_seconds)
+        seconds = time.monotonic() - start
+        if outcome == "timeout":
+            self.abandoned += self.isolation == "thread"
+            cut = "abandoned (still running)" if self.isolation == "thread" else "killed"
+            return error_result(f"Error: <{self.name}> did not finish within {self.timeout_seconds:g} s "
+                                f"and was {cut}.", TIMEOUT, seconds, self.name)
+        if outcome == "error":
+            return error_result(f"Error: <{self.name}> raised {value}", EXCEPTION, seconds, self.name)
+        return ToolResult(result_text(value), seconds=seconds, tool_name=self.name)
+
+
+def result_text(value: Any) -> str:
+    """The text the model reads for a return value: str as is, else JSON, else str()."""
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _run_in_thread(function: Callable, arguments: dict, timeout: float) -> tuple[str, Any]:
+    box: list[tuple[str, Any]] = []
+
+    def target() -> None:
+        box.append(_outcome(function, arguments))
+
+    thread = threading.Thread(target=target, daemon=True, name=f"function-tool-{function.__name__}")
+    thread.start()
+    thread.join(timeout)
+    return box[0] if box else ("timeout", None)
+
+
+def _run_in_process(function: Callable, arguments: dict, timeout: float) -> tuple[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_process_entry, args=(function, arguments, send), daemon=True)
+    process.start()
+    send.close()
+    try:
+        if not receive.poll(timeout):
+            return "timeout", None
+        return receive.recv()
+    except EOFError:  # the child died without answering (os._exit, a signal)
+        process.join(1.0)
+        return "error", f"no result: the process exited with code {process.exitcode}"
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join(5.0)  # bounded: a child that survives kill() is reported, never waited on forever
+        receive.close()
+
+
+def _process_entry(function: Callable, arguments: dict, send) -> None:
+    outcome, value = _outcome(function, arguments)
+    try:
+        send.send((outcome, value))
+    except Exception:  # an unpicklable return value
+        send.send((outcome, str(value)))
+
+
+def _outcome(function: Callable, arguments: dict) -> tuple[str, Any]:
+    try:
+        return "ok", function(**arguments)
+    except Exception as error:  # the model reads it
+        return "error", f"{type(error).__name__}: {error}"
+
+
+# ---------------------------------------------------------------------------- coercion
+def coerce(value: Any, hint: Any, name: str) -> Any:
+    """`value` (from JSON or a bare string) as the type `hint`, or ArgumentError naming `name`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is inspect.Parameter.empty:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            try:
+                return coerce(value, arm, name)
+            except ArgumentError:
+                continue
+        raise ArgumentError(f"argument {name!r}: {value!r} is not a {_type_name(hint)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ArgumentError(f"argument {name!r}: {value!r} is not one of {list(args)}")
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, list):
+            raise ArgumentError(f"argument {name!r}: expected a JSON list, got {value!r}")
+        items = [coerce(item, args[0], name) for item in value] if args else value
+        return tuple(items) if (origin or hint) is tuple else items
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ArgumentError(f"argument {name!r}: expected null, got {value!r}")
+    if hint in _SCALARS:
+        return _SCALARS[hint](value, name)
+    if isinstance(hint, type) and not isinstance(value, origin or hint):
+        raise ArgumentError(f"argument {name!r}: expected {_type_name(hint)}, got {value!r}")
+    return value
+
+
+def _to_int(value: Any, name: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ArgumentError(f"argument {name!r}: expected an integer, got {value!r}")
+
+
+def _to_float(value: Any, name: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ArgumentError(f"argument {name!r}: expected a number, got {value!r}")
+
+
+def _to_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ArgumentError(f"argument {name!r}: expected true or false, got {value!r}")
+
+
+def _to_str(value: Any, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ArgumentError(f"argument {name!r}: expected a string, got {value!r}")
+
+
+_SCALARS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str}
+
+
+def _type_name(hint: Any) -> str:
+    if hint is None or hint is inspect.Parameter.empty:
+        return "any"
+    return getattr(hint, "__name__", None) if not typing.get_args(hint) else str(hint).replace("typing.", "")

@@ -1,0 +1,171 @@
+"""Environments: a stateful task (step 2 answers only after step 1) through a real rollout of a
+scripted model; branches copy their parent's environment at the branch point and then diverge;
+the toy world as an environment gives the same trajectories as the registry path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import load_tokenizer
+
+from arpo_ref.config import RolloutConfig, SamplingConfig
+from arpo_ref.engine.generation import Generator
+from arpo_ref.engine.scripted import ScriptedLM
+from arpo_ref.episode import render_prompt
+from arpo_ref.rollout import AdaptiveRollout
+from arpo_ref.tasks.environment import (
+    EnvironmentTools,
+    environment_rewards,
+    fork_environment,
+    reset_all,
+)
+from arpo_ref.tasks.toy_world import ToyWorldEnvironment
+from arpo_ref.tools import ToolRegistry
+from arpo_ref.tools.base import BAD_INPUT, ToolResult
+from arpo_ref.tools.calculator import Calculator
+from arpo_ref.tools.tags import ParsedCall
+
+TOK = load_tokenizer()
+EOS, RESULT_END = TOK.eos_token_id, TOK.encode("</result>", add_special_tokens=False)[-1]
+CHOICE = -1
+"""Marks a position where the scripted model picks ' a' or ' b' with probability 1/2 each."""
+OPTIONS = TOK.encode(" a", add_special_tokens=False) + TOK.encode(" b", add_special_tokens=False)
+
+
+def ids(text):
+    return TOK.encode(text, add_special_tokens=False)
+
+
+class OrderedQueries:
+    """<second> answers only once <first> was called; the state is the unlock and a call log."""
+
+    tool_names = ("first", "second")
+
+    def __init__(self):
+        self.record, self.unlocked, self.log = None, False, []
+
+    def reset(self, record):
+        self.record, self.unlocked, self.log = record, False, []
+        return record["question"]
+
+    def step(self, call):
+        self.log.append((call.tag, call.content))
+        if call.tag == "first":
+            self.unlocked = True
+            return f"unlocked by {call.content}"
+        if not self.unlocked:
+            return ToolResult("Error: call <first> before <second>.", ok=False, error_kind=BAD_INPUT)
+        return f"{call.content} is {self.record['values'][call.content]}"
+
+    def reward(self, response):
+        return 1.0 if self.unlocked and any(f"is {v}" in response for v in self.record["values"].values()) else 0.0
+
+
+def scripted(prompt, turns, peak=30.0):
+    """After the k-th `</result>` the model writes turns[k] (near-deterministic); at CHOICE it
+    samples ' a' or ' b' with equal probability; after the last turn, EOS."""
+    def policy(history):
+        response = history[len(prompt):]
+        ends = [i + 1 for i, token in enumerate(response) if token == RESULT_END]
+        done, since = len(ends), len(response) - (ends[-1] if ends else 0)
+        turn = turns[min(done, len(turns) - 1)] + ([EOS] if done >= len(turns) - 1 else [])
+        logits = torch.full((len(TOK),), -peak)
+        for token in (OPTIONS if since < len(turn) and turn[since] == CHOICE else
+                      [turn[since] if since < len(turn) else EOS]):
+            logits[token] = 0.0
+        return logits
+
+    return ScriptedLM(policy, vocab_size=len(TOK))
+
+
+TURNS = [ids("<second> x</second>"), ids(" <first> k</first>"), ids(" <second>") + [CHOICE] + ids("</second>"),
+         ids(" <answer> done </answer>")]
+RECORD = {"question": "Query in order.", "values": {"a": "11", "b": "22"}}
+
+
+def rollout(mode, seed=0, **fields):
+    environments, questions = reset_all(OrderedQueries, [RECORD])
+    prompt = render_prompt(TOK, questions[0], None)
+    config = RolloutConfig(mode=mode, rollout_budget=4, num_global=1, max_tool_calls=5, max_response_tokens=200,
+                           entropy_weight=0.0, **fields)
+    engine = AdaptiveRollout(Generator(scripted(prompt, TURNS), TOK), ToolRegistry([]), config,
+                             SamplingConfig(temperature=1.0), seed=seed)
+    return engine([prompt], environments=environments), environments[0]
+
+
+def path_calls(tree, leaf):
+    return [(n.tool_call.tag, n.tool_call.content) for n in tree.response_segments(leaf) if n.kind == "tool"]
+
+
+@pytest.mark.parametrize("mode, fields", [
+    ("official", {"branch_threshold": 1.0, "beam_size": 2}),  # rounds: decide after each turn's results
+    ("paper", {"branch_base": 1.0, "branch_threshold": 0.5, "entropy_window": 2}),  # continuous schedule
+])
+def test_branches_copy_their_parents_environment_at_the_branch_point_then_diverge(mode, fields):
+    result, template = rollout(mode, **fields)
+    (tree,) = result.trees
+    (environments,) = result.environments
+    assert len(tree.leaves) == 4 and sum(leaf.origin == "branch" for leaf in tree.leaves) == 3
+    assert template.log == [] and not template.unlocked  # the reset copy is never stepped
+    assert len({id(e) for e in environments}) == 4  # every trajectory has its own copy
+    for leaf, environment in zip(tree.leaves, environments):
+        calls = path_calls(tree, leaf)
+        # the environment saw exactly the calls on its own path: the shared prefix (copied at the
+        # fork, not replayed and not shared with siblings) and then only its own
+        assert environment.log == calls
+        assert [c[0] for c in calls] == ["second", "first", "second"]
+        results = [n.tool_call for n in tree.response_segments(leaf) if n.kind == "tool"]
+        assert not results[0].ok and results[0].result == "Error: call <first> before <second>."
+        # a branch forked after <first> answers <second>: it saw its parent's unlocked state
+        assert results[2].ok and results[2].result == f"{calls[2][1]} is {RECORD['values'][calls[2][1]]}"
+    assert {leaf_calls[2][1] for leaf_calls in (path_calls(tree, leaf) for leaf in tree.leaves)} == {"a", "b"}
+    rewards = environment_rewards(result, TOK)
+    assert rewards == [[1.0] * 4] and [leaf.reward for leaf in tree.leaves] == [1.0] * 4
+
+
+def test_a_fork_starts_from_the_state_and_then_the_two_diverge():
+    parent = OrderedQueries()
+    parent.reset(RECORD)
+    EnvironmentTools(parent).run("first", "k")
+    branch = fork_environment(parent)
+    assert branch.unlocked and branch.log == [("first", "k")] and branch is not parent
+    assert EnvironmentTools(branch).run("second", "a").text == "a is 11"
+    assert EnvironmentTools(parent).run("second", "b").text == "b is 22"
+    assert parent.log == [("first", "k"), ("second", "b")] and branch.log == [("first", "k"), ("second", "a")]
+
+
+def test_environment_failures_are_results():
+    class Broken(OrderedQueries):
+        def step(self, call):
+            raise KeyError("lost")
+
+    tools = EnvironmentTools(Broken())
+    assert tools.run("third", "x").error_kind == "unknown_tool"
+    assert tools.run("first", "", "Error: the <first> call is empty").error_kind == BAD_INPUT
+    broken = tools.run("first", "x")
+    assert broken.error_kind == "internal" and "KeyError" in broken.text
+
+
+def test_the_toy_world_as_an_environment_gives_the_registry_paths_trajectories():
+    """Same scripted agent, greedy: the rollout through ToyWorldEnvironment and the plain registry
+    rollout produce the same tokens, tool results and rewards."""
+    registry = ToolRegistry([Calculator()])
+    record = {"question": "What is 6 times 7?", "answer": "42"}
+
+    def reward_fn(text, answer):
+        return float(f"\\boxed{{{answer}}}" in text)
+
+    turns = [ids("<calculator>6*7</calculator>"), ids(" <answer> \\boxed{42} </answer>")]
+    environment = ToyWorldEnvironment(registry, reward_fn)
+    prompt = render_prompt(TOK, environment.reset(record), None)
+    outcomes = []
+    for environments in (None, [environment]):
+        config = RolloutConfig(mode="grpo", rollout_budget=2, num_global=2, max_response_tokens=100)
+        engine = AdaptiveRollout(Generator(scripted(prompt, turns), TOK), registry, config,
+                                 SamplingConfig(temperature=0))
+        result = engine([prompt], metadata=[record], environments=environments)
+        (tree,) = result.trees
+        outcomes.append([[(n.kind, n.token_ids) for n in tree.response_segments(leaf)] for leaf in tree.leaves])
+    assert outcomes[0] == outcomes[1]
+    assert environment_rewards(result, TOK) == [[1.0, 1.0]]
+    assert environment.step(ParsedCall("calculator", "2**5")).text == "32"
