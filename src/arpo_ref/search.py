@@ -35,7 +35,7 @@ from .engine.generation import Generator, RowBatch, SamplingParams
 from .episode import run_tool_calls
 from .rollout import AdaptiveRollout, RolloutResult
 from .search_options import SearchConfig  # noqa: F401  (re-exported)
-from .tree import BranchDecision, RolloutTree, ToolCall
+from .tree import BranchDecision, ExecutedCall, RolloutTree
 
 
 @dataclass
@@ -141,7 +141,7 @@ class TreeSearchRollout:
                 self._end(rows, c, "stop", finished)
                 continue
             ids = step.result_ids[: cfg.max_response_tokens - c.response_tokens]
-            call = ToolCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
+            call = ExecutedCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
                             step.result.error_kind, step.result.seconds)
             node = c.tree.add_node(c.node_id, "tool", ids, tool_call=call)
             self.owners[c.tree.prompt_index][node.id] = c.owner
