@@ -28,13 +28,13 @@ def layout(tree: RolloutTree) -> dict[int, tuple[int, float]]:
     for node in tree.nodes:
         children.setdefault(node.parent, []).append(node.id)
     place: dict[int, tuple[int, float]] = {}
-    rows = [0]
+    next_leaf_row = [0]
 
     def visit(node_id: int, depth: int) -> float:
         below = children.get(node_id, [])
         if not below:
-            row = float(rows[0])
-            rows[0] += 1
+            row = float(next_leaf_row[0])
+            next_leaf_row[0] += 1
         else:
             ys = [visit(child, depth + 1) for child in below]
             row = (ys[0] + ys[-1]) / 2
@@ -82,8 +82,8 @@ def tree_png(tree: RolloutTree, path: str | Path, decode=None, title: str | None
         raise ImportError("the rollout tree picture needs matplotlib: pip install -e '.[demo]'") from None
     place = layout(tree)
     depths = 1 + max(d for d, _ in place.values())
-    rows = 1 + max(r for _, r in place.values())
-    figure, axis = plt.subplots(figsize=(COLUMN_WIDTH * depths + 1.6, ROW_HEIGHT * rows + 1.2))
+    picture_rows = 1 + max(r for _, r in place.values())
+    figure, axis = plt.subplots(figsize=(COLUMN_WIDTH * depths + 1.6, ROW_HEIGHT * picture_rows + 1.2))
     for node in tree.nodes:
         x, y = place[node.id]
         if node.parent is not None:
@@ -99,7 +99,7 @@ def tree_png(tree: RolloutTree, path: str | Path, decode=None, title: str | None
                       color=colour, fontweight="bold" if node.decision.branched else "normal", zorder=3)
     _draw_leaves(axis, tree, place)
     axis.set_xlim(-0.55, depths - 0.45 + 0.5)
-    axis.set_ylim(rows - 0.4, -0.6)  # first row at the top
+    axis.set_ylim(picture_rows - 0.4, -0.6)  # first row at the top
     axis.axis("off")
     axis.legend(handles=[Patch(facecolor=c, edgecolor="#444444", label=KIND_NAMES[k]) for k, c in KIND_COLOURS.items()],
                 loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, fontsize=7, frameon=False)
