@@ -267,16 +267,23 @@ def test_per_tool_call_limits_end_trajectories_and_carry_over_to_branches():
         RolloutConfig(max_calls_per_tool={"search": -1}).validate()
 
 
-def test_rollout_on_a_real_tiny_model_records_teacher_forced_logprobs():
-    """Sampled paper-mode rollout on a tiny HF model that often writes </search>: every leaf's
-    recorded log-probs (through forks and forced results) equal a full forward pass."""
+def tiny_agent():
+    """A tiny qwen2 model that writes </search> often: its closing tag's output row points at the
+    mean hidden state (p ≈ 0.25)."""
     model = load_model("qwen2", seed=1)
     close = ids("</search>")[-1]
-    with torch.no_grad():  # point the closing tag's output row at the mean hidden state: p ≈ 0.25
+    with torch.no_grad():
         out = model(torch.tensor([PROMPTS[0] + CALL]), output_hidden_states=True)
         mean_hidden = out.hidden_states[-1][0].mean(0)
         top = out.logits[0].max(-1).values.mean()
         model.lm_head.weight[close] = mean_hidden * (top - 4.0) / mean_hidden.dot(mean_hidden)
+    return model
+
+
+def test_rollout_on_a_real_tiny_model_records_teacher_forced_logprobs():
+    """Sampled paper-mode rollout on a tiny HF model that often writes </search>: every leaf's
+    recorded log-probs (through forks and forced results) equal a full forward pass."""
+    model = tiny_agent()
     engine = AdaptiveRollout(Generator(model, TOK), ToolRegistry([EchoSearch()]),
                              RolloutConfig(mode="paper", rollout_budget=6, num_global=2, max_response_tokens=60,
                                            entropy_window=5, entropy_weight=5.0),

@@ -7,25 +7,13 @@ import math
 
 import pytest
 import torch
-from test_rollout import CALL, PROMPTS, TOK, EchoSearch, ids
-from tiny import load_model
+from test_rollout import PROMPTS, TOK, EchoSearch, tiny_agent
 
 from arpo_ref.config import RolloutConfig, SamplingConfig
 from arpo_ref.engine.generation import Generator
 from arpo_ref.rollout import AdaptiveRollout
 from arpo_ref.tools.registry import ToolRegistry
 from arpo_ref.tree import to_batch
-
-
-def tiny_agent():
-    model = load_model("qwen2", seed=1)
-    close = ids("</search>")[-1]
-    with torch.no_grad():  # point the closing tag's output row at the mean hidden state: p ≈ 0.25
-        out = model(torch.tensor([PROMPTS[0] + CALL]), output_hidden_states=True)
-        mean_hidden = out.hidden_states[-1][0].mean(0)
-        top = out.logits[0].max(-1).values.mean()
-        model.lm_head.weight[close] = mean_hidden * (top - 4.0) / mean_hidden.dot(mean_hidden)
-    return model
 
 
 def teacher_forced(model, tokens):
