@@ -285,3 +285,16 @@ def test_training_loads_float32_weights_and_warns_about_16_bit_ones(workspace):
     assert next(model.parameters()).dtype == torch.bfloat16 and "model.dtype=float32" in messages[0]
     check_trainable_precision(model.float(), config, messages.append)
     assert len(messages) == 1
+
+
+def test_step_five_hands_the_recomputed_old_logprobs_to_the_update(workspace):
+    """With train.logprob_temperature=sampling at T = 0.7, log π_old must be the recomputed
+    (logits ÷ T) log-probs, not the generator's temperature-1 ones: the first and only update of
+    the step then starts at ratio 1 on every token. If step 5 computed them but did not assign
+    them, the ratios would be π_θ(T = 0.7) / π(T = 1), far from 1."""
+    extra = {"train.steps": 1, "train.mini_batches": 1, "train.logprob_temperature": "sampling",
+             "sampling.temperature": 0.7, "rollout.mode": "grpo", "rollout.num_global": 4}
+    metrics = train(load_config(overrides=overrides(workspace, "old_logprobs_sampling", **extra)), log=lambda *_: None)
+    assert metrics["train/updates"] == 1
+    assert abs(metrics["loss/ratio_max"] - 1) < 1e-4 and abs(metrics["loss/ratio_min"] - 1) < 1e-4
+    assert metrics["loss/approx_kl"] < 1e-8
