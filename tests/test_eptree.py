@@ -211,6 +211,24 @@ def test_treerl_on_an_eptree_tree_equals_a_hand_computation():
         assert torch.allclose(treerl(batch)[i, :n], expected.float(), atol=1e-6)
 
 
+def test_two_iterations_by_hand_used_points_stay_and_a_forks_first_token_is_no_point():
+    """Temperature 0, m=1, n=2, t=1; the 3 tokens after the result tie at −log 0.3 (positions
+    q−2, q−1, q), all others ≈ 0.01. Iteration 1 forks at q and q−1 (later position first):
+    branches b1 (re-samples q) and b2 (re-samples q−1, then writes q's token, again at −log 0.3).
+    Iteration 2 ranks (−log p, chain, position) descending: b2@q (chain 2), then g@q (used
+    already: picked again); b1@q and b2@q−1 are those forks' first tokens, not candidates."""
+    prompt = PROMPTS[0]
+    agent = ToolAgent([prompt], {tuple(prompt): 0.3}, calls=1, window=3)
+    _, result = eptree_rollout(model=agent.model, temperature=0.0, prompts=[prompt], trees=1, fork_points=2,
+                               iterations=2, branches_per_point=1)
+    tree = result.trees[0]
+    g, b1, b2, b3, b4 = tree.leaves
+    q = fork_position(tree, b1)
+    assert [fork_position(tree, leaf) for leaf in (b2, b3, b4)] == [q - 1, q, q]
+    assert b3.branch_node in [n.id for n in tree.path(b2.node_id)] and b4.branch_node == b1.branch_node
+    assert [tree.nodes[leaf.branch_node].decision.num_branches for leaf in (b1, b2, b3)] == [2, 1, 1]
+
+
 def test_a_fork_inside_a_tool_call_resumes_the_segment_so_the_call_still_runs():
     """The call tokens are the least likely (confidence 0.3, equal up to float rounding): the tree
     forks inside the call, after its opening tag. The branch's own text has no opening tag; the
