@@ -271,3 +271,21 @@ def test_one_training_step_with_eptree_and_the_treerl_estimator(tmp_path):
              "train.estimator": "treerl", "train.steps": 1, "train.micro_batch_leaves": 8}
     metrics = train(load_config(overrides=overrides(tmp_path, "run", **extra)), log=lambda *_: None)
     assert metrics["train/step"] == 1 and metrics["train/updates"] == 2 and metrics["loss/ratio_mean"] > 0
+
+
+def test_demo_treerl_runs_one_step_and_draws_the_eptree_decisions(tmp_path):
+    import json
+    from pathlib import Path
+
+    from test_demo import TINY
+
+    from arpo_ref.demo import DemoConfig, run_demo
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo_treerl.yaml"
+    overrides = [o for o in TINY if not o.startswith(("train.steps", "rollout.rollout_budget"))] + ["train.steps=1"]
+    config = load_config(path, overrides + ["tools.search.corpus_path=c.jsonl"], cls=DemoConfig)
+    assert (config.rollout.mode, config.rollout.rollout_budget, config.train.estimator) == ("eptree", 8, "treerl")
+    run_demo(path, overrides, out_dir=tmp_path / "run", log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/step"] for r in rows] == [1] and rows[0]["eptree/prefix_tokens_forked"] > 0
+    assert "eptree: fork at −log p=" in (tmp_path / "run" / "rollout_tree.txt").read_text()

@@ -54,6 +54,7 @@ from .config import RolloutConfig, SamplingConfig
 from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
 from .episode import run_tool_calls
 from .rollout import RolloutResult
+from .rollout_metrics import rollout_metrics
 from .tree import BranchDecision, ExecutedCall, Node, RolloutTree
 
 
@@ -137,7 +138,7 @@ class EPTreeRollout:
 
     def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
         options = self.config.eptree
-        self.stats = {"eptree/prefix_tokens_forked": 0.0, "rollout/tool_calls_executed": 0.0}
+        self.stats, self.tool_results = {"eptree/prefix_tokens_forked": 0.0}, []
         trees = [RolloutTree(i, metadata=dict(metadata[i]) if metadata else {}) for i in range(len(prompts))]
         rows = self.generator.new_batch()
         self.forks_left = options.iterations
@@ -156,8 +157,7 @@ class EPTreeRollout:
             for c in (c for c in self.chains if c.tree is tree):
                 tree.add_leaf(c.node_id, c.origin, finish_reason=c.finish_reason, tool_calls=c.tool_calls,
                               branch_node=c.branch_node)
-        self.stats["rollout/tool_calls_executed"] /= max(len(trees), 1)
-        return RolloutResult(trees, dict(self.stats))
+        return RolloutResult(trees, rollout_metrics(self.stats, self.tool_results, trees, rows))
 
     def _first_chains(self, rows: RowBatch, trees: list[RolloutTree], prompts: list[list[int]]) -> list[Chain]:
         """Each prompt read once, its row forked into the m trees' first chains."""
@@ -239,7 +239,7 @@ class EPTreeRollout:
                                 step.result.error_kind, step.result.seconds)
             node = c.tree.add_node(c.node_id, "tool", ids, tool_call=call)
             c.node_id, c.response_tokens, c.tool_calls = node.id, c.response_tokens + len(ids), c.tool_calls + 1
-            self.stats["rollout/tool_calls_executed"] += 1
+            self.tool_results.append(step.result)
             if len(ids) < len(step.result_ids) or c.response_tokens >= cfg.max_response_tokens:
                 self._end(rows, c, "length")
             else:
