@@ -273,6 +273,7 @@ def test_one_training_step_with_eptree_and_the_treerl_estimator(tmp_path):
     assert metrics["train/step"] == 1 and metrics["train/updates"] == 2 and metrics["loss/ratio_mean"] > 0
 
 
+@pytest.mark.slow
 def test_demo_treerl_runs_one_step_and_draws_the_eptree_decisions(tmp_path):
     import json
     from pathlib import Path

@@ -1,4 +1,4 @@
-"""TreeRL's EPTree rollout (`rollout.mode: eptree`; THUDM/TreeRL, arXiv 2506.11902, §3.1).
+"""TreeRL's EPTree rollout (`rollout.mode: eptree`; THUDM/TreeRL, arXiv 2506.11902).
 
 Per prompt, m trees, each started as one full chain. Then l iterations; in each, every tree picks
 its n fork points, the n tokens of the tree with the highest −log p of the sampled token, anywhere
