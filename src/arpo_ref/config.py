@@ -31,7 +31,7 @@ from .configfile import (  # noqa: F401  (re-exported: arpo_ref.config is where 
     validate_all,
 )
 from .rewards import RewardConfig
-from .search_options import SearchConfig, check_search_budget
+from .search_options import EPTreeConfig, SearchConfig, check_search_budget
 from .tasks.data import DataConfig
 from .tools.config import ToolsConfig
 from .training.lora import LoRAConfig
@@ -79,9 +79,10 @@ class SamplingConfig:
 
 @dataclass
 class RolloutConfig:
-    mode: Literal["paper", "official", "grpo", "tree_search"] = "paper"
+    mode: Literal["paper", "official", "grpo", "tree_search", "eptree"] = "paper"
     """paper = ARPO.md §2.1, official = the released code (§2.2), grpo = M global samples,
-    tree_search = Tree-GRPO's random tree search (arpo_ref.search, settings in rollout.search)."""
+    tree_search = Tree-GRPO's random tree search (arpo_ref.search, settings in rollout.search),
+    eptree = TreeRL's fork at the top −log p tokens (arpo_ref.eptree, settings in rollout.eptree)."""
     rollout_budget: int = 16
     """M: leaves (trajectories) per prompt; all M form one advantage group."""
     num_global: int = 8
@@ -134,6 +135,8 @@ class RolloutConfig:
     """AEPO's rollout options (arpo_ref.aepo): the consecutive-branch penalty (official mode)."""
     search: SearchConfig = field(default_factory=SearchConfig)
     """Tree-GRPO's tree search (rollout.mode: tree_search): m, n, l, k."""
+    eptree: EPTreeConfig = field(default_factory=EPTreeConfig)
+    """TreeRL's EPTree (rollout.mode: eptree): trees m, fork_points n, iterations l, branches_per_point t."""
     speculative_branches: bool = True
     """Paper mode, continuous schedule: fork the Z branch copies right after a tool result and let
     them decode alongside the k look-ahead tokens the decision reads (`arpo_ref.branch_copies`);

@@ -64,6 +64,8 @@ def node_label(node: Node, tree: RolloutTree, decode, chars: int) -> str:
 def decision_label(node: Node) -> str:
     d = node.decision
     verdict = f"branch ×{d.num_branches}" if d.branched else "no branch"
+    if d.mode == "eptree":
+        return f"−log p={d.surprisal:.2f} (rank {d.rank})  → {verdict}"
     return f"ΔH={d.delta_entropy:+.3f}  P={d.probability:.2f}  → {verdict}"
 
 

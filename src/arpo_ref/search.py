@@ -19,8 +19,8 @@ Deviations: the expansion's prefix is read again (one prefill) because a finishe
 row is released; the re-read tokens are counted (`search/prefix_tokens_reread`) next to those a
 fork would have saved (none are forked yet: every chain prefills its prefix). The released code drops leaves
 beyond k per tree at random; so do we (the dropped chains' nodes stay in the tree, unreferenced
-by any leaf, hence absent from the batch). Not implemented yet: `eptree` (TreeRL's fork at the
-top-N −log p tokens); `build_rollout` refuses it with a clear message.
+by any leaf, hence absent from the batch). `eptree` (TreeRL's fork at the top-n −log p tokens)
+is `arpo_ref.eptree.EPTreeRollout`; `build_rollout` below picks either by mode.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 from .config import RolloutConfig, SamplingConfig
 from .engine.generation import Generator, RowBatch, SamplingParams
 from .episode import run_tool_calls
+from .eptree import EPTreeRollout
 from .rollout import AdaptiveRollout, RolloutResult
 from .search_options import SearchConfig  # noqa: F401  (re-exported)
 from .tree import BranchDecision, ExecutedCall, RolloutTree
@@ -174,7 +175,7 @@ class TreeSearchRollout:
 
 
 ROLLOUTS = {"paper": AdaptiveRollout, "official": AdaptiveRollout, "grpo": AdaptiveRollout,
-            "tree_search": TreeSearchRollout}
+            "tree_search": TreeSearchRollout, "eptree": EPTreeRollout}
 
 
 def build_rollout(generator: Generator, registry, rollout_config: RolloutConfig,

@@ -1,4 +1,5 @@
-"""`rollout.search`: the settings of the tree-search rollout modes (arpo_ref.search)."""
+"""`rollout.search` and `rollout.eptree`: the settings of the tree-search rollout modes
+(arpo_ref.search, arpo_ref.eptree)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,37 @@ class SearchConfig:
             raise ValueError(f"rollout.search.iterations must be >= 0, got {self.iterations}")
 
 
+@dataclass
+class EPTreeConfig:
+    """TreeRL's EPTree (rollout.mode: eptree; THUDM/TreeRL, arpo_ref.eptree): m, n, l, t."""
+
+    trees: int = 6
+    """m: trees per prompt, each started as one full chain (released script: 6)."""
+    fork_points: int = 2
+    """n: fork points per tree and iteration, its top-n tokens by −log p (released script: 2)."""
+    iterations: int = 1
+    """l: forking iterations (released script: 1)."""
+    branches_per_point: int = 2
+    """t: new chains sampled from each fork point (released script: 2)."""
+
+    def leaves_per_prompt(self) -> int:
+        """m · (1 + l·n·t): every fork point gets t new chains, each one new leaf."""
+        return self.trees * (1 + self.iterations * self.fork_points * self.branches_per_point)
+
+    def validate(self) -> None:
+        for name in ("trees", "fork_points", "branches_per_point"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.eptree.{name} must be >= 1, got {getattr(self, name)}")
+        if self.iterations < 0:
+            raise ValueError(f"rollout.eptree.iterations must be >= 0, got {self.iterations}")
+
+
 def check_search_budget(rollout) -> None:
-    """tree_search: rollout_budget (M) must be the leaves the search ends with."""
+    """tree_search and eptree: rollout_budget (M) must be the leaves the search ends with."""
+    if rollout.mode == "eptree" and rollout.rollout_budget != rollout.eptree.leaves_per_prompt():
+        raise ValueError(f"rollout.mode=eptree ends with trees·(1 + iterations·fork_points·branches_per_point) = "
+                         f"{rollout.eptree.leaves_per_prompt()} leaves per prompt; set rollout.rollout_budget to "
+                         f"that (got {rollout.rollout_budget})")
     if rollout.mode == "tree_search" and rollout.rollout_budget != rollout.search.leaves_per_prompt():
         raise ValueError(f"rollout.mode=tree_search ends with trees·min(keep_leaves, 1 + iterations·expansions) = "
                          f"{rollout.search.leaves_per_prompt()} leaves per prompt; set rollout.rollout_budget to that "

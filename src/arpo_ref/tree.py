@@ -97,6 +97,10 @@ class BranchDecision:
     """How many partial trajectories were forked (limited by the remaining budget M − N)."""
     draws: list[float] = field(default_factory=list)
     """Official mode: the uniform draws u, one per branch attempt (up to beam_size − 1)."""
+    surprisal: float | None = None
+    """eptree: −log p of the sampled token at the fork point (its re-sampled position)."""
+    rank: int = 0
+    """eptree: that token's rank among its tree's fork candidates (1 = highest −log p)."""
 
 
 @dataclass
@@ -170,6 +174,24 @@ class RolloutTree:
         leaf = Leaf(node_id=node_id, origin=origin, **fields)
         self.leaves.append(leaf)
         return leaf
+
+    def split(self, node_id: int, at: int) -> Node:
+        """Cut node `node_id` before its token `at` (0 < at < its length); return the new prefix node.
+
+        The prefix (tokens, log-probs and entropies [:at]) becomes a new node in the old node's
+        place; the old node keeps the rest and its id, so its children, the leaves ending at it,
+        its decision (taken after its end) and its finish reason stay where they were. Ids then
+        no longer grow from the root down (the prefix's id is the largest)."""
+        node = self.nodes[node_id]
+        if node.kind != "model":
+            raise ValueError(f"only model segments are split (node {node_id} is a {node.kind!r} node)")
+        if not 0 < at < len(node.token_ids):
+            raise ValueError(f"split position must be inside node {node_id} (0 < at < {len(node.token_ids)}), got {at}")
+        prefix = self.add_node(node.parent, node.kind, node.token_ids[:at], logprobs=node.logprobs[:at],
+                               entropies=node.entropies[:at])
+        node.parent, node.token_ids = prefix.id, node.token_ids[at:]
+        node.logprobs, node.entropies = node.logprobs[at:], node.entropies[at:]
+        return prefix
 
     def path(self, node_id: int) -> list[Node]:
         """Nodes from the root to `node_id`."""
@@ -308,7 +330,9 @@ def render(tree: RolloutTree, decode=None, width: int = 60) -> str:
         node = tree.nodes[node_id]
         lines.append(f"{indent}[{node.kind} #{node.id}, {len(node.token_ids)} tok] {text_of(node)}")
         d = node.decision
-        if d is not None:
+        if d is not None and d.mode == "eptree":
+            lines.append(f"{indent}  ↳ eptree: fork at −log p={d.surprisal:.3f} (rank {d.rank})  → BRANCH x{d.num_branches}")
+        elif d is not None:
             verdict = f"BRANCH x{d.num_branches}" if d.branched else "no branch"
             entropies = (f"ΣH_initial={sum(d.initial_entropy):.3f} ({len(d.initial_entropy)})  "
                          f"ΣH_t={sum(d.step_entropy):.3f} ({len(d.step_entropy)})")

@@ -20,7 +20,7 @@ The public API (all a rollout needs):
     rows = generator.prefill(prompts)                      # a RowBatch: one row (and slot) per prompt
     outs = generator.decode(rows, SamplingParams(...))     # row id -> GeneratedSequence
     generator.append(rows, {row_id: tool_result_ids})      # forced tokens, one forward for all rows
-    children = generator.fork(rows, row_id, copies=2)      # copy one row's prefix into free slots
+    children = generator.fork(rows, row_id, copies=2)      # copy a row's prefix (keep=p: first p tokens)
     generator.release(rows, finished_row_ids)              # free their slots, copy nothing
     generator.generate(prompts, sampling)                  # prefill + decode, for plain use
 
@@ -229,17 +229,21 @@ class Generator:
             self._forward_rows(rows, fed, chunks)
 
     @torch.inference_mode()
-    def fork(self, rows: RowBatch, row_id: int, copies: int = 1) -> list[int]:
+    def fork(self, rows: RowBatch, row_id: int, copies: int = 1, keep: int | None = None) -> list[int]:
         """Add `copies` new rows whose history (and cache) is row `row_id`'s; return their ids.
 
         Copies that row's cached prefix into free slots; nothing is read again by the model.
+        `keep` (default all): the copies take only the row's first `keep` tokens, e.g. to re-sample
+        an earlier position of a finished row (the next decode samples position `keep`).
         """
-        if copies < 1:
-            raise ValueError(f"copies must be >= 1, got {copies}")
-        b = rows.index(row_id)
+        b, history = rows.index(row_id), rows.histories[rows.index(row_id)]
+        keep = len(history) if keep is None else keep
+        if copies < 1 or not 1 <= keep <= len(history):
+            raise ValueError(f"copies must be >= 1 and keep in [1, {len(history)}], got {copies}, {keep}")
+        cached = min(keep - 1, rows.next_position[b])  # the kept prefix's tokens in the cache
         slots = rows.cache.allocate(copies)
-        rows.cache.copy_prefix(rows.slots[b], slots, rows.next_position[b])
-        return self._add_rows(rows, slots, [list(rows.histories[b]) for _ in slots], [rows.next_position[b]] * copies)
+        rows.cache.copy_prefix(rows.slots[b], slots, cached)
+        return self._add_rows(rows, slots, [list(history[:keep]) for _ in slots], [cached] * copies)
 
     def release(self, rows: RowBatch, row_ids: Sequence[int]) -> None:
         """Drop finished rows from the batch: their slots are freed, nothing is copied."""

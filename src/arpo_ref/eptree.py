@@ -1,0 +1,261 @@
+"""TreeRL's EPTree rollout (`rollout.mode: eptree`; THUDM/TreeRL, arXiv 2506.11902).
+
+Per prompt, m trees, each started as one full chain. Then l iterations; in each, every tree picks
+its n fork points, the n tokens of the tree with the highest −log p of the sampled token, anywhere
+in a response, and samples t new chains from each: a new chain continues from the prefix BEFORE
+that token, so the fork token itself is re-sampled. Settings `rollout.eptree` (trees m,
+fork_points n, iterations l, branches_per_point t; released script 6, 2, 1, 2). Chains run tools
+as the other modes do (results inserted as forced tokens, `max_tool_calls`, the length budget).
+Every fork point's chain gets t new leaves, so a prompt ends with m·(1 + l·n·t) leaves (30 with
+the released settings), all kept (`rollout.rollout_budget` must equal that; checked at load).
+
+Facts from the released code (`entropy_chain_local_manager.py`, `tree_node.py`) and how they carry over:
+* The top-n is per tree: each of the m trees picks its own n points among the tokens of all its
+  chains (the prompt's other trees do not compete). Same here.
+* Candidates: the released code takes every response token of every chain except (a) the first
+  token of a forked chain (its prefix is its parent's fork point, a candidate there already),
+  (b) tokens past the length limit and (c) every token after the first one whose text contains
+  "conclusion" or "answer" (the answer section of its math prompts). Here: (a) the same; (b)
+  never happens (a response stops at its budget); (c) not carried over: it is specific to that
+  prompt format. Prompt and tool-result tokens (forced, loss mask 0) are never candidates: they
+  were not sampled. The −log p is the recorded log-prob (temperature-1 policy, as the PPO ratio).
+* Ties: the released code sorts (−log p, chain, position) in descending order, so a tie goes to
+  the later chain, then the later position. Same here.
+* Used points are not excluded: with l >= 2 a point forked in one iteration may be picked again
+  (its −log p is unchanged); its new chains then hang off the same node.
+* A tree with fewer than n candidates: the released code repeats a chain's list of points up to
+  n, so a point is forked more than once and the leaf count stays fixed; here the tree's sorted
+  list is repeated (the same when each tree has one chain, as in iteration 1).
+* Deviation: the released code trains on `num_trace_per_sample` of the leaves (16 of 30) drawn at
+  random (a correct one first); here every leaf is a row of the batch.
+
+Tree layout: a fork inside a model segment splits that node (`RolloutTree.split`): the branch
+hangs off the prefix node, which records a `BranchDecision` (mode 'eptree', `surprisal` = the
+fork token's −log p, `rank` among the tree's candidates, `probability` = its p, `num_branches`);
+a fork at a segment's first token hangs off the node before (a tool result or the prompt; the
+prompt's decision sums the forks of all trees there). Tree chains are 'global' leaves, forks
+'branch' leaves with `branch_node` = the node they hang off. Cache: a fork copies the finished
+chain's generator row keeping its prefix (`Generator.fork(keep=...)`), so no prefix is read
+again; rows of finished chains are held until the last iteration's forks are made
+(`eptree/prefix_tokens_forked` counts the tokens not re-read). A fork inside a segment resumes
+it (`decode(resume=...)`), so a tool tag completed across the fork point is still seen.
+Not carried over from the adaptive rollout: per-task environments and `max_calls_per_tool`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .config import RolloutConfig, SamplingConfig
+from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
+from .episode import run_tool_calls
+from .rollout import RolloutResult
+from .rollout_metrics import rollout_metrics
+from .tree import BranchDecision, ExecutedCall, Node, RolloutTree
+
+
+@dataclass
+class Chain:
+    """One chain of an EPTree tree: its generator row, its tip, where its own sampling began."""
+
+    tree: RolloutTree
+    owner: int
+    """Index of its EPTree tree among the prompt's m trees."""
+    row_id: int
+    node_id: int
+    start: int
+    """Position (in the chain's tokens, prompt included) of its first sampled token."""
+    tool_calls: int
+    response_tokens: int
+    head: GeneratedSequence | None = None
+    """A fork inside a segment: the segment's tokens before the fork point (decoding resumes them)."""
+    origin: str = "global"
+    branch_node: int | None = None
+    finish_reason: str = ""
+    done: bool = False
+    holds_row: bool = True
+
+
+@dataclass
+class ForkPoint:
+    chain: Chain
+    position: int
+    """Position of the re-sampled token in the chain's tokens: the fork keeps the ones before it."""
+    surprisal: float
+    rank: int
+
+
+def sampled_tokens(tree: RolloutTree, tip: int) -> list[tuple[int, float]]:
+    """(position, log-prob) of every sampled (model) token on the path to `tip`."""
+    tokens, position = [], 0
+    for node in tree.path(tip):
+        if node.kind == "model":
+            tokens += [(position + k, logprob) for k, logprob in enumerate(node.logprobs)]
+        position += len(node.token_ids)
+    return tokens
+
+
+def locate(tree: RolloutTree, tip: int, position: int) -> tuple[Node, int]:
+    """The node on the path to `tip` holding token `position`, and the token's offset in it."""
+    start = 0
+    for node in tree.path(tip):
+        if start <= position < start + len(node.token_ids):
+            return node, position - start
+        start += len(node.token_ids)
+    raise ValueError(f"position {position} is past the end of the path to node {tip}")
+
+
+def segment_head(tree: RolloutTree, node_id: int) -> GeneratedSequence | None:
+    """The model tokens at the end of the path to `node_id` since its last tool result (or prompt)."""
+    nodes = []
+    for node in reversed(tree.path(node_id)):
+        if node.kind != "model":
+            break
+        nodes.insert(0, node)
+    if not nodes:
+        return None
+    return GeneratedSequence([t for n in nodes for t in n.token_ids], [x for n in nodes for x in n.logprobs],
+                             [x for n in nodes for x in n.entropies])
+
+
+class EPTreeRollout:
+    """TreeRL's EPTree (module docstring); same interface as `AdaptiveRollout`."""
+
+    def __init__(self, generator: Generator, registry, config: RolloutConfig,
+                 sampling: SamplingConfig | None = None, seed: int = 0) -> None:
+        self.generator, self.registry, self.config = generator, registry, config
+        sampling = sampling or SamplingConfig()
+        self.sampling = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
+                                       top_p=sampling.top_p, max_new_tokens=config.max_response_tokens)
+        self.token_rng = torch.Generator(device=generator.device).manual_seed(seed)
+        self.draw_rng = random.Random(seed)  # checkpointed with token_rng; EPTree draws nothing else
+        self.stale_baselines: dict[int, float] = {}  # checkpointed with the RNGs (official-mode state; unused)
+        self.stop_strings = registry.stop_strings() if registry is not None else []
+
+    def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
+        options = self.config.eptree
+        self.stats, self.tool_results = {"eptree/prefix_tokens_forked": 0.0}, []
+        trees = [RolloutTree(i, metadata=dict(metadata[i]) if metadata else {}) for i in range(len(prompts))]
+        rows = self.generator.new_batch()
+        self.forks_left = options.iterations
+        self.chains = self._first_chains(rows, trees, prompts)
+        self._run(rows, self.chains)
+        for _ in range(options.iterations):
+            points = [p for tree in trees for j in range(options.trees) for p in self._fork_points(tree, j)]
+            new = [chain for point in points for chain in self._branch(rows, point)]
+            self.forks_left -= 1
+            if self.forks_left == 0:  # no more forks: finished chains' rows can go
+                self._release(rows, [c for c in self.chains if c.done])
+            self.chains += new
+            self._run(rows, new)
+        self._release(rows, self.chains)
+        for tree in trees:
+            for c in (c for c in self.chains if c.tree is tree):
+                tree.add_leaf(c.node_id, c.origin, finish_reason=c.finish_reason, tool_calls=c.tool_calls,
+                              branch_node=c.branch_node)
+        return RolloutResult(trees, rollout_metrics(self.stats, self.tool_results, trees, rows))
+
+    def _first_chains(self, rows: RowBatch, trees: list[RolloutTree], prompts: list[list[int]]) -> list[Chain]:
+        """Each prompt read once, its row forked into the m trees' first chains."""
+        gen, m = self.generator, self.config.eptree.trees
+        first = rows.next_row_id
+        gen.prefill(prompts, rows)
+        chains = []
+        for i, (tree, prompt) in enumerate(zip(trees, prompts)):
+            tree.add_node(None, "prompt", prompt)
+            row_ids = [first + i] + (gen.fork(rows, first + i, m - 1) if m > 1 else [])
+            chains += [Chain(tree, j, row_id, 0, len(prompt), 0, 0) for j, row_id in enumerate(row_ids)]
+        return chains
+
+    def _fork_points(self, tree: RolloutTree, owner: int) -> list[ForkPoint]:
+        """The n tokens of tree `owner` with the highest −log p (ties: later chain, later position)."""
+        candidates = []
+        for order, chain in enumerate(c for c in self.chains if c.tree is tree and c.owner == owner):
+            first = chain.start + (chain.origin == "branch")  # a fork's first token is its parent's point
+            candidates += [(-logprob, order, position, chain) for position, logprob in sampled_tokens(tree, chain.node_id)
+                           if position >= first]
+        if not candidates:
+            raise RuntimeError(f"prompt {tree.prompt_index}, tree {owner}: no sampled token to fork at")
+        candidates.sort(key=lambda c: c[:3], reverse=True)
+        picks = [candidates[k % len(candidates)] for k in range(self.config.eptree.fork_points)]
+        return [ForkPoint(chain, position, surprisal, k % len(candidates) + 1)
+                for k, (surprisal, _, position, chain) in enumerate(picks)]
+
+    def _branch(self, rows: RowBatch, point: ForkPoint) -> list[Chain]:
+        """t new chains from the prefix before `point`: split its node, record why, fork the row."""
+        parent, t, tree = point.chain, self.config.eptree.branches_per_point, point.chain.tree
+        node, offset = locate(tree, parent.node_id, point.position)
+        hang = tree.split(node.id, offset) if offset > 0 else tree.nodes[node.parent]
+        if hang.decision is None:
+            hang.decision = BranchDecision("eptree", [], [], 0.0, math.exp(-point.surprisal), True, t,
+                                           surprisal=point.surprisal, rank=point.rank)
+        else:  # the same point picked again (or the prompt, for another tree's first token)
+            hang.decision.num_branches += t
+        path = tree.path(hang.id)
+        prompt_length, tool_calls = len(path[0].token_ids), sum(n.kind == "tool" for n in path)
+        head = segment_head(tree, hang.id)
+        row_ids = self.generator.fork(rows, parent.row_id, copies=t, keep=point.position)
+        self.stats["eptree/prefix_tokens_forked"] += t * point.position
+        return [Chain(tree, parent.owner, row_id, hang.id, point.position, tool_calls,
+                      point.position - prompt_length, head, "branch", hang.id) for row_id in row_ids]
+
+    def _run(self, rows: RowBatch, chains: list[Chain]) -> None:
+        live = list(chains)
+        while live:
+            live = self._turn(rows, live)
+
+    def _turn(self, rows: RowBatch, live: list[Chain]) -> list[Chain]:
+        """Decode every live chain to the end of its segment, then run the calls and append the
+        results (as `TreeSearchRollout._turn`, plus the resumed segment of a fresh fork)."""
+        cfg, gen = self.config, self.generator
+        limits = {c.row_id: cfg.max_response_tokens - c.response_tokens for c in live}
+        resume = {c.row_id: c.head for c in live if c.head is not None}
+        outputs = gen.decode(rows, self.sampling, self.stop_strings, row_ids=list(limits), rng=self.token_rng,
+                             max_new_tokens=limits, resume=resume)
+        calling, segments = [], []
+        for c in live:
+            seg, skip = outputs[c.row_id], len(c.head.token_ids) if c.head is not None else 0
+            node = c.tree.add_node(c.node_id, "model", seg.token_ids[skip:], logprobs=seg.logprobs[skip:],
+                                   entropies=seg.entropies[skip:], finish_reason=seg.finish_reason)
+            c.node_id, c.head, c.response_tokens = node.id, None, c.response_tokens + len(node.token_ids)
+            if seg.finish_reason != "stop":
+                self._end(rows, c, seg.finish_reason)
+            elif c.tool_calls >= cfg.max_tool_calls:
+                self._end(rows, c, "tool_limit")
+            else:
+                calling.append(c)
+                segments.append(seg.token_ids)  # the whole segment: a call may have started before the fork
+        forced, still = {}, []
+        for c, step in zip(calling, run_tool_calls(self.registry, gen.tokenizer, segments)):
+            if step is None:
+                self._end(rows, c, "stop")
+                continue
+            ids = step.result_ids[: cfg.max_response_tokens - c.response_tokens]
+            call = ExecutedCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
+                                step.result.error_kind, step.result.seconds)
+            node = c.tree.add_node(c.node_id, "tool", ids, tool_call=call)
+            c.node_id, c.response_tokens, c.tool_calls = node.id, c.response_tokens + len(ids), c.tool_calls + 1
+            self.tool_results.append(step.result)
+            if len(ids) < len(step.result_ids) or c.response_tokens >= cfg.max_response_tokens:
+                self._end(rows, c, "length")
+            else:
+                forced[c.row_id] = ids
+                still.append(c)
+        gen.append(rows, {r: ids for r, ids in forced.items() if ids})
+        return still
+
+    def _end(self, rows: RowBatch, chain: Chain, reason: str) -> None:
+        """A finished chain keeps its row (a later fork copies its prefix) while forks are left."""
+        chain.finish_reason, chain.done = reason, True
+        if self.forks_left == 0:
+            self._release(rows, [chain])
+
+    def _release(self, rows: RowBatch, chains: list[Chain]) -> None:
+        held = [c for c in chains if c.holds_row]
+        self.generator.release(rows, [c.row_id for c in held])
+        for c in held:
+            c.holds_row = False
