@@ -90,13 +90,17 @@ class BranchDecision:
     delta_entropy: float
     """ΔH_t = normalised Σ (H_t − H_initial)."""
     probability: float
-    """P_t = α + β·ΔH_t (paper) / clip(τ + β·ΔH_t, 0, 1), the branch probability (official)."""
+    """P_t = α + β·ΔH_t (paper) / the chance that one draw branches (official: clip(τ + β·ΔH_t,
+    0, 1); with AEPO's penalty the chance under its rule, `rollout_modes.official_branch_chance`)."""
     branched: bool
     """Whether branches were forked here."""
     num_branches: int = 0
     """How many partial trajectories were forked (limited by the remaining budget M − N)."""
     draws: list[float] = field(default_factory=list)
     """Official mode: the uniform draws u, one per branch attempt (up to beam_size − 1)."""
+    draw_values: list[float] = field(default_factory=list)
+    """Official mode, per draw: the value its rule compared with τ, clip(u − β·ΔH_t, 0, 1) (branch
+    iff ≤ τ) or with AEPO's penalty p = clip((u + β·ΔH_t)·max(0, 1 − 0.05·c), 0, 1) (iff ≥ τ)."""
 
 
 @dataclass
