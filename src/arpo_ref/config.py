@@ -126,7 +126,7 @@ class RolloutConfig:
     official, the released code's schedule, whose decisions, fill-ups and AEPO counters are
     defined per round (ARPO.md §2.2). Official under continuous takes each decision when the
     call's result joins and counts a step boundary as a round; its seeded draws then go to other
-    decisions and AEPO's penalty is weaker (arpo_ref.rollout_modes says how)."""
+    decisions and AEPO's counter counts boundaries, not turns (arpo_ref.rollout_modes says how)."""
     tool_join_steps: int = 1
     """Continuous schedule: a tool result joins its row exactly this many decoding steps after
     the call was sent (the loop waits for a tool that is slower), so which rows decode at each
