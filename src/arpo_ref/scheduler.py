@@ -7,8 +7,9 @@ back, the result is appended as forced tokens and the row decodes again. Paper m
 taken for a row as soon as its k look-ahead tokens after a result exist (or its segment ended
 sooner) (`rollout_modes.paper_decide`); by default its branch copies, forked right after the
 result, decode alongside the look-ahead (`arpo_ref.branch_copies`), and fill-up samples start
-with the globals, a branch cancelling the youngest (`arpo_ref.fill_ups`). The rollout ends when
-every prompt has its M leaves.
+with the globals, a branch cancelling the youngest (`arpo_ref.fill_ups`). Official mode decides
+when a call's result joins, a step boundary being its round (`arpo_ref.rollout_modes`). The
+rollout ends when every prompt has its M leaves.
 
 Results join deterministically by default: a call sent at step s is inserted at the boundary of
 step s + `rollout.tool_join_steps` (the loop waits if the tool is slower), so the sequence of
