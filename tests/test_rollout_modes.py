@@ -12,9 +12,10 @@ from arpo_ref.aepo import AEPOConfig
 from arpo_ref.config import RolloutConfig
 from arpo_ref.engine.generation import GeneratedSequence, Generator
 from arpo_ref.engine.scripted import ScriptedLM
-from arpo_ref.rollout import AdaptiveRollout
+from arpo_ref.rollout import AdaptiveRollout, SegmentState, Trajectory
 from arpo_ref.rollout_modes import MODES, end_reason, official_branch_chance, official_draw
 from arpo_ref.tools.registry import ToolRegistry
+from arpo_ref.tree import RolloutTree
 
 
 def segment(reason, tokens=3):
@@ -87,3 +88,17 @@ def test_modes_are_one_dict_and_an_unknown_mode_fails_clearly():
     with pytest.raises(ValueError, match="build_rollout"):
         AdaptiveRollout(Generator(ScriptedLM(lambda h: 0, vocab_size=len(TOK)), TOK), ToolRegistry([EchoSearch()]),
                         config)
+
+
+def test_a_segment_paused_by_a_decode_limit_stays_open_and_keeps_its_finish_reason():
+    """Regression: a segment paused after the look-ahead or a one-step decode used to get
+    finish_reason = None as a "still open" sentinel. Now the generator's reason is left alone
+    and the state says whether the segment ended: 'length' is an end only at the budget."""
+    engine = AdaptiveRollout(Generator(ScriptedLM(lambda h: 0, vocab_size=len(TOK)), TOK), None,
+                             RolloutConfig(mode="grpo", rollout_budget=1, num_global=1, max_response_tokens=10))
+    t = Trajectory(RolloutTree(0), row_id=0, node_id=0, origin="global", creation_index=0, response_tokens=4)
+    for reason, tokens, state in [("length", 5, SegmentState.OPEN), ("length", 6, SegmentState.ENDED),
+                                  (None, 2, SegmentState.OPEN), ("eos", 1, SegmentState.ENDED),
+                                  ("stop", 3, SegmentState.ENDED)]:
+        engine._record_segment(t, segment(reason, tokens))
+        assert (t.segment_state, t.segment.finish_reason, t.segment_ended) == (state, reason, state is SegmentState.ENDED)
