@@ -170,8 +170,9 @@ def test_paper_windows_match_a_teacher_forced_recomputation(model, schedule, see
     assert verdicts == {True, False}
 
 
-def test_official_windows_match_a_teacher_forced_recomputation(model):
-    config, trees = run(model, "official", seed=1)
+@pytest.mark.parametrize("schedule", ["rounds", "continuous"])
+def test_official_windows_match_a_teacher_forced_recomputation(model, schedule):
+    config, trees = run(model, "official", seed=1, schedule=schedule)
 
     def segment_entropy(window):
         top = window[1][:K]  # the segment's first min(k, len) positions, top-10 each, pooled

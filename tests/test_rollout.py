@@ -112,11 +112,12 @@ def test_paper_mode_branches_exactly_where_the_formula_says():
     assert origins[2].count("fill_up") == 4
 
 
+@pytest.mark.parametrize("schedule", ["rounds", "continuous"])
 @pytest.mark.parametrize("mode", ["paper", "official", "grpo"])
 @pytest.mark.parametrize("budget, num_global", [(6, 2), (4, 3), (3, 1)])
-def test_every_prompt_ends_with_exactly_m_leaves_and_budget_holds(mode, budget, num_global):
+def test_every_prompt_ends_with_exactly_m_leaves_and_budget_holds(mode, budget, num_global, schedule):
     engine, result, _ = rollout(mode, PROMPTS, AFTER, rollout_budget=budget, num_global=num_global, beam_size=3,
-                                branches_per_decision=2)
+                                branches_per_decision=2, schedule=schedule)
     for tree in result.trees:
         assert len(tree.leaves) == budget
         origins = [leaf.origin for leaf in tree.leaves]
@@ -128,10 +129,11 @@ def test_every_prompt_ends_with_exactly_m_leaves_and_budget_holds(mode, budget, 
     assert batch.num_leaves == budget * len(PROMPTS)
 
 
-def test_official_decisions_match_a_seeded_recomputation():
+@pytest.mark.parametrize("schedule", ["rounds", "continuous"])
+def test_official_decisions_match_a_seeded_recomputation(schedule):
     seed = 7
     _, result, _ = rollout("official", PROMPTS, AFTER, seed=seed, calls=3, rollout_budget=8, num_global=2,
-                           max_tool_calls=3, beam_size=3)
+                           max_tool_calls=3, beam_size=3, schedule=schedule)
     decisions = [d for tree in result.trees for d in tree.decisions()]
     draws = [u for d in decisions for u in d.draws]
     assert len(draws) > 5
@@ -139,15 +141,20 @@ def test_official_decisions_match_a_seeded_recomputation():
     replay = random.Random(seed)
     assert sorted(draws) == sorted(replay.random() for _ in draws)
     for d in decisions:  # each Bernoulli outcome re-derived from its draw and recorded ΔH
-        expected = sum(min(max(u - 0.2 * d.delta_entropy, 0.0), 1.0) <= 0.5 for u in d.draws)
+        values = [min(max(u - 0.2 * d.delta_entropy, 0.0), 1.0) for u in d.draws]
+        assert d.draw_values == pytest.approx(values)
+        expected = sum(v <= 0.5 for v in values)
         assert d.num_branches == expected and d.branched == (expected > 0)
         assert d.probability == pytest.approx(min(max(0.5 + 0.2 * d.delta_entropy, 0.0), 1.0))
     for tree in result.trees:
-        assert len(tree.leaves) == 8
-        # Previous-segment timing: the decision after the first call uses the first segment itself.
+        assert len(tree.leaves) == 8 and "duplicate" not in [leaf.origin for leaf in tree.leaves]
         for node in tree.nodes:
+            if node.decision:  # the row goes on and each branch starts its own segment after the result
+                assert len([n for n in tree.nodes if n.parent == node.id]) == 1 + node.decision.num_branches
+            # Previous-segment timing: the decision after the first call uses the first segment itself.
             if node.decision and tree.nodes[node.parent].parent == 0:
                 assert node.decision.delta_entropy == 0.0
+    assert {d.branched for d in decisions} == {True, False}
 
 
 def test_official_stale_baseline_flag_reproduces_the_bug():
@@ -303,14 +310,15 @@ def test_rollout_on_a_real_tiny_model_records_teacher_forced_logprobs():
         assert torch.allclose(expected[mask].float(), batch.old_logprobs[i, 1:n][mask], atol=1e-4)
 
 
-@pytest.mark.parametrize("mode, speculative", [("paper", False), ("paper", True), ("official", False),
-                                               ("grpo", False)])
-def test_prefill_saved_counts_exactly_the_histories_forks_reused(mode, speculative):
+@pytest.mark.parametrize("mode, speculative, schedule", [
+    ("paper", False, ""), ("paper", True, ""), ("official", False, ""), ("official", False, "continuous"),
+    ("grpo", False, "")])
+def test_prefill_saved_counts_exactly_the_histories_forks_reused(mode, speculative, schedule):
     """Regression: paper mode used to count the copy made before the look-ahead even when the
     decision declined and the copy was dropped (6647 counted vs 3990 reused over 5 seeds).
     Prefill saved = the inherited history of every branch, plus the prompt of every global or
     fill-up sample forked from a freshly read prompt row."""
-    engine, result, _ = rollout(mode, PROMPTS, AFTER, speculative_fill_ups=speculative)
+    engine, result, _ = rollout(mode, PROMPTS, AFTER, speculative_fill_ups=speculative, schedule=schedule)
     expected = 0
     for tree in result.trees:
         prompt_length = len(tree.nodes[0].token_ids)

@@ -123,8 +123,11 @@ class RolloutConfig:
     """'continuous': every row advances on its own; a row that stops at a tool tag sends its call
     to a tool pool and rejoins decoding as soon as its result is appended, while the others keep
     decoding. 'rounds': the official code's turns (decode until every row stopped, run all tools,
-    decide, go on). Empty = the mode's default: continuous for paper and grpo, rounds for
-    official, whose decisions and fill-ups are defined per round (ARPO.md §2.2)."""
+    decide, go on). Empty = the mode's default: continuous for paper and grpo; rounds for
+    official, the released code's schedule, whose decisions, fill-ups and AEPO counters are
+    defined per round (ARPO.md §2.2). Official under continuous takes each decision when the
+    call's result joins and counts a step boundary as a round; its seeded draws then go to other
+    decisions and AEPO's counter counts boundaries, not turns (arpo_ref.rollout_modes says how)."""
     tool_join_steps: int = 1
     """Continuous schedule: a tool result joins its row exactly this many decoding steps after
     the call was sent (the loop waits for a tool that is slower), so which rows decode at each
@@ -165,9 +168,6 @@ class RolloutConfig:
         if self.aepo.branch_penalty and self.mode != "official":
             raise ValueError("rollout.aepo.branch_penalty replaces the official mode's branch rule; "
                              f"set rollout.mode=official (got {self.mode!r})")
-        if self.mode == "official" and self.schedule == "continuous":
-            raise ValueError("rollout.schedule 'continuous' is not implemented for official mode, whose decisions "
-                             "and fill-ups are defined per round; use 'rounds' (or leave it empty)")
         if self.rollout_budget < 1:
             raise ValueError("rollout_budget (M) must be >= 1")
         if not 1 <= self.num_global <= self.rollout_budget:

@@ -1,18 +1,27 @@
 """Entropy-based adaptive rollout (ARPO §3.2, ARPO.md §2): modes `paper`, `official` and `grpo`.
 
-Every prompt gets a `RolloutTree` with exactly M leaves. A row generates until a closing tool
-tag, EOS or the length budget; its call runs and the result goes in as forced tokens (loss mask
-0); then it may branch. Branches fork the generator's cache rows (the prefix is not read again)
-and reuse the prefix's tool results. Schedules (`rollout.schedule`): `continuous` (paper, grpo;
-`arpo_ref.scheduler`: rows advance on their own, tools run while others decode) or `rounds`
-(official; `_run_rounds`: a turn lasts until its slowest row stopped, then all tools run).
+Every prompt gets a `RolloutTree` with exactly M leaves. The phases of ARPO.md §2.1, one method
+each: initial samples (`_start_initial_samples`); a row generates until a closing tool tag, EOS
+or the length budget, and its closed segment becomes a node, the first giving H_initial
+(`_close_segment`; why a trajectory ends: `rollout_modes.end_reason`); its call runs and the
+result goes in as forced tokens, loss mask 0 (`_run_tools`, `_insert_results`); then the mode
+decides whether to branch (`rollout_modes`: paper's k look-ahead, ΔH, P and fork in
+`paper_decide`); fill-ups (`_fill_up`). Branches fork the generator's cache rows (the prefix is
+not read again) and reuse the prefix's tool results. What differs between modes is a `Mode` of
+decision functions in `rollout_modes.MODES`; no method here branches on the mode's name.
+
+Schedules (`rollout.schedule`; empty = the mode's default): `continuous` (default for paper and
+grpo; `arpo_ref.scheduler`: rows advance on their own, tools run while others decode) or
+`rounds` (default for official, the released code's schedule; `_run_rounds`: a turn lasts until
+its slowest row stopped, then all tools run). Official mode also runs under continuous; how
+that changes its rules and results is in `rollout_modes`' docstring.
 
 paper (ARPO.md §2.1): N global samples; H_initial = entropies of a trajectory's first k tokens.
     After each tool result the trajectory generates k look-ahead tokens, H_t = their entropies,
     ΔH_t = Σ_j (H_t[j] − H_initial[j]) / normaliser, P_t = α + β·ΔH_t; if P_t > τ, Z branches
     fork at the point right after the result. Once M − N branches exist no more decisions are
     made; the leaves branches leave unused are fill-up samples (`arpo_ref.fill_ups`).
-official (ARPO.md §2.2): the released code, point by point — see `_official_decisions`.
+official (ARPO.md §2.2): the released code, point by point — see `rollout_modes.official_after_results`.
 grpo: M global samples, no branching (the baseline every comparison needs).
 
 Gaps the paper leaves open and how they are filled here:
@@ -37,18 +46,32 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
 from . import branch_copies, fill_ups
-from .aepo import counters_after_round, official_branch
+from .aepo import counters_after_round
 from .config import RolloutConfig, SamplingConfig
 from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
-from .entropy import entropy_normaliser, pooled_topk_entropy
+from .entropy import entropy_normaliser
 from .episode import run_tool_calls, segment_call
 from .rollout_metrics import rollout_metrics
+from .rollout_modes import MODES, end_reason
 from .tasks import environment as task_environment
-from .tree import BranchDecision, ExecutedCall, RolloutTree
+from .tree import ExecutedCall, RolloutTree
+
+
+class SegmentState(Enum):
+    """Where a trajectory's current model segment stands (`Trajectory.segment_state`)."""
+
+    NONE = "none"
+    """No segment: the row's next decode starts one (after the prompt, a result or a fork)."""
+    OPEN = "open"
+    """Paused with tokens to come (after the k look-ahead tokens, a one-step decode of the
+    continuous schedule, or a turn that ended early): the next decode resumes it."""
+    ENDED = "ended"
+    """Ended on EOS, a stop string or the response budget (its finish_reason): ready to close."""
 
 
 @dataclass
@@ -68,6 +91,8 @@ class Trajectory:
     initial_entropy: list[float] | None = None
     segment: GeneratedSequence | None = None
     """The segment being generated (paper mode: after the look-ahead, it is resumed)."""
+    segment_state: SegmentState = SegmentState.NONE
+    """Whether `segment` is open or ended; its finish_reason is read only once it ended."""
     branch_point_row: int | None = None
     """Paper mode: a copy of the row at the branch point, awaiting the decision."""
     branch_node: int | None = None
@@ -87,6 +112,15 @@ class Trajectory:
     awaiting_decision: bool = False
     """A speculative branch copy whose parent has not decided yet: it is not closed or counted."""
     done: bool = False
+
+    @property
+    def segment_ended(self) -> bool:
+        return self.segment_state is SegmentState.ENDED
+
+    @property
+    def awaiting_look_ahead(self) -> bool:
+        """Paper mode: copied at its branch point, its decision waits for its k look-ahead tokens."""
+        return self.branch_point_row is not None or bool(self.branch_copies)
 
 
 @dataclass
@@ -109,12 +143,15 @@ class AdaptiveRollout:
 
     def __init__(self, generator: Generator, registry, config: RolloutConfig,
                  sampling: SamplingConfig | None = None, seed: int = 0) -> None:
-        self.generator, self.registry, self.config = generator, registry, config
+        if config.mode not in MODES:
+            raise ValueError(f"AdaptiveRollout runs rollout.mode {sorted(MODES)}, got {config.mode!r} "
+                             "(build the rollout with arpo_ref.search.build_rollout)")
+        self.generator, self.registry, self.config, self.mode = generator, registry, config, MODES[config.mode]
         sampling = sampling or SamplingConfig()
         self.sampling = SamplingParams(
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
             max_new_tokens=config.max_response_tokens,
-            topk_logprobs=config.official_topk if config.mode == "official" else 0)
+            topk_logprobs=self.mode.topk_logprobs(config))
         self.token_rng = torch.Generator(device=generator.device).manual_seed(seed)
         self.draw_rng = random.Random(seed)
         self.stale_baselines: dict[int, float] = {}
@@ -135,11 +172,7 @@ class AdaptiveRollout:
         self.prompts, self.trajectories = prompts, []
         self.branch_counters = {i: 0 for i in range(len(prompts))}  # AEPO's c, reset per rollout
         rows = gen.prefill(prompts)
-        first = cfg.rollout_budget if cfg.mode == "grpo" else cfg.num_global
-        for tree, row_id in zip(trees, list(rows.row_ids)):
-            self._spawn(rows, tree, row_id, first, "global")
-            if cfg.mode == "paper" and cfg.speculative_fill_ups:
-                fill_ups.spawn(self, rows, tree, row_id)
+        self._start_initial_samples(rows, trees)
         if cfg.resolved_schedule == "continuous":
             from .scheduler import run_continuous
 
@@ -164,81 +197,94 @@ class AdaptiveRollout:
         turns, max_turns = 0, paths * (cfg.max_tool_calls + 2) + 1
         while any(not t.done for t in self.trajectories) and turns < max_turns:
             turns, started = turns + 1, len(self.trajectories)
-            if cfg.mode == "paper":  # 1. look ahead k tokens after results, decide, fork
-                self._paper_decisions(rows)
-            self._generate(rows)  # 2. every live row to the end of its segment
-            calling = self._close_segments(rows)  # 3. nodes, leaves, tool calls and results
+            self.mode.before_turn(self, rows)  # paper: look ahead k tokens after results, decide, fork
+            self._generate(rows)  # every live row to the end of its segment
+            calling = self._close_segments(rows)  # nodes, leaves, or a tool call
             if calling:
-                start = time.perf_counter()
-                segments = [self._call_segment(t) for t in calling]
-                steps = run_tool_calls(self.registry, self.generator.tokenizer, segments, [task_environment.runner_of(t.environment) for t in calling])
-                self.stats["time/tools"] += time.perf_counter() - start
-                calling = self._insert_results(rows, calling, steps)
-            if cfg.mode == "official":  # 4. decide after the results
-                self._official_decisions(rows, calling)
-            elif cfg.mode == "paper":
-                self._take_snapshots(rows, calling)
-            self._fill_up(rows, trees)  # 5. prompts with leaves missing and no live path
+                calling = self._insert_results(rows, calling, self._run_tools(calling))
+            self.mode.after_results(self, rows, calling)  # paper: copy at the branch point; official: decide
+            self._fill_up(rows, trees)  # prompts with leaves missing and no live path
             self.branch_counters = counters_after_round(self.branch_counters, self.trajectories[started:])
 
-    # ------------------------------------------------------------------ phases
+    # ------------------------------------------------------------------ phases (ARPO.md §2.1)
+    def _start_initial_samples(self, rows: RowBatch, trees: list[RolloutTree]) -> None:
+        """Phase 1: each prompt's samples from scratch (N; grpo: M), forked from its prompt row."""
+        for tree, row_id in zip(trees, list(rows.row_ids)):
+            self._spawn(rows, tree, row_id, self.mode.global_samples(self.config), "global")
+            self.mode.at_start(self, rows, tree, row_id)
+
+    def _decode(self, rows: RowBatch, limits: dict[int, int], pause_after: int | None = None) -> dict:
+        """One generator call for the rows in `limits` (row id -> new tokens allowed), resuming
+        their open segments."""
+        resume = {t.row_id: t.segment for t in self.trajectories
+                  if t.row_id in limits and t.segment is not None and not t.done}
+        start = time.perf_counter()
+        outputs = self.generator.decode(rows, self.sampling, self.stop_strings, row_ids=list(limits), rng=self.token_rng,
+                                        max_new_tokens=limits, resume=resume, pause_after=pause_after)
+        self.stats["time/generation"] += time.perf_counter() - start
+        return outputs
+
+    def _record_segment(self, t: Trajectory, segment: GeneratedSequence) -> None:
+        """Store a decode's output as t's segment: ENDED if it ended for real (EOS, a stop string,
+        the response budget), OPEN if only the call's limit or a turn's end paused it."""
+        spent = t.response_tokens + len(segment.token_ids) >= self.config.max_response_tokens
+        ended = segment.finish_reason in ("eos", "stop") or (segment.finish_reason == "length" and spent)
+        t.segment, t.segment_state = segment, SegmentState.ENDED if ended else SegmentState.OPEN
+
     def _generate(self, rows: RowBatch) -> None:
-        todo = [t for t in self.trajectories
-                if not t.done and (t.segment is None or t.segment.finish_reason is None)]
+        """Rounds schedule: every live row decodes to the end of its segment (or the turn's end)."""
+        todo = [t for t in self.trajectories if not t.done and not t.segment_ended]
         if not todo:
             return
         limits = {t.row_id: self.config.max_response_tokens - t.response_tokens
                   - (len(t.segment.token_ids) if t.segment else 0) for t in todo}
         fraction = self.config.turn_end_fraction
-        pause = None if fraction >= 1 else max(1, math.ceil(fraction * len(todo)))
-        start = time.perf_counter()
-        outputs = self.generator.decode(
-            rows, self.sampling, self.stop_strings, row_ids=list(limits), rng=self.token_rng,
-            max_new_tokens=limits, resume={t.row_id: t.segment for t in todo if t.segment}, pause_after=pause)
-        self.stats["time/generation"] += time.perf_counter() - start
+        outputs = self._decode(rows, limits, None if fraction >= 1 else max(1, math.ceil(fraction * len(todo))))
         for t in todo:
-            t.segment = outputs[t.row_id]
+            self._record_segment(t, outputs[t.row_id])
 
     def _close_segments(self, rows: RowBatch) -> list[Trajectory]:
-        """Turn finished segments into model nodes; end trajectories or run their tool calls."""
-        cfg, calling = self.config, []
-        for t in self.trajectories:
-            if t.done or t.awaiting_decision or t.segment is None or t.segment.finish_reason is None:
-                continue
-            seg, t.segment = t.segment, None
-            node = t.tree.add_node(t.node_id, "model", seg.token_ids, logprobs=seg.logprobs,
-                                   entropies=seg.entropies, finish_reason=seg.finish_reason)
-            t.node_id, t.response_tokens = node.id, t.response_tokens + len(seg.token_ids)
-            if t.initial_entropy is None:
-                t.initial_entropy = seg.entropies[: cfg.entropy_window]
-            if cfg.mode == "official":
-                node_entropy = self._segment_entropy(seg)
-                self.baselines.setdefault(t.creation_index, node_entropy)
-                t.last_segment_entropy = node_entropy
-            if seg.finish_reason != "stop":
-                self._finish(rows, t, seg.finish_reason)
-            elif t.tool_calls >= cfg.max_tool_calls or self._over_tool_limit(t):
-                self._finish(rows, t, "tool_limit")
-            elif t.response_tokens >= cfg.max_response_tokens:
-                self._finish(rows, t, "length")
-            else:
-                calling.append(t)
-        return calling
+        """Close every ended segment (`_close_segment`); returns the trajectories that call a tool."""
+        return [t for t in self.trajectories if t.segment_ended and not t.done
+                and not t.awaiting_decision and self._close_segment(rows, t)]
 
-    def _over_tool_limit(self, t: Trajectory) -> bool:
-        """Whether the call that ended t's last segment goes to a tool already at its own limit."""
-        limits = self.config.max_calls_per_tool
-        if not limits:
-            return False
-        call = segment_call(self.generator.tokenizer, t.tree.nodes[t.node_id].token_ids)
-        return call is not None and call.tag in limits and t.calls_per_tool.get(call.tag, 0) >= limits[call.tag]
+    def _close_segment(self, rows: RowBatch, t: Trajectory) -> bool:
+        """Phase 2: t's ended segment becomes a model node (its first gives H_initial); then t
+        ends (`end_reason`) or goes on to its tool call (True)."""
+        seg, t.segment, t.segment_state = t.segment, None, SegmentState.NONE
+        reason = end_reason(seg, t, self.config, self._call_tag(seg))
+        node = t.tree.add_node(t.node_id, "model", seg.token_ids, logprobs=seg.logprobs,
+                               entropies=seg.entropies, finish_reason=seg.finish_reason)
+        t.node_id, t.response_tokens = node.id, t.response_tokens + len(seg.token_ids)
+        if t.initial_entropy is None:  # H_initial: the first k tokens of the first segment
+            t.initial_entropy = seg.entropies[: self.config.entropy_window]
+        self.mode.after_segment(self, t, seg)
+        if reason is not None:
+            self._finish(rows, t, reason)
+        return reason is None
+
+    def _call_tag(self, segment: GeneratedSequence) -> str | None:
+        """The tag of the call ending `segment`, parsed only when per-tool limits need it."""
+        if not self.config.max_calls_per_tool or segment.finish_reason != "stop":
+            return None
+        call = segment_call(self.generator.tokenizer, segment.token_ids)
+        return call.tag if call is not None else None
 
     def _call_segment(self, t: Trajectory) -> list[int]:
         """The ids of the model segment that ended with `t`'s call (its stop token last)."""
         return t.tree.nodes[t.node_id].token_ids
 
+    def _run_tools(self, calling: list[Trajectory]) -> list:
+        """Phase 3 (rounds): run the calls of `calling` together; their ToolSteps (None: no call)."""
+        start = time.perf_counter()
+        segments = [self._call_segment(t) for t in calling]
+        steps = run_tool_calls(self.registry, self.generator.tokenizer, segments,
+                               [task_environment.runner_of(t.environment) for t in calling])
+        self.stats["time/tools"] += time.perf_counter() - start
+        return steps
+
     def _insert_results(self, rows: RowBatch, calling: list[Trajectory], steps) -> list[Trajectory]:
-        """Tool nodes and forced result tokens (one forward chunk) for the calls of `calling`."""
+        """Phase 3: tool nodes and forced result tokens (one forward chunk) for the calls of `calling`."""
         forced, called = {}, []
         for t, step in zip(calling, steps):
             if step is None:  # stopped on a tag that is not a complete call
@@ -248,7 +294,7 @@ class AdaptiveRollout:
             ids = step.result_ids[:room]
             self.tool_results.append(step.result)
             call = ExecutedCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
-                            step.result.error_kind, step.result.seconds)
+                                step.result.error_kind, step.result.seconds)
             node = t.tree.add_node(t.node_id, "tool", ids, tool_call=call)
             t.node_id, t.response_tokens, t.tool_calls = node.id, t.response_tokens + len(ids), t.tool_calls + 1
             t.calls_per_tool[step.call.tag] = t.calls_per_tool.get(step.call.tag, 0) + 1
@@ -260,93 +306,17 @@ class AdaptiveRollout:
         self.generator.append(rows, {r: ids for r, ids in forced.items() if r in rows.row_ids and ids})
         return called
 
-    # ------------------------------------------------------------------ paper mode
-    def _take_snapshots(self, rows: RowBatch, calling: list[Trajectory]) -> None:
-        """Copy each row at its branch point while the prompt still has budget for branches."""
-        for t in calling:
-            if t.origin != "fill_up" and self._branch_budget(t.tree) > 0:
-                (t.branch_point_row,) = self.generator.fork(rows, t.row_id, 1)
-
-    def _paper_decisions(self, rows: RowBatch) -> None:
-        """ARPO.md §2.1 steps 2–3: k look-ahead tokens, ΔH_t, P_t = α + β·ΔH_t > τ → fork Z."""
-        cfg = self.config
-        waiting = [t for t in self.trajectories if not t.done and t.branch_point_row is not None]
-        if not waiting:
-            return
-        limits = {t.row_id: min(cfg.entropy_window, cfg.max_response_tokens - t.response_tokens) for t in waiting}
-        start = time.perf_counter()
-        outputs = self.generator.decode(rows, self.sampling, self.stop_strings, row_ids=list(limits),
-                                        rng=self.token_rng, max_new_tokens=limits)
-        self.stats["time/generation"] += time.perf_counter() - start
-        for t in waiting:  # index order: earlier trajectories use the budget first
-            t.segment = outputs[t.row_id]
-            if t.segment.finish_reason == "length" and t.response_tokens + len(t.segment.token_ids) < cfg.max_response_tokens:
-                t.segment.finish_reason = None  # stopped for the window only: resume it later
-            self._decide_paper(rows, t)
-
-    def _decide_paper(self, rows: RowBatch, t: Trajectory) -> None:
-        """ARPO.md §2.1 step 3 for one row whose look-ahead (the first ≤ k tokens of its segment
-        after the result) exists: ΔH_t against H_initial, P_t = α + β·ΔH_t, fork Z if P_t > τ from
-        the copy made at the branch point."""
-        cfg = self.config
-        look_ahead = t.segment.entropies[: cfg.entropy_window]
-        snapshot, t.branch_point_row = t.branch_point_row, None
-        budget = self._branch_budget(t.tree)
-        if budget == 0:
-            self.generator.release(rows, [snapshot] if snapshot is not None else [])
-            branch_copies.settle(self, rows, t, 0)
-            return
-        n = min(len(look_ahead), len(t.initial_entropy))
-        delta = sum(h - h0 for h, h0 in zip(look_ahead[:n], t.initial_entropy[:n])) / self.normaliser
-        probability = cfg.branch_base + cfg.entropy_weight * delta
-        branches = min(cfg.branches_per_decision, budget) if probability > cfg.branch_threshold else 0
-        t.tree.nodes[t.node_id].decision = BranchDecision(
-            "paper", list(t.initial_entropy), look_ahead, delta, probability, branches > 0, branches)
-        if snapshot is None:  # speculative copies decoded alongside the look-ahead
-            branch_copies.settle(self, rows, t, branches)
-        elif branches == 0:
-            self.generator.release(rows, [snapshot])
-        if snapshot is None or branches == 0:
-            fill_ups.cancel_youngest(self, rows, t.tree)
-            return
-        copies = [snapshot] + (self.generator.fork(rows, snapshot, branches - 1) if branches > 1 else [])
-        # Only snapshots that become branches save a prefill; dropped ones saved nothing.
-        self.stats["rollout/prefill_tokens_saved"] += branches * len(rows.histories[rows.index(snapshot)])
-        for row_id in copies:
-            self._add_trajectory(t.tree, row_id, "branch", parent=t)
-        fill_ups.cancel_youngest(self, rows, t.tree)
-
-    # ------------------------------------------------------------------ official mode
-    def _official_decisions(self, rows: RowBatch, calling: list[Trajectory]) -> None:
-        """ARPO.md §2.2: after the results of this turn, in creation order, each trajectory that
-        called a tool draws u ~ U(0,1) up to beam_size − 1 times and branches iff
-        clip(u − β·ΔH, 0, 1) ≤ τ, where ΔH = (truncated entropy of the segment that ENDED with
-        the call − the first segment entropy seen for its index), all divided by ln|V|."""
-        cfg = self.config
-        for t in sorted(calling, key=lambda t: t.creation_index):
-            budget = self._budget_left(t.tree)
-            if budget == 0:
+    def _fill_up(self, rows: RowBatch, trees: list[RolloutTree]) -> None:
+        """Phase 5: a prompt with leaves missing and no live path starts fill-up samples (official:
+        one at a time); speculative fill-ups (`arpo_ref.fill_ups`) started with the globals."""
+        for tree in trees:
+            missing = self._budget_left(tree)
+            if missing == 0 or any(t.tree is tree and not t.done for t in self.trajectories):
                 continue
-            delta = t.last_segment_entropy - self.baselines[t.creation_index]
-            draws, made = [], 0
-            for _ in range(min(cfg.beam_size - 1, budget)):
-                u = self.draw_rng.random()
-                draws.append(u)
-                if official_branch(cfg, u, delta, self.branch_counters[t.tree.prompt_index]):
-                    (row_id,) = self.generator.fork(rows, t.row_id, 1)
-                    self.stats["rollout/prefill_tokens_saved"] += len(rows.histories[rows.index(row_id)])
-                    self._add_trajectory(t.tree, row_id, "branch", parent=t)
-                    made += 1
-            probability = min(max(cfg.branch_threshold + cfg.entropy_weight * delta, 0.0), 1.0)
-            t.tree.nodes[t.node_id].decision = BranchDecision(
-                "official", [self.baselines[t.creation_index]], [t.last_segment_entropy], delta, probability,
-                made > 0, made, draws)
-
-    def _segment_entropy(self, segment: GeneratedSequence) -> float:
-        """The official truncated segment entropy (`pooled_topk_entropy`), divided by the same
-        normaliser as paper mode's ΔH (`entropy_normaliser`)."""
-        top = torch.tensor(segment.topk_logprobs) if segment.topk_logprobs else torch.zeros(0, 1)
-        return pooled_topk_entropy(top, max_positions=self.config.entropy_window) / self.normaliser
+            count, before = self.mode.fill_ups_at_once(self.config, missing), set(rows.row_ids)
+            self.generator.prefill([self.prompts[tree.prompt_index]], rows)
+            (row_id,) = [r for r in rows.row_ids if r not in before]
+            self._spawn(rows, tree, row_id, count, "fill_up")
 
     # ------------------------------------------------------------------ bookkeeping
     def _branch_budget(self, tree: RolloutTree) -> int:
@@ -384,13 +354,3 @@ class AdaptiveRollout:
         self.generator.release(rows, drop)
         branch_copies.discard(self, rows, t.branch_copies)
         t.branch_copies = []
-
-    def _fill_up(self, rows: RowBatch, trees: list[RolloutTree]) -> None:
-        for tree in trees:
-            missing = self._budget_left(tree)
-            if missing == 0 or any(t.tree is tree and not t.done for t in self.trajectories):
-                continue
-            count, before = 1 if self.config.mode == "official" else missing, set(rows.row_ids)
-            self.generator.prefill([self.prompts[tree.prompt_index]], rows)
-            (row_id,) = [r for r in rows.row_ids if r not in before]
-            self._spawn(rows, tree, row_id, count, "fill_up")

@@ -5,10 +5,11 @@ stops on a closing tool tag sends its call to a thread pool (the python tool is 
 threads suffice) and the other rows keep decoding; at the next step boundary after its result is
 back, the result is appended as forced tokens and the row decodes again. Paper mode's decision is
 taken for a row as soon as its k look-ahead tokens after a result exist (or its segment ended
-sooner) (`AdaptiveRollout._decide_paper`); by default its branch copies, forked right after the
+sooner) (`rollout_modes.paper_decide`); by default its branch copies, forked right after the
 result, decode alongside the look-ahead (`arpo_ref.branch_copies`), and fill-up samples start
-with the globals, a branch cancelling the youngest (`arpo_ref.fill_ups`). The rollout ends when
-every prompt has its M leaves.
+with the globals, a branch cancelling the youngest (`arpo_ref.fill_ups`). Official mode decides
+when a call's result joins, a step boundary being its round (`arpo_ref.rollout_modes`). The
+rollout ends when every prompt has its M leaves.
 
 Results join deterministically by default: a call sent at step s is inserted at the boundary of
 step s + `rollout.tool_join_steps` (the loop waits if the tool is slower), so the sequence of
@@ -25,8 +26,9 @@ from __future__ import annotations
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from . import branch_copies
+from .aepo import counters_after_round
 from .episode import run_tool_calls
+from .rollout_modes import paper_decide
 from .tasks.environment import runner_of
 
 
@@ -95,13 +97,16 @@ def run_continuous(engine, rows, trees) -> None:
     join_steps, step = engine.config.tool_join_steps, 0
     try:
         while True:
+            started = len(engine.trajectories)
             decoding = [t for t in engine.trajectories if not t.done and not t.waiting_on_tool]
             _insert_results(engine, rows, pool.collect(not decoding, step, join_steps))
             engine._fill_up(rows, trees)  # prompts with leaves missing and no live path
+            # AEPO's counters (official mode): a step boundary is the continuous schedule's round.
+            engine.branch_counters = counters_after_round(engine.branch_counters, engine.trajectories[started:])
             if all(t.done for t in engine.trajectories):
                 break
             decoding = [t for t in engine.trajectories if not t.done and not t.waiting_on_tool
-                        and not (t.awaiting_decision and t.segment is not None and t.segment.finish_reason)]
+                        and not (t.awaiting_decision and t.segment_ended)]
             if decoding:
                 _step(engine, rows, decoding)
                 step += 1
@@ -118,33 +123,22 @@ def run_continuous(engine, rows, trees) -> None:
 
 
 def _insert_results(engine, rows, back) -> None:
+    """Results that join now: appended to their rows, then the mode's decision after a result."""
     back = [(t, step) for t, step in back if not t.done]  # a fill-up cancelled while its tool ran
     if not back:
         return
     for t, _ in back:
         t.waiting_on_tool = False
     called = engine._insert_results(rows, [t for t, _ in back], [step for _, step in back])
-    if engine.config.mode == "paper" and engine.config.speculative_branches:
-        for t in called:  # copies at the branch point, decoding alongside the look-ahead
-            if t.origin != "fill_up":
-                branch_copies.start(engine, rows, t)
-    elif engine.config.mode == "paper":
-        engine._take_snapshots(rows, called)  # the copy at the branch point, right after the result
+    engine.mode.after_results(engine, rows, called)
 
 
 def _step(engine, rows, decoding) -> None:
-    """One decoding step for every row in `decoding`; paper decisions whose look-ahead is complete."""
-    cfg, gen = engine.config, engine.generator
-    start = time.perf_counter()
-    outputs = gen.decode(rows, engine.sampling, engine.stop_strings, row_ids=[t.row_id for t in decoding],
-                         rng=engine.token_rng, max_new_tokens=1,
-                         resume={t.row_id: t.segment for t in decoding if t.segment is not None})
-    engine.stats["time/generation"] += time.perf_counter() - start
+    """One decoding step for every row in `decoding`; paper decisions whose look-ahead is complete
+    (k tokens after the result, or fewer if the segment ended)."""
+    window = engine.config.entropy_window
+    outputs = engine._decode(rows, {t.row_id: 1 for t in decoding})
     for t in decoding:
-        segment = outputs[t.row_id]
-        if segment.finish_reason == "length" and t.response_tokens + len(segment.token_ids) < cfg.max_response_tokens:
-            segment.finish_reason = None  # the one-step limit, not the length budget: still open
-        t.segment = segment
-        if (t.branch_point_row is not None or t.branch_copies) and (len(segment.token_ids) >= cfg.entropy_window
-                                           or segment.finish_reason is not None):
-            engine._decide_paper(rows, t)
+        engine._record_segment(t, outputs[t.row_id])
+        if t.awaiting_look_ahead and (len(t.segment.token_ids) >= window or t.segment_ended):
+            paper_decide(engine, rows, t)

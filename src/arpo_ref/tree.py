@@ -90,7 +90,8 @@ class BranchDecision:
     delta_entropy: float
     """ΔH_t = normalised Σ (H_t − H_initial)."""
     probability: float
-    """P_t = α + β·ΔH_t (paper) / clip(τ + β·ΔH_t, 0, 1), the branch probability (official)."""
+    """P_t = α + β·ΔH_t (paper) / the chance that one draw branches (official: clip(τ + β·ΔH_t,
+    0, 1); with AEPO's penalty the chance under its rule, `rollout_modes.official_branch_chance`)."""
     branched: bool
     """Whether branches were forked here."""
     num_branches: int = 0
@@ -101,6 +102,9 @@ class BranchDecision:
     """eptree: −log p of the sampled token at the fork point (its re-sampled position)."""
     rank: int = 0
     """eptree: that token's rank among its tree's fork candidates (1 = highest −log p)."""
+    draw_values: list[float] = field(default_factory=list)
+    """Official mode, per draw: the value its rule compared with τ, clip(u − β·ΔH_t, 0, 1) (branch
+    iff ≤ τ) or with AEPO's penalty p = clip((u + β·ΔH_t)·max(0, 1 − 0.05·c), 0, 1) (iff ≥ τ)."""
 
 
 @dataclass

@@ -1,0 +1,237 @@
+"""What each rollout mode decides (`MODES`, ARPO.md §2), and when a trajectory ends (`end_reason`).
+
+`AdaptiveRollout` runs the same phases in every mode and schedule (ARPO.md §2.1): initial
+samples, H_initial from the first segment, tool call and result insertion, the decision after a
+result, fill-ups. A `Mode` holds the few decisions in which the modes differ, one function each:
+what paper mode does after a tool result is `paper_after_results`, official mode's decision is
+`official_after_results`, and so on. A new mode is a new entry of `MODES`.
+
+Official mode under the continuous schedule (`rollout.schedule: continuous`; rounds stays its
+default, the released code's schedule). Its round-based rules become:
+* The decision after call t still uses segment t (the one that ended with the call) against the
+  first segment seen for the trajectory's index; it is taken when the call's result joins its
+  row, for the rows joining at one step boundary in creation order (rounds: the rows of a turn).
+* Fill-ups: still one at a time per prompt, started at the first step boundary at which the
+  prompt has leaves missing and no live path (rounds: at the end of that round).
+* AEPO's consecutive-branch counters (`rollout.aepo.branch_penalty`) update after every step
+  boundary by the released rule, a "round" being the boundary: the trajectories started there
+  (branches of the results that joined, fill-ups) count as its new rollouts.
+How this changes a result: the seeded uniform draws go to the decisions in the order results
+join, not turn by turn, so a seeded run differs from rounds while each decision keeps its
+distribution; branches and fill-ups start sooner (fewer decoding steps). With AEPO's penalty, c
+counts boundaries, not turns: it is reset whenever another prompt branches at a boundary where
+this prompt gets no new path, and it grows at every boundary where the prompt branches (maybe
+several in one turn). Either way can win; on the scripted agent of tests/test_rollout.py (3
+prompts, M = 8, beam 3, 6 seeds) the mean c at a draw was 0.48 under continuous, 0.74 under rounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import branch_copies, fill_ups
+from .aepo import branch_probability, should_branch
+from .entropy import pooled_topk_entropy
+from .tree import BranchDecision
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Mode:
+    """The decisions in which the rollout modes differ (`engine` is the `AdaptiveRollout`)."""
+
+    global_samples: Callable
+    """(config) -> the samples each prompt starts from scratch: N, or M for grpo."""
+    at_start: Callable = _nothing
+    """(engine, rows, tree, prompt_row): rows forked from a prompt's row besides the globals."""
+    after_segment: Callable = _nothing
+    """(engine, trajectory, segment): what a closed model segment records for later decisions."""
+    after_results: Callable = _nothing
+    """(engine, rows, trajectories): after tool results were appended to these rows."""
+    before_turn: Callable = _nothing
+    """(engine, rows): rounds schedule, at the start of every turn."""
+    fill_ups_at_once: Callable = lambda config, missing: missing
+    """(config, leaves missing) -> fill-ups started when a prompt has no live path."""
+    topk_logprobs: Callable = lambda config: 0
+    """(config) -> top-k log-probs to record per sampled token."""
+
+
+def end_reason(segment, trajectory, config, call_tag: str | None = None) -> str | None:
+    """Why a trajectory ends after the model segment `segment` closed, or None: it goes on to
+    the tool call that ended the segment.
+
+    Args:
+        segment: the ended `GeneratedSequence`; finish_reason 'eos', 'length' (the budget) or
+            'stop' (a closing tool tag).
+        trajectory: its counters before the segment: tool_calls, calls_per_tool, response_tokens.
+        config: `RolloutConfig` (max_tool_calls, max_calls_per_tool, max_response_tokens).
+        call_tag: the tag of the call that ended the segment, if any (for max_calls_per_tool).
+
+    Returns 'eos' / 'length' (the segment's own end), 'tool_limit' (the call is over
+    max_tool_calls or over its tool's max_calls_per_tool), 'length' (a call but no room left for
+    its result) or None. A stop on a tag that is not a complete call is found when the call runs.
+    """
+    if segment.finish_reason != "stop":
+        return segment.finish_reason
+    limit = config.max_calls_per_tool.get(call_tag) if call_tag is not None else None
+    if trajectory.tool_calls >= config.max_tool_calls or (
+            limit is not None and trajectory.calls_per_tool.get(call_tag, 0) >= limit):
+        return "tool_limit"
+    if trajectory.response_tokens + len(segment.token_ids) >= config.max_response_tokens:
+        return "length"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# paper mode (ARPO.md §2.1)
+
+
+def paper_after_results(engine, rows, called) -> None:
+    """ARPO.md §2.1 step 3, first half: copy each row that may branch at its branch point, right
+    after its result, before it writes the k look-ahead tokens the decision reads. Continuous
+    schedule with `speculative_branches`: min(Z, budget) branch copies that decode alongside the
+    look-ahead (`branch_copies`); else one copy waiting for the decision. Fill-ups do not branch."""
+    cfg = engine.config
+    for t in called:
+        if t.origin == "fill_up":
+            continue
+        if cfg.resolved_schedule == "continuous" and cfg.speculative_branches:
+            branch_copies.start(engine, rows, t)
+        elif engine._branch_budget(t.tree) > 0:
+            (t.branch_point_row,) = engine.generator.fork(rows, t.row_id, 1)
+
+
+def paper_at_start(engine, rows, tree, prompt_row: int) -> None:
+    """`rollout.speculative_fill_ups`: the M − N fill-ups start with the globals (`fill_ups`)."""
+    if engine.config.speculative_fill_ups:
+        fill_ups.spawn(engine, rows, tree, prompt_row)
+
+
+def paper_look_ahead(engine, rows) -> None:
+    """Rounds schedule: the rows copied at a branch point write their k look-ahead tokens (one
+    decode), then decide in index order (earlier trajectories use the budget first)."""
+    cfg = engine.config
+    waiting = [t for t in engine.trajectories if not t.done and t.branch_point_row is not None]
+    if waiting:
+        limits = {t.row_id: min(cfg.entropy_window, cfg.max_response_tokens - t.response_tokens) for t in waiting}
+        outputs = engine._decode(rows, limits)
+        for t in waiting:
+            engine._record_segment(t, outputs[t.row_id])
+            paper_decide(engine, rows, t)
+
+
+def delta_entropy(look_ahead: list[float], initial: list[float], normaliser: float) -> float:
+    """ΔH_t = Σ_j (H_t[j] − H_initial[j]) / normaliser over the positions both windows have."""
+    n = min(len(look_ahead), len(initial))
+    return sum(h - h0 for h, h0 in zip(look_ahead[:n], initial[:n])) / normaliser
+
+
+def paper_decide(engine, rows, t) -> None:
+    """ARPO.md §2.1 step 3 for a row whose look-ahead (the first ≤ k tokens of its segment after
+    the result) exists: ΔH_t against H_initial, P_t = α + β·ΔH_t, fork Z if P_t > τ at the branch
+    point (from its copy or its speculative branch copies); each branch cancels a fill-up."""
+    cfg = engine.config
+    look_ahead = t.segment.entropies[: cfg.entropy_window]
+    snapshot, t.branch_point_row = t.branch_point_row, None
+    budget = engine._branch_budget(t.tree)
+    if budget == 0:
+        engine.generator.release(rows, [snapshot] if snapshot is not None else [])
+        branch_copies.settle(engine, rows, t, 0)
+        return
+    delta = delta_entropy(look_ahead, t.initial_entropy, engine.normaliser)
+    probability = cfg.branch_base + cfg.entropy_weight * delta
+    branches = min(cfg.branches_per_decision, budget) if probability > cfg.branch_threshold else 0
+    t.tree.nodes[t.node_id].decision = BranchDecision(
+        "paper", list(t.initial_entropy), look_ahead, delta, probability, branches > 0, branches)
+    if snapshot is None:  # speculative copies decoded alongside the look-ahead
+        branch_copies.settle(engine, rows, t, branches)
+    elif branches == 0:
+        engine.generator.release(rows, [snapshot])
+    else:
+        copies = [snapshot] + (engine.generator.fork(rows, snapshot, branches - 1) if branches > 1 else [])
+        # Only copies that become branches save a prefill; dropped ones saved nothing.
+        engine.stats["rollout/prefill_tokens_saved"] += branches * len(rows.histories[rows.index(snapshot)])
+        for row_id in copies:
+            engine._add_trajectory(t.tree, row_id, "branch", parent=t)
+    fill_ups.cancel_youngest(engine, rows, t.tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# official mode (ARPO.md §2.2)
+
+
+def official_after_segment(engine, t, segment) -> None:
+    """The segment's truncated entropy (`pooled_topk_entropy` / the ΔH normaliser); the first one
+    seen for a trajectory index is that index's baseline H_initial."""
+    top = torch.tensor(segment.topk_logprobs) if segment.topk_logprobs else torch.zeros(0, 1)
+    entropy = pooled_topk_entropy(top, max_positions=engine.config.entropy_window) / engine.normaliser
+    engine.baselines.setdefault(t.creation_index, entropy)
+    t.last_segment_entropy = entropy
+
+
+def official_draw(config, uniform: float, delta: float, consecutive: int) -> tuple[float, bool]:
+    """One branch attempt: (the value compared with τ, whether it branches). ARPO's released rule
+    clip(u − β·ΔH, 0, 1) ≤ τ, or with `rollout.aepo.branch_penalty` AEPO's
+    p = clip((u + β·ΔH)·max(0, 1 − penalty·c), 0, 1) ≥ τ (`arpo_ref.aepo`)."""
+    if not config.aepo.branch_penalty:
+        value = min(max(uniform - config.entropy_weight * delta, 0.0), 1.0)
+        return value, value <= config.branch_threshold
+    value = branch_probability(uniform, delta, consecutive, config.entropy_weight, config.aepo.penalty)
+    return value, should_branch(value, config.branch_threshold)
+
+
+def official_branch_chance(config, delta: float, consecutive: int) -> float:
+    """The chance that one draw u ~ U(0, 1) branches under `official_draw`'s rule: clip(τ + β·ΔH,
+    0, 1) for ARPO's; for AEPO's, with damping d = max(0, 1 − penalty·c), p ≥ τ iff
+    u ≥ τ/d − β·ΔH (for 0 < τ ≤ 1), so 1 − clip(τ/d − β·ΔH, 0, 1)."""
+    tau, beta = config.branch_threshold, config.entropy_weight
+    if not config.aepo.branch_penalty:
+        return min(max(tau + beta * delta, 0.0), 1.0)
+    damp = max(0.0, 1.0 - config.aepo.penalty * consecutive)
+    if tau <= 0.0 or tau > 1.0 or damp == 0.0:
+        return float(tau <= 0.0)
+    return 1.0 - min(max(tau / damp - beta * delta, 0.0), 1.0)
+
+
+def official_after_results(engine, rows, called) -> None:
+    """ARPO.md §2.2: after the results, in creation order, each trajectory that called a tool
+    draws u ~ U(0,1) up to beam_size − 1 times (within the prompt's budget) and forks a branch
+    per draw that `official_draw` accepts. ΔH = (truncated entropy of the segment that ENDED with
+    the call − the first one seen for its index)."""
+    cfg = engine.config
+    for t in sorted(called, key=lambda t: t.creation_index):
+        budget = engine._budget_left(t.tree)
+        if budget == 0:
+            continue
+        delta = t.last_segment_entropy - engine.baselines[t.creation_index]
+        consecutive = engine.branch_counters[t.tree.prompt_index]
+        draws, values, made = [], [], 0
+        for _ in range(min(cfg.beam_size - 1, budget)):
+            draws.append(engine.draw_rng.random())
+            value, branch = official_draw(cfg, draws[-1], delta, consecutive)
+            values.append(value)
+            if branch:
+                (row_id,) = engine.generator.fork(rows, t.row_id, 1)
+                engine.stats["rollout/prefill_tokens_saved"] += len(rows.histories[rows.index(row_id)])
+                engine._add_trajectory(t.tree, row_id, "branch", parent=t)
+                made += 1
+        t.tree.nodes[t.node_id].decision = BranchDecision(
+            "official", [engine.baselines[t.creation_index]], [t.last_segment_entropy], delta,
+            official_branch_chance(cfg, delta, consecutive), made > 0, made, draws, values)
+
+
+MODES: dict[str, Mode] = {
+    "paper": Mode(global_samples=lambda config: config.num_global,
+                  at_start=paper_at_start, after_results=paper_after_results, before_turn=paper_look_ahead),
+    "official": Mode(global_samples=lambda config: config.num_global, after_segment=official_after_segment,
+                     after_results=official_after_results, fill_ups_at_once=lambda config, missing: 1,
+                     topk_logprobs=lambda config: config.official_topk),
+    "grpo": Mode(global_samples=lambda config: config.rollout_budget),
+}
+"""The rollout modes by `rollout.mode` (tree_search is its own rollout: `arpo_ref.search`)."""
