@@ -223,7 +223,7 @@ def official_after_results(engine, rows, called) -> None:
                 made += 1
         t.tree.nodes[t.node_id].decision = BranchDecision(
             "official", [engine.baselines[t.creation_index]], [t.last_segment_entropy], delta,
-            official_branch_chance(cfg, delta, consecutive), made > 0, made, draws, values)
+            official_branch_chance(cfg, delta, consecutive), made > 0, made, draws, draw_values=values)
 
 
 MODES: dict[str, Mode] = {

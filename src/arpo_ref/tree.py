@@ -98,13 +98,13 @@ class BranchDecision:
     """How many partial trajectories were forked (limited by the remaining budget M − N)."""
     draws: list[float] = field(default_factory=list)
     """Official mode: the uniform draws u, one per branch attempt (up to beam_size − 1)."""
+    draw_values: list[float] = field(default_factory=list)
+    """Official mode, per draw: the value its rule compared with τ, clip(u − β·ΔH_t, 0, 1) (branch
+    iff ≤ τ) or with AEPO's penalty p = clip((u + β·ΔH_t)·max(0, 1 − 0.05·c), 0, 1) (iff ≥ τ)."""
     surprisal: float | None = None
     """eptree: −log p of the sampled token at the fork point (its re-sampled position)."""
     rank: int = 0
     """eptree: that token's rank among its tree's fork candidates (1 = highest −log p)."""
-    draw_values: list[float] = field(default_factory=list)
-    """Official mode, per draw: the value its rule compared with τ, clip(u − β·ΔH_t, 0, 1) (branch
-    iff ≤ τ) or with AEPO's penalty p = clip((u + β·ΔH_t)·max(0, 1 − 0.05·c), 0, 1) (iff ≥ τ)."""
 
 
 @dataclass
