@@ -124,3 +124,19 @@ def test_one_training_step_with_tree_search_and_the_tree_grpo_estimator(tmp_path
              "train.estimator": "tree_grpo", "train.steps": 1, "train.micro_batch_leaves": 6}
     metrics = train(load_config(overrides=overrides(tmp_path, "run", **extra)), log=lambda *_: None)
     assert metrics["train/step"] == 1 and metrics["train/updates"] == 2 and metrics["loss/ratio_mean"] > 0
+
+
+def test_metrics_are_the_adaptive_rollouts_counted_over_every_iteration():
+    """tree_search reports the same rollout metrics as the other modes (the demo's plot and the
+    comparison's table read them), counted over the chains of every iteration, kept or not."""
+    engine, result = search_rollout(seed=3, temperature=1.0, keep_leaves=2)
+    nodes = [n for tree in result.trees for n in tree.nodes]
+    model_tokens = sum(len(n.token_ids) for n in nodes if n.kind == "model")
+    chains = len(result.trees) * engine.config.search.trees * (1 + engine.config.search.expansions)
+    m = result.metrics
+    assert m["rollout/generated_tokens"] == model_tokens  # every model node was generated once
+    assert m["rollout/tool_calls_executed"] == sum(n.kind == "tool" for n in nodes) / len(result.trees)
+    assert m["rollout/tool_calls_in_leaves"] == sum(leaf.tool_calls for t in result.trees for leaf in t.leaves) / len(result.trees)
+    assert m["rollout/decode_steps"] >= m["rollout/sampling_steps"] + 2  # one prefill per iteration at least
+    assert m["rollout/sampling_steps"] >= max(len(n.token_ids) for n in nodes if n.kind == "model")
+    assert m["rollout/leaves_global"] + m["rollout/leaves_branch"] == 4 and chains == 18

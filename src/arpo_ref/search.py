@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -35,6 +36,7 @@ from .engine.generation import Generator, RowBatch, SamplingParams
 from .episode import run_tool_calls
 from .eptree import EPTreeRollout
 from .rollout import AdaptiveRollout, RolloutResult
+from .rollout_metrics import rollout_metrics
 from .search_options import SearchConfig  # noqa: F401  (re-exported)
 from .tree import BranchDecision, ExecutedCall, RolloutTree
 
@@ -71,7 +73,8 @@ class TreeSearchRollout:
 
     def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
         search = self.config.search
-        self.stats = {"search/prefix_tokens_reread": 0.0, "rollout/tool_calls_executed": 0.0}
+        self.stats = {"search/prefix_tokens_reread": 0.0}
+        self.tool_results, self.counts = [], SimpleNamespace(generated_tokens=0, decode_steps=0, forced_passes=0)
         trees = [RolloutTree(i, metadata=dict(metadata[i]) if metadata else {}) for i in range(len(prompts))]
         for tree, prompt in zip(trees, prompts):
             tree.add_node(None, "prompt", prompt)
@@ -80,8 +83,7 @@ class TreeSearchRollout:
         for _ in range(search.iterations):
             finished += self._run(self._draw_expansions(trees))
         self._keep_leaves(trees, finished)
-        self.stats["rollout/tool_calls_executed"] /= max(len(trees), 1)
-        return RolloutResult(trees, dict(self.stats))
+        return RolloutResult(trees, rollout_metrics(self.stats, self.tool_results, trees, self.counts))
 
     def _draw_expansions(self, trees: list[RolloutTree]) -> list[tuple]:
         """n nodes per tree, uniformly with replacement among its root and non-leaf turns."""
@@ -114,6 +116,8 @@ class TreeSearchRollout:
         live, finished = list(chains), []
         while live:
             live = self._turn(rows, live, finished)
+        for name in vars(self.counts):  # this iteration's tokens and forward passes
+            setattr(self.counts, name, getattr(self.counts, name) + getattr(rows, name))
         return finished
 
     def _turn(self, rows: RowBatch, live: list[Chain], finished: list[Chain]) -> list[Chain]:
@@ -147,7 +151,7 @@ class TreeSearchRollout:
             node = c.tree.add_node(c.node_id, "tool", ids, tool_call=call)
             self.owners[c.tree.prompt_index][node.id] = c.owner
             c.node_id, c.response_tokens, c.tool_calls = node.id, c.response_tokens + len(ids), c.tool_calls + 1
-            self.stats["rollout/tool_calls_executed"] += 1
+            self.tool_results.append(step.result)
             if len(ids) < len(step.result_ids) or c.response_tokens >= cfg.max_response_tokens:
                 self._end(rows, c, "length", finished)
             else:
