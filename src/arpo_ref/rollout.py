@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import branch_copies, fill_ups
+from . import aepo_split, branch_copies, fill_ups
 from .aepo import counters_after_round, official_branch
 from .config import RolloutConfig, SamplingConfig
 from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
@@ -135,8 +135,10 @@ class AdaptiveRollout:
         self.prompts, self.trajectories = prompts, []
         self.branch_counters = {i: 0 for i in range(len(prompts))}  # AEPO's c, reset per rollout
         rows = gen.prefill(prompts)
-        first = cfg.rollout_budget if cfg.mode == "grpo" else cfg.num_global
-        for tree, row_id in zip(trees, list(rows.row_ids)):
+        prompt_rows = list(rows.row_ids)
+        firsts = aepo_split.global_counts(self, rows, prompt_rows) if cfg.mode == "official" and cfg.aepo.dynamic_split \
+            else [cfg.rollout_budget if cfg.mode == "grpo" else cfg.num_global] * len(prompts)
+        for tree, row_id, first in zip(trees, prompt_rows, firsts):
             self._spawn(rows, tree, row_id, first, "global")
             if cfg.mode == "paper" and cfg.speculative_fill_ups:
                 fill_ups.spawn(self, rows, tree, row_id)
