@@ -165,8 +165,7 @@ def test_dynamic_split_matches_a_teacher_forced_recomputation(step_segments):
         logp, _ = teacher_forced(model, prompt + sample)
         root = _truncated_entropy(logp, len(prompt), len(sample), normaliser)
         tokens, steps = list(prompt), []
-        for kind, segment in split.pre_rollouts[i].segments:
-            tokens += segment
+        tokens += [t for _, segment in split.pre_rollouts[i].segments for t in segment]
         logp, _ = teacher_forced(model, tokens)
         start, after_tool = len(prompt), False
         for kind, segment in split.pre_rollouts[i].segments:
@@ -205,7 +204,8 @@ def test_varied_splits_keep_exactly_m_leaves_and_count_the_pre_rollout():
 def test_demo_aepo_runs_one_step_with_the_dynamic_split(tmp_path):
     from test_demo import TINY
 
-    overrides = [o for o in TINY if not o.startswith("train.steps")] + ["train.steps=1", "rollout.aepo.dynamic_split=true"]
+    overrides = [o for o in TINY if not o.startswith("train.steps")]
+    overrides += ["train.steps=1", "rollout.aepo.dynamic_split=true"]
     run_demo(ROOT / "configs" / "demo_aepo.yaml", overrides, out_dir=tmp_path / "run", log=lambda *_: None)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/step"] for r in rows] == [1]

@@ -77,8 +77,12 @@ class PreMonitoring:
 
 
 def global_counts(engine, rows: RowBatch, prompt_rows: list[int]) -> list[int]:
-    """Run the pre-monitoring for the prompts read into `prompt_rows` (one row each) and return m
-    per prompt; records `engine.premonitoring`, its metrics and tool results on the engine."""
+    """The global samples of each prompt read into `prompt_rows` (one row each): M in grpo mode,
+    N in the others, unless `rollout.aepo.dynamic_split` (official mode): then the pre-monitoring
+    runs and gives m per prompt; it records `engine.premonitoring`, its metrics and tool results."""
+    cfg = engine.config
+    if not (cfg.mode == "official" and cfg.aepo.dynamic_split):
+        return [cfg.rollout_budget if cfg.mode == "grpo" else cfg.num_global] * len(prompt_rows)
     start, before = time.perf_counter(), (rows.generated_tokens, rows.decode_steps + rows.forced_passes)
     split = premonitor(engine, rows, prompt_rows)
     prompts = max(len(prompt_rows), 1)
@@ -87,7 +91,8 @@ def global_counts(engine, rows: RowBatch, prompt_rows: list[int]) -> list[int]:
     engine.stats.update({
         "aepo/global_samples": sum(split.counts) / prompts,
         "aepo/root_entropy": sum(split.root_entropies) / prompts,
-        "aepo/step_entropy": sum(sum(s) / len(s) if s else h for s, h in zip(split.step_entropies, split.root_entropies)) / prompts,
+        "aepo/step_entropy": sum(sum(s) / len(s) if s else h  # mean H_step, H_root when empty
+                                 for s, h in zip(split.step_entropies, split.root_entropies)) / prompts,
         "aepo/pre_rollout_tokens": float(rows.generated_tokens - before[0]),
         "aepo/pre_rollout_decode_steps": float(rows.decode_steps + rows.forced_passes - before[1]),
         "aepo/pre_rollout_tool_calls": len(split.tool_results) / prompts,
@@ -152,7 +157,8 @@ def _decode_segments(engine, rows: RowBatch, live: list[PreRollout]) -> list[Pre
         p.segments.append(("model", seg.token_ids))
         p.entropies.append(engine._segment_entropy(seg))
         p.response_tokens += len(seg.token_ids)
-        if seg.finish_reason == "stop" and p.tool_calls < cfg.max_tool_calls and p.response_tokens < cfg.max_response_tokens:
+        room = p.response_tokens < cfg.max_response_tokens
+        if seg.finish_reason == "stop" and p.tool_calls < cfg.max_tool_calls and room:
             calling.append(p)
         else:
             p.done = True

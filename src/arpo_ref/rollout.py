@@ -135,10 +135,8 @@ class AdaptiveRollout:
         self.prompts, self.trajectories = prompts, []
         self.branch_counters = {i: 0 for i in range(len(prompts))}  # AEPO's c, reset per rollout
         rows = gen.prefill(prompts)
-        prompt_rows = list(rows.row_ids)
-        firsts = aepo_split.global_counts(self, rows, prompt_rows) if cfg.mode == "official" and cfg.aepo.dynamic_split \
-            else [cfg.rollout_budget if cfg.mode == "grpo" else cfg.num_global] * len(prompts)
-        for tree, row_id, first in zip(trees, prompt_rows, firsts):
+        prompt_rows = list(rows.row_ids)  # global samples per prompt: N, M (grpo) or AEPO's dynamic m
+        for tree, row_id, first in zip(trees, prompt_rows, aepo_split.global_counts(self, rows, prompt_rows)):
             self._spawn(rows, tree, row_id, first, "global")
             if cfg.mode == "paper" and cfg.speculative_fill_ups:
                 fill_ups.spawn(self, rows, tree, row_id)
