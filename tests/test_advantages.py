@@ -266,6 +266,38 @@ def test_tree_grpo_on_a_hand_computed_tree():
         assert bool((advantages[leaf][~trained] == 0).all())
 
 
+def test_tree_grpo_counts_an_expansion_from_the_prompt_in_the_tree_it_was_drawn_for():
+    """tree_search leaves carry `tree_ids`: leaf 3 was drawn at the prompt node for tree 0, so it
+    joins tree 0 {leaves 0, 1, 3}, not a tree of its own as its first node (6) would say."""
+    from arpo_ref.advantages import tree_grpo, tree_grpo_trees
+    from arpo_ref.testing import make_batch
+
+    # prompt [0] ─┬─ [1] ─ [2] (tool) ─┬─ [3]  leaf 0, tree 0 (global), R = 1
+    #             │                    └─ [4]  leaf 1, tree 0 (expansion at [2]), R = 0
+    #             ├─ [5]                       leaf 2, tree 1 (global), R = 0.5
+    #             └─ [6]                       leaf 3, tree 0 (expansion at the prompt), R = 0
+    paths = [[(0, 2), (1, 2), (2, 1, False), (3, 1)], [(0, 2), (1, 2), (2, 1, False), (4, 2)],
+             [(0, 2), (5, 1)], [(0, 2), (6, 2)]]
+    rewards = [1.0, 0.0, 0.5, 0.0]
+    batch = dataclasses.replace(make_batch([paths], rewards), tree_ids=torch.tensor([0, 0, 1, 0]))
+    eps = 1e-6
+    prompt_mean, prompt_std = 0.375, (0.6875 / 3) ** 0.5  # (1, 0, 0.5, 0)
+    tree_mean, tree_std = 1 / 3, 3 ** -0.5  # tree 0: (1, 0, 0)
+    prompt_z = [(r - prompt_mean) / (prompt_std + eps) for r in rewards]
+    expected = [(1 - tree_mean) / (tree_std + eps) + prompt_z[0], (0 - tree_mean) / (tree_std + eps) + prompt_z[1],
+                0.5 / (1 + eps) + prompt_z[2], (0 - tree_mean) / (tree_std + eps) + prompt_z[3]]
+    trees = tree_grpo_trees(batch).tolist()
+    assert trees[0] == trees[1] == trees[3] != trees[2]
+    advantages = tree_grpo(batch)
+    for leaf, value in enumerate(expected):
+        trained = batch.loss_mask[leaf] == 1
+        assert torch.allclose(advantages[leaf][trained].double(), torch.tensor(value, dtype=torch.float64), atol=1e-5)
+    # Without tree ids (ARPO trees), leaf 3 is a tree of one by its first node: z = R/(1 + ε) = 0.
+    old = tree_grpo(dataclasses.replace(batch, tree_ids=torch.full((4,), -1)))
+    assert torch.allclose(old[3][batch.loss_mask[3] == 1], torch.tensor(prompt_z[3], dtype=torch.float32), atol=1e-5)
+    assert not torch.allclose(old, advantages, atol=1e-3)
+
+
 def test_treerl_on_a_hand_computed_tree():
     """TreeRL: R̃ = R − mean of the others; sv = ΣR̃/k^1.5; A = 2 sv(n) − sv(parent segment)."""
     from arpo_ref.advantages import treerl

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_rollout import AFTER, PROMPTS, rollout
+from test_rollout import AFTER, PROMPTS, TOK, EchoSearch, rollout, tiny_agent
+from test_rollout_teacher_forced import teacher_forced
 
 from arpo_ref.aepo import (
     AEPOConfig,
@@ -19,8 +20,11 @@ from arpo_ref.aepo import (
     should_branch,
     update_branch_counters,
 )
-from arpo_ref.config import load_config
+from arpo_ref.config import RolloutConfig, SamplingConfig, load_config
 from arpo_ref.demo import DemoConfig, run_demo
+from arpo_ref.engine.generation import Generator
+from arpo_ref.rollout import AdaptiveRollout
+from arpo_ref.tools.registry import ToolRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,8 +108,11 @@ def test_full_penalty_blocks_branching_in_the_round_after_a_copy():
 def test_aepo_options_validate_and_configs_load():
     with pytest.raises(ValueError, match="rollout.mode=official"):
         load_config(None, ["rollout.aepo.branch_penalty=true"])
-    with pytest.raises(ValueError, match="dynamic_split"):
-        load_config(None, ["rollout.aepo.dynamic_split=true"])
+    with pytest.raises(ValueError, match="dynamic_split .*rollout.mode=official"):
+        load_config(None, ["rollout.aepo.dynamic_split=true", "rollout.mode=paper"])
+    with pytest.raises(ValueError, match="step_segments"):
+        load_config(None, ["rollout.mode=official", "rollout.aepo.step_segments=tools"])
+    assert load_config(None, ["rollout.mode=official", "rollout.aepo.dynamic_split=true"]).rollout.aepo.dynamic_split
 
 
 @pytest.mark.parametrize("name, budget, initial", [("aepo_7b", 16, 8), ("aepo_14b", 12, 6)])
@@ -130,3 +137,76 @@ def test_demo_aepo_runs_one_step_with_the_penalised_official_rollout(tmp_path):
     assert [r["train/step"] for r in rows] == [1]
     assert rows[0]["rollout/leaves_global"] + rows[0]["rollout/leaves_branch"] + rows[0]["rollout/leaves_fill_up"] \
         + rows[0]["rollout/leaves_duplicate"] == 4
+
+
+def _split_rollout(model, sampling, prompts, **aepo):
+    config = RolloutConfig(mode="official", rollout_budget=6, num_global=2, max_response_tokens=60, max_tool_calls=3,
+                           beam_size=3, aepo=AEPOConfig(dynamic_split=True, **aepo))
+    engine = AdaptiveRollout(Generator(model, TOK), ToolRegistry([EchoSearch()]), config, sampling, seed=0)
+    return engine, engine(prompts)
+
+
+def _truncated_entropy(logp, start, length, normaliser, k=20, top=10):
+    """float64: Σ over the first ≤ k predicted positions from `start` of −Σ exp(l)·l over the top-10 l."""
+    window = logp[start - 1: start - 1 + min(k, length)].topk(top, dim=-1).values
+    return float(-(window.exp() * window).sum()) / normaliser
+
+
+@pytest.mark.parametrize("step_segments", ["all", "after_tool"])
+def test_dynamic_split_matches_a_teacher_forced_recomputation(step_segments):
+    """m per prompt = global_sample_count of H_root and H_step recomputed in float64 by a forward
+    pass over the root sample's and the pre-rollout's tokens (sampled at temperature 1)."""
+    model = tiny_agent()
+    engine, result = _split_rollout(model, SamplingConfig(temperature=1.0), PROMPTS[:2], step_segments=step_segments)
+    split, normaliser = engine.premonitoring, math.log(engine.generator.vocab_size)
+    calls = 0
+    for i, prompt in enumerate(PROMPTS[:2]):
+        sample = split.root_samples[i]
+        logp, _ = teacher_forced(model, prompt + sample)
+        root = _truncated_entropy(logp, len(prompt), len(sample), normaliser)
+        tokens, steps = list(prompt), []
+        tokens += [t for _, segment in split.pre_rollouts[i].segments for t in segment]
+        logp, _ = teacher_forced(model, tokens)
+        start, after_tool = len(prompt), False
+        for kind, segment in split.pre_rollouts[i].segments:
+            if kind == "model" and (after_tool or step_segments == "all"):
+                steps.append(_truncated_entropy(logp, start, len(segment), normaliser))
+            start, after_tool = start + len(segment), kind == "tool"
+        calls += split.pre_rollouts[i].tool_calls
+        assert split.root_entropies[i] == pytest.approx(root, abs=1e-4)
+        assert split.step_entropies[i] == pytest.approx(steps, abs=1e-4)
+        assert split.counts[i] == global_sample_count(6, root, steps)
+        assert sum(leaf.origin == "global" for leaf in result.trees[i].leaves) == split.counts[i]
+        assert len(result.trees[i].leaves) == 6
+    assert calls > 0 and result.metrics["aepo/pre_rollout_tool_calls"] == calls / 2
+
+
+def test_varied_splits_keep_exactly_m_leaves_and_count_the_pre_rollout():
+    """Prompt 0 is uncertain after tool results (mean H_step > H_root: fewer global samples),
+    prompts 1 and 2 are not: m differs across prompts, every prompt still has exactly M leaves,
+    and the pre-rollout's sampled tokens are in rollout/generated_tokens, not in the trees."""
+    engine, result, _ = rollout("official", PROMPTS, AFTER, seed=3, rollout_budget=8, num_global=2, max_tool_calls=3,
+                                beam_size=3, aepo=AEPOConfig(dynamic_split=True))
+    split = engine.premonitoring
+    assert len(set(split.counts)) > 1 and split.counts[0] < split.counts[1]
+    for tree, m in zip(result.trees, split.counts):
+        assert len(tree.leaves) == 8
+        assert sum(leaf.origin == "global" for leaf in tree.leaves) == m
+        assert sum(leaf.origin == "branch" for leaf in tree.leaves) <= 8 - m
+    sampled = sum(len(s) for s in split.root_samples) + sum(
+        len(ids) for p in split.pre_rollouts for kind, ids in p.segments if kind == "model")
+    in_trees = sum(len(n.token_ids) for tree in result.trees for n in tree.nodes if n.kind == "model")
+    assert result.metrics["aepo/pre_rollout_tokens"] == sampled > 0
+    assert result.metrics["rollout/generated_tokens"] == sampled + in_trees
+    assert result.metrics["aepo/global_samples"] == pytest.approx(sum(split.counts) / 3)
+
+
+def test_demo_aepo_runs_one_step_with_the_dynamic_split(tmp_path):
+    from test_demo import TINY
+
+    overrides = [o for o in TINY if not o.startswith("train.steps")]
+    overrides += ["train.steps=1", "rollout.aepo.dynamic_split=true"]
+    run_demo(ROOT / "configs" / "demo_aepo.yaml", overrides, out_dir=tmp_path / "run", log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/step"] for r in rows] == [1]
+    assert 1 <= rows[0]["aepo/global_samples"] <= 4 and rows[0]["aepo/pre_rollout_tokens"] > 0

@@ -38,6 +38,26 @@ def test_every_prompt_ends_with_exactly_the_configured_leaves(search, leaves):
         assert len(tree.leaves) == leaves
         owners = [engine.owners[tree.prompt_index][leaf.node_id] for leaf in tree.leaves]
         assert sorted(owners) == sorted(j for j in range(engine.config.search.trees) for _ in range(leaves // engine.config.search.trees))
+        assert [leaf.tree_id for leaf in tree.leaves] == owners
+
+
+def test_expansions_from_the_prompt_keep_their_tree_in_the_batch():
+    """An expansion drawn at the prompt node (branch_node 0) carries the id of the tree it was
+    drawn for into the batch, and tree_grpo groups it with that tree's first chain."""
+    from arpo_ref.advantages import tree_grpo_trees
+
+    _, result = search_rollout(seed=1)
+    batch = to_batch(result.trees)
+    assert batch.tree_ids.tolist() == [leaf.tree_id for tree in result.trees for leaf in tree.leaves]
+    trees, row, from_prompt = tree_grpo_trees(batch).tolist(), 0, 0
+    for tree in result.trees:
+        rows = {id(leaf): row + i for i, leaf in enumerate(tree.leaves)}
+        for leaf in tree.leaves:
+            (first,) = [other for other in tree.leaves if other.origin == "global" and other.tree_id == leaf.tree_id]
+            assert trees[rows[id(leaf)]] == trees[rows[id(first)]]
+            from_prompt += leaf.branch_node == 0
+        row += len(tree.leaves)
+    assert from_prompt > 0
 
 
 def test_expansions_are_the_seeded_uniform_draws_among_root_and_turn_nodes():

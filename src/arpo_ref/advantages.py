@@ -279,22 +279,33 @@ def released_z(rewards: torch.Tensor, ids: torch.Tensor, epsilon: float = GRPO_E
     return (rewards - mean) / (std + epsilon)
 
 
+def tree_grpo_trees(batch: RolloutBatch) -> torch.Tensor:
+    """Tree-GRPO's tree of each leaf as a batch-wide id [L]: the leaf's `tree_ids` entry (with its
+    prompt) where set (`tree_search` leaves); else its first node after the prompt, i.e. a global
+    sample with the branches forked from it (ARPO trees, duplicates included); else the leaf alone."""
+    paths = leaf_paths(batch)
+    tree_ids = batch.tree_ids.tolist() if batch.tree_ids is not None else [-1] * batch.num_leaves
+    keys: dict[tuple, int] = {}
+    trees = []
+    for leaf, (path, tree, group) in enumerate(zip(paths, tree_ids, batch.group_ids.tolist())):
+        key = ("id", group, tree) if tree >= 0 else ("node", path[1]) if len(path) > 1 else ("leaf", leaf)
+        trees.append(keys.setdefault(key, len(keys)))
+    return torch.tensor(trees, dtype=torch.long)
+
+
 @estimator_claims(zero_on_equal_rewards=False, shift_invariant=False)
 def tree_grpo(batch: RolloutBatch) -> torch.Tensor:
     """Tree-GRPO (arXiv 2509.21240; released `tree` estimator): A_i = z(i, its tree) + z(i, prompt).
 
-    A "tree" is a global sample with the branches forked from it: leaves whose first node after
-    the prompt is the same (duplicates included). z as in `released_z`; one scalar on every
+    The tree of a leaf is `tree_grpo_trees`: the one it was drawn for in `tree_search` (so an
+    expansion from the prompt node counts in its tree, as in Tree-GRPO), and for ARPO trees a
+    global sample with the branches forked from it. z as in `released_z`; one scalar on every
     trained token of the leaf. Not claimed, as released: a tree or prompt group of one leaf
     gives z = R/(1 + ε) (not 0), so equal rewards need not give 0 and a reward shift changes
     the advantage; with every tree and group of >= 2 leaves both properties hold (tested).
     Returns [L, T] float32, 0 where loss_mask is 0.
     """
-    paths = leaf_paths(batch)
-    trees = torch.tensor(
-        [path[1] if len(path) > 1 else -1 - i for i, path in enumerate(paths)], dtype=torch.long
-    )
-    leaf_values = released_z(batch.rewards, trees) + released_z(batch.rewards, batch.group_ids)
+    leaf_values = released_z(batch.rewards, tree_grpo_trees(batch)) + released_z(batch.rewards, batch.group_ids)
     return broadcast_to_tokens(leaf_values, batch.loss_mask)
 
 

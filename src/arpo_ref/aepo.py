@@ -4,7 +4,9 @@
   50-token sample per prompt gives H_root and an n = 1 tool-using pre-rollout gives the segment
   entropies H_step; the number of global samples is
   m = clamp(⌊n·σ(0.5·(H_root − mean H_step))⌋ + 1, 1, n), the other n − m leaves are branches.
-  `global_sample_count`. Off in both released scripts.
+  `global_sample_count`; the pre-rollout is `arpo_ref.aepo_split`. Off in both released scripts.
+  The paper writes m = n·σ(β·(H_root − mean H_tool)) without the ⌊·⌋ + 1 and the clamp; we
+  follow the released formula.
 * Segment entropy of H_step: the sum over the first ≤ 20 tokens of the top-10 entropy, divided by
   ln|V| — the ARPO official code's truncated entropy, reused from `arpo_ref.entropy`.
   `segment_entropy`.
@@ -37,8 +39,9 @@ def global_sample_count(budget: int, root_entropy: float, step_entropies: list[f
     Args:
         budget: n, the leaves per prompt.
         root_entropy: H_root, entropy of the prompt's 50-token pre-sample.
-        step_entropies: H_step of the pre-rollout's segments after tool results; empty (the
-            pre-rollout called no tool) means mean H_step = H_root, i.e. σ(0) = 1/2.
+        step_entropies: the segment entropies averaged into mean H_step (released: every
+            segment of the pre-rollout, the first included; `aepo_split`); empty means
+            mean H_step = H_root, i.e. σ(0) = 1/2 (the released fallback).
         slope: the 0.5 inside the sigmoid.
     """
     if budget < 1:
@@ -94,29 +97,33 @@ class AEPOConfig:
     penalty: float = 0.05
     """The consecutive-branch penalty per round, 0.05 in the released code."""
     dynamic_split: bool = False
-    """Choose the global samples per prompt as m = clamp(⌊n·σ(0.5·(H_root − mean H_step))⌋+1, 1, n)
-    from a pre-rollout (AEPO §3.1 entropy pre-monitoring; off in both released scripts).
-    Not wired into the rollout yet: setting it fails at config load."""
+    """Official mode only: choose the global samples per prompt as
+    m = clamp(⌊n·σ(0.5·(H_root − mean H_step))⌋+1, 1, n) from a root sample and an n = 1
+    pre-rollout (AEPO §3.1 entropy pre-monitoring, `arpo_ref.aepo_split`; off in both released
+    scripts). Their tokens are not trained on; their cost counts in the rollout metrics."""
     root_sample_tokens: int = 50
-    """Length of the per-prompt pre-sample whose entropy is H_root (released: 50)."""
+    """Length of the per-prompt pre-sample whose entropy is H_root (released: 50; only its first
+    `rollout.entropy_window` positions are read, so no more are sampled)."""
+    step_segments: str = "all"
+    """Which pre-rollout segments mean H_step averages: 'all' (released: every segment, the first,
+    written before any tool result, included) or 'after_tool' (the paper's mean over tool-call
+    steps: segments that follow a tool result)."""
 
     def validate(self) -> None:
         if not 0.0 <= self.penalty <= 1.0:
             raise ValueError(f"rollout.aepo.penalty must be in [0, 1], got {self.penalty}")
         if self.root_sample_tokens < 1:
             raise ValueError(f"rollout.aepo.root_sample_tokens must be >= 1, got {self.root_sample_tokens}")
-        if self.dynamic_split:
-            raise ValueError("rollout.aepo.dynamic_split is not implemented in the rollout yet (the pure "
-                             "function is arpo_ref.aepo.global_sample_count); set it to false")
+        if self.step_segments not in ("all", "after_tool"):
+            raise ValueError(f"rollout.aepo.step_segments must be 'all' (released) or 'after_tool' (paper), "
+                             f"got {self.step_segments!r}")
 
-
-def official_branch(config, uniform: float, delta_entropy: float, consecutive: int) -> bool:
-    """One official-mode draw: ARPO's clip(U − β·ΔH, 0, 1) ≤ τ, or AEPO's penalised rule when
-    `config.aepo.branch_penalty` (config: a RolloutConfig)."""
-    if not config.aepo.branch_penalty:
-        return min(max(uniform - config.entropy_weight * delta_entropy, 0.0), 1.0) <= config.branch_threshold
-    probability = branch_probability(uniform, delta_entropy, consecutive, config.entropy_weight, config.aepo.penalty)
-    return should_branch(probability, config.branch_threshold)
+    def check_mode(self, mode: str) -> None:
+        """Both options are built on the official code's rollout: other modes are refused."""
+        for name in ("branch_penalty", "dynamic_split"):
+            if getattr(self, name) and mode != "official":
+                raise ValueError(f"rollout.aepo.{name} is an option of the official-mode rollout (AEPO builds on "
+                                 f"the released ARPO code); set rollout.mode=official (got {mode!r})")
 
 
 def counters_after_round(counters: dict[int, int], started) -> dict[int, int]:

@@ -135,7 +135,8 @@ class RolloutConfig:
     tool time behind decoding but leave the row idle longer. -1 = join as soon as the result is
     back: a little faster, but a seeded sampled run is then not reproducible."""
     aepo: AEPOConfig = field(default_factory=AEPOConfig)
-    """AEPO's rollout options (arpo_ref.aepo): the consecutive-branch penalty (official mode)."""
+    """AEPO's rollout options (arpo_ref.aepo): the consecutive-branch penalty and the dynamic
+    global/branch split (official mode)."""
     search: SearchConfig = field(default_factory=SearchConfig)
     """Tree-GRPO's tree search (rollout.mode: tree_search): m, n, l, k."""
     eptree: EPTreeConfig = field(default_factory=EPTreeConfig)
@@ -165,9 +166,7 @@ class RolloutConfig:
             raise ValueError(f"rollout.tool_join_steps must be >= 0, or -1 for 'as soon as the result is back', "
                              f"got {self.tool_join_steps}")
         check_search_budget(self)
-        if self.aepo.branch_penalty and self.mode != "official":
-            raise ValueError("rollout.aepo.branch_penalty replaces the official mode's branch rule; "
-                             f"set rollout.mode=official (got {self.mode!r})")
+        self.aepo.check_mode(self.mode)
         if self.rollout_budget < 1:
             raise ValueError("rollout_budget (M) must be >= 1")
         if not 1 <= self.num_global <= self.rollout_budget:

@@ -50,7 +50,7 @@ from enum import Enum
 
 import torch
 
-from . import branch_copies, fill_ups
+from . import aepo_split, branch_copies, fill_ups
 from .aepo import counters_after_round
 from .config import RolloutConfig, SamplingConfig
 from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
@@ -208,9 +208,11 @@ class AdaptiveRollout:
 
     # ------------------------------------------------------------------ phases (ARPO.md §2.1)
     def _start_initial_samples(self, rows: RowBatch, trees: list[RolloutTree]) -> None:
-        """Phase 1: each prompt's samples from scratch (N; grpo: M), forked from its prompt row."""
-        for tree, row_id in zip(trees, list(rows.row_ids)):
-            self._spawn(rows, tree, row_id, self.mode.global_samples(self.config), "global")
+        """Phase 1: each prompt's samples from scratch (N; grpo: M; AEPO's dynamic split: m per
+        prompt, `aepo_split.global_counts`), forked from its prompt row."""
+        prompt_rows = list(rows.row_ids)
+        for tree, row_id, count in zip(trees, prompt_rows, aepo_split.global_counts(self, rows, prompt_rows)):
+            self._spawn(rows, tree, row_id, count, "global")
             self.mode.at_start(self, rows, tree, row_id)
 
     def _decode(self, rows: RowBatch, limits: dict[int, int], pause_after: int | None = None) -> dict:

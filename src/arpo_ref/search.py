@@ -10,8 +10,9 @@ after an observation (or at the prompt). Finally k leaves per tree are kept at r
 
 In arpo_ref's `RolloutTree` the m trees of a prompt hang under one prompt node: each tree's first
 chain is a 'global' leaf, its expansions are 'branch' leaves with `branch_node` = the node they
-continued from, so the `tree_grpo` estimator's tree (a global sample and the branches forked from
-it) is exactly Tree-GRPO's tree. Every expansion records a `BranchDecision` (mode 'tree_search',
+continued from, and every leaf records the tree it was drawn for in `Leaf.tree_id` (`Chain.owner`),
+which the `tree_grpo` estimator groups by: an expansion from the shared prompt node counts in its
+tree, as in Tree-GRPO. Every expansion records a `BranchDecision` (mode 'tree_search',
 probability = 1 / number of candidates, num_branches = times the node was drawn) on the node it
 continued from, so rendered trees show why each fork happened.
 
@@ -175,7 +176,7 @@ class TreeSearchRollout:
                 for i in chosen:
                     c = mine[i]
                     tree.add_leaf(c.node_id, c.origin, finish_reason=c.finish_reason,
-                                  tool_calls=c.tool_calls, branch_node=c.branch_node)
+                                  tool_calls=c.tool_calls, branch_node=c.branch_node, tree_id=c.owner)
 
 
 ROLLOUTS = {"paper": AdaptiveRollout, "official": AdaptiveRollout, "grpo": AdaptiveRollout,

@@ -50,6 +50,8 @@ class RolloutBatch:
     """[L, T] float: log pi_old(token_t | tokens_<t) recorded by the generator at temperature 1; 0 where loss_mask is 0."""
     entropies: torch.Tensor | None = None
     """[L, T] float: entropy of the sampling distribution at each generated token; 0 where loss_mask is 0."""
+    tree_ids: torch.Tensor | None = None
+    """[L] long: `Leaf.tree_id` of each leaf (its Tree-GRPO tree within its prompt); -1 = not set."""
 
     def __post_init__(self) -> None:
         L = self.rewards.shape[0]
@@ -64,6 +66,8 @@ class RolloutBatch:
                 f"node_ids must have the same shape as loss_mask {tuple(self.loss_mask.shape)}, "
                 f"got {tuple(self.node_ids.shape)}"
             )
+        if self.tree_ids is not None and self.tree_ids.shape != (L,):
+            raise ValueError(f"tree_ids must have shape [L]=({L},), got {tuple(self.tree_ids.shape)}")
 
     @property
     def num_leaves(self) -> int:
@@ -153,6 +157,10 @@ class Leaf:
     """Tool calls contained in the trajectory (executed once even when shared)."""
     branch_node: int | None = None
     """Branches: the node after which this leaf was forked from another trajectory."""
+    tree_id: int | None = None
+    """`tree_search` leaves: which of the prompt's m Tree-GRPO trees the leaf was drawn for (an
+    expansion from the shared prompt node included). None elsewhere: the `tree_grpo` estimator then
+    takes the leaf's first node after the prompt as its tree."""
 
 
 @dataclass
@@ -259,11 +267,14 @@ class FlatPath:
     """The leaf's reward (NaN when not scored yet)."""
     group: int
     """Which prompt (tree) of the batch the leaf belongs to."""
+    tree_id: int = -1
+    """`Leaf.tree_id`, -1 when None."""
 
 
 def flatten_path(tree: RolloutTree, leaf: Leaf, group: int, node_offset: int) -> FlatPath:
     """The path of `leaf` as a `FlatPath`; node ids are offset by `node_offset` (unique per batch)."""
-    path = FlatPath([], [], [], [], [], float("nan") if leaf.reward is None else float(leaf.reward), group)
+    path = FlatPath([], [], [], [], [], float("nan") if leaf.reward is None else float(leaf.reward), group,
+                    -1 if leaf.tree_id is None else leaf.tree_id)
     for node in tree.path(leaf.node_id):
         n, is_model = len(node.token_ids), node.kind == "model"
         path.tokens += node.token_ids
@@ -280,7 +291,7 @@ def to_batch(trees: list[RolloutTree], pad_token_id: int = 0) -> RolloutBatch:
     Node ids are made unique across the batch by offsetting each tree's ids by the number of
     nodes before it. Leaves without a reward get NaN (fill rewards before estimating).
     Returns a `RolloutBatch` with input_ids, attention_mask, loss_mask (1 = model node token),
-    node_ids, old_logprobs and entropies (0 outside model tokens), rewards and group_ids.
+    node_ids, old_logprobs and entropies (0 outside model tokens), rewards, group_ids and tree_ids.
     """
     paths, offset = [], 0
     for group, tree in enumerate(trees):
@@ -307,6 +318,7 @@ def to_batch(trees: list[RolloutTree], pad_token_id: int = 0) -> RolloutBatch:
         group_ids=torch.tensor([p.group for p in paths], dtype=torch.long),
         loss_mask=loss_mask, node_ids=node_ids, input_ids=input_ids,
         attention_mask=attention_mask, old_logprobs=old_logprobs, entropies=entropies,
+        tree_ids=torch.tensor([p.tree_id for p in paths], dtype=torch.long),
     )
 
 

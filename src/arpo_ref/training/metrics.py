@@ -24,7 +24,8 @@ def summed_over_chunks(key: str) -> bool:
     run one after another)."""
     return key.startswith(("time/", "tools/calls", "tools/errors")) or key in (
         "rollout/generated_tokens", "rollout/prefill_tokens_saved", "rollout/decode_steps",
-        "rollout/longest_path_tokens", "rollout/branch_decisions", "rollout/branches", "rollout/branch_declined")
+        "rollout/longest_path_tokens", "rollout/branch_decisions", "rollout/branches", "rollout/branch_declined",
+        "aepo/pre_rollout_tokens", "aepo/pre_rollout_decode_steps")
 
 
 MAX_KEYS = frozenset({"reward/max", "rollout/longest_path_tokens", "tools/seconds_max", "loss/ratio_max"})
