@@ -7,7 +7,7 @@ folder of the ARPO repository, `_calculate_initial_rollouts_dynamical`) does, an
 
 * H_root: ONE sample per prompt, at the rollout's sampling settings (temperature included),
   stopping at a tool tag or after 50 tokens; its value is the official truncated segment entropy
-  (Σ over the first ≤ 20 positions of the top-10 entropy, ÷ ln|V|; `AdaptiveRollout._segment_entropy`).
+  (Σ over the first ≤ 20 positions of the top-10 entropy, ÷ ln|V|; `rollout_modes.official_segment_entropy`).
   Only those ≤ 20 positions are read, so we sample min(50, k) tokens: the same value, fewer steps.
 * H_step: an n = 1 tool-using pre-rollout per prompt with the rollout's tool-call limit, the same
   segment entropy for EVERY model segment it writes — the first one (written from the prompt,
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from .aepo import global_sample_count
 from .engine.generation import RowBatch
 from .episode import run_tool_calls
+from .rollout_modes import official_segment_entropy
 from .tasks import environment as task_environment
 
 
@@ -124,7 +125,7 @@ def root_entropy(engine, rows: RowBatch, prompt_rows: list[int]) -> tuple[list[l
     outputs = gen.decode(rows, engine.sampling, engine.stop_strings, row_ids=copies, rng=engine.token_rng,
                          max_new_tokens=limit)
     gen.release(rows, copies)
-    return ([outputs[r].token_ids for r in copies], [engine._segment_entropy(outputs[r]) for r in copies])
+    return ([outputs[r].token_ids for r in copies], [official_segment_entropy(engine, outputs[r]) for r in copies])
 
 
 def pre_rollout(engine, rows: RowBatch, prompt_rows: list[int]) -> tuple[list[PreRollout], list]:
@@ -155,7 +156,7 @@ def _decode_segments(engine, rows: RowBatch, live: list[PreRollout]) -> list[Pre
         seg = outputs[p.row_id]
         p.after_tool.append(bool(p.segments))
         p.segments.append(("model", seg.token_ids))
-        p.entropies.append(engine._segment_entropy(seg))
+        p.entropies.append(official_segment_entropy(engine, seg))
         p.response_tokens += len(seg.token_ids)
         room = p.response_tokens < cfg.max_response_tokens
         if seg.finish_reason == "stop" and p.tool_calls < cfg.max_tool_calls and room:

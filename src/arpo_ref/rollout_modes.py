@@ -166,11 +166,17 @@ def paper_decide(engine, rows, t) -> None:
 # official mode (ARPO.md §2.2)
 
 
-def official_after_segment(engine, t, segment) -> None:
-    """The segment's truncated entropy (`pooled_topk_entropy` / the ΔH normaliser); the first one
-    seen for a trajectory index is that index's baseline H_initial."""
+def official_segment_entropy(engine, segment) -> float:
+    """The official truncated entropy of a segment: `pooled_topk_entropy` over its first k
+    positions' recorded top-k log-probs, divided by the ΔH normaliser (default ln|V|)."""
     top = torch.tensor(segment.topk_logprobs) if segment.topk_logprobs else torch.zeros(0, 1)
-    entropy = pooled_topk_entropy(top, max_positions=engine.config.entropy_window) / engine.normaliser
+    return pooled_topk_entropy(top, max_positions=engine.config.entropy_window) / engine.normaliser
+
+
+def official_after_segment(engine, t, segment) -> None:
+    """The segment's truncated entropy (`official_segment_entropy`); the first one seen for a
+    trajectory index is that index's baseline H_initial."""
+    entropy = official_segment_entropy(engine, segment)
     engine.baselines.setdefault(t.creation_index, entropy)
     t.last_segment_entropy = entropy
 
