@@ -95,3 +95,20 @@ def test_demo_runs_from_an_empty_folder_and_its_outputs_agree(tmp_path):
     # paths in the run's config are as given on the command line: relative to where the demo ran
     assert config.train.steps == 2 and (tmp_path / config.model.name_or_path).resolve() == (run / "sft_model").resolve()
     assert (run / "rollout_tree.txt").read_text().startswith("question: ")
+
+
+def test_a_saved_cold_start_is_reused_as_the_same_agent(tmp_path):
+    """`cold_start(..., sft_model=...)` loads what an earlier cold start of the same config
+    saved instead of training again (how compare_algorithms adds an algorithm to old seeds)."""
+    import torch
+
+    from arpo_ref.demo import cold_start
+
+    config = packaged_config("demo")
+    first = cold_start(config, TINY, tmp_path / "a", log=lambda *_: None)
+    again = cold_start(config, TINY, tmp_path / "b", log=lambda *_: None, sft_model=tmp_path / "a" / "sft_model")
+    fresh = first.world.load_model()
+    pairs = list(zip(first.model.state_dict().values(), again.model.state_dict().values(), fresh.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b, _ in pairs)
+    assert any(not torch.equal(a, c) for a, _, c in pairs), "the reused agent is the untrained model"
+    assert again.sft_metrics == {"sft/reused": str(tmp_path / "a" / "sft_model")}

@@ -97,8 +97,13 @@ class ColdStart:
 
 
 def cold_start(config_path: str | Path, overrides: list[str] = (), out_dir: str | Path = "runs/demo",
-               log=print) -> ColdStart:
-    """Steps 1–2: build the toy world (demonstrations made with the real tools), then SFT."""
+               log=print, sft_model: str | Path | None = None) -> ColdStart:
+    """Steps 1–2: build the toy world (demonstrations made with the real tools), then SFT.
+
+    `sft_model`: a folder an earlier cold start with the same config and seed saved (its
+    `sft_model/`): its weights are loaded instead of training again. SFT is deterministic for a
+    config (`threads`), so this gives the same agent; benchmarks use it to add an algorithm to
+    seeds already cold-started."""
     started = time.perf_counter()
     out = Path(out_dir)
     # The corpus does not exist yet; its path is known, and the world writes it there.
@@ -116,7 +121,11 @@ def cold_start(config_path: str | Path, overrides: list[str] = (), out_dir: str 
     log(f"[2/5] cold-start SFT on {len(world.demonstrations)} demonstrations ...")
     examples = tokenize_demonstrations(tokenizer, [dataclasses.asdict(d) for d in world.demonstrations],
                                        config.data.system_prompt)
-    sft_metrics = supervised_finetune(model, tokenizer, examples, dataclasses.replace(config.sft, seed=base.seed))
+    if sft_model is not None:
+        model.load_state_dict(type(model).from_pretrained(sft_model).state_dict())
+        sft_metrics = {"sft/reused": str(sft_model)}
+    else:
+        sft_metrics = supervised_finetune(model, tokenizer, examples, dataclasses.replace(config.sft, seed=base.seed))
     model.save_pretrained(out / "sft_model")
     tokenizer.save_pretrained(out / "sft_model")
     seconds["sft"] = time.perf_counter() - started - seconds["world"]
