@@ -81,14 +81,21 @@ def scripted(prompt, turns, peak=30.0):
 TURNS = [ids("<second> x</second>"), ids(" <first> k</first>"), ids(" <second>") + [CHOICE] + ids("</second>"),
          ids(" <answer> done </answer>")]
 RECORD = {"question": "Query in order.", "values": {"a": "11", "b": "22"}}
+EMPTY = object()
+"""`rollout(registry=EMPTY)`: a fresh empty ToolRegistry."""
+MODES = [
+    ("official", {"branch_threshold": 1.0, "beam_size": 2}),  # rounds: decide after each turn's results
+    ("paper", {"branch_base": 1.0, "branch_threshold": 0.5, "entropy_window": 2}),  # continuous schedule
+]
 
 
-def rollout(mode, seed=0, **fields):
+def rollout(mode, seed=0, registry=EMPTY, **fields):
     environments, questions = reset_all(OrderedQueries, [RECORD])
     prompt = render_prompt(TOK, questions[0], None)
     config = RolloutConfig(mode=mode, rollout_budget=4, num_global=1, max_tool_calls=5, max_response_tokens=200,
                            entropy_weight=0.0, **fields)
-    engine = AdaptiveRollout(Generator(scripted(prompt, TURNS), TOK), ToolRegistry([]), config,
+    registry = ToolRegistry([]) if registry is EMPTY else registry
+    engine = AdaptiveRollout(Generator(scripted(prompt, TURNS), TOK), registry, config,
                              SamplingConfig(temperature=1.0), seed=seed)
     return engine([prompt], environments=environments), environments[0]
 
@@ -97,10 +104,7 @@ def path_calls(tree, leaf):
     return [(n.tool_call.tag, n.tool_call.content) for n in tree.response_segments(leaf) if n.kind == "tool"]
 
 
-@pytest.mark.parametrize("mode, fields", [
-    ("official", {"branch_threshold": 1.0, "beam_size": 2}),  # rounds: decide after each turn's results
-    ("paper", {"branch_base": 1.0, "branch_threshold": 0.5, "entropy_window": 2}),  # continuous schedule
-])
+@pytest.mark.parametrize("mode, fields", MODES)
 def test_branches_copy_their_parents_environment_at_the_branch_point_then_diverge(mode, fields):
     result, template = rollout(mode, **fields)
     (tree,) = result.trees
@@ -121,6 +125,20 @@ def test_branches_copy_their_parents_environment_at_the_branch_point_then_diverg
     assert {leaf_calls[2][1] for leaf_calls in (path_calls(tree, leaf) for leaf in tree.leaves)} == {"a", "b"}
     rewards = environment_rewards(result, TOK)
     assert rewards == [[1.0] * 4] and [leaf.reward for leaf in tree.leaves] == [1.0] * 4
+
+
+@pytest.mark.parametrize("mode, fields", MODES)
+def test_environments_need_no_registry(mode, fields):
+    """registry=None: the environments answer every call; the same trees and rewards as with an
+    empty registry (both schedules: rounds and continuous)."""
+    outcomes = []
+    for registry in (None, EMPTY):
+        result, _ = rollout(mode, registry=registry, **fields)
+        (tree,) = result.trees
+        outcomes.append(([[(n.kind, n.token_ids) for n in tree.response_segments(leaf)] for leaf in tree.leaves],
+                         environment_rewards(result, TOK)))
+    assert outcomes[0] == outcomes[1] and outcomes[0][1] == [[1.0] * 4]
+    assert any(n.kind == "tool" and n.tool_call.ok for n in result.trees[0].nodes)  # an environment answered
 
 
 def test_a_fork_starts_from_the_state_and_then_the_two_diverge():

@@ -110,14 +110,19 @@ def segment_call(tokenizer, token_ids: list[int]) -> ParsedCall | None:
     return parse_tool_call(text, stop_token_at=len(os.path.commonprefix([before, text])))
 
 
-def run_tool_calls(registry: ToolRegistry, tokenizer, segments: list[list[int]],
+def run_tool_calls(registry: ToolRegistry | None, tokenizer, segments: list[list[int]],
                    runners: list | None = None) -> list[ToolStep | None]:
     """Parse the call that ends each segment (token ids) and run all calls in parallel (ARPO.md §5).
 
     Returns, per segment, a `ToolStep`, or None when the segment does not end with a call.
     Failures are results (error text for the model), never exceptions. `runners[i]` (optional)
-    answers segment i's call instead of the registry (a trajectory's environment).
+    answers segment i's call instead of the registry (a trajectory's environment). `registry`
+    None (environments only): an empty registry for the turn, so calls no runner answers are
+    "unknown tool" results.
     """
+    if registry is None:
+        with ToolRegistry([]) as empty:
+            return run_tool_calls(empty, tokenizer, segments, runners)
     calls = [segment_call(tokenizer, ids) for ids in segments]
     todo = [i for i, call in enumerate(calls) if call is not None]
     runners = [runners[i] for i in todo] if runners else []
