@@ -99,13 +99,13 @@ def cmd_sft(args: argparse.Namespace) -> int:
     import json
 
     from .training.lora import save_pretrained_merged
+    from .episode import run_system_prompt
     from .training.sft import supervised_finetune, tokenize_demonstrations
-    from .training.train import _system_prompt
 
     config = load_config(args.config, args.overrides)
     model, tokenizer = _policy(config, training=True)  # float32 weights; LoRA adapters when enabled
     demos = [json.loads(line) for line in Path(args.demos).read_text().splitlines() if line.strip()]
-    examples = tokenize_demonstrations(tokenizer, demos, _system_prompt(config.data.system_prompt))
+    examples = tokenize_demonstrations(tokenizer, demos, run_system_prompt(config.data.system_prompt))
     metrics = supervised_finetune(model, tokenizer, examples, config.sft,
                                   log=lambda step, m: print(f"step {step}: loss {m['sft/loss']:.4f}"))
     save_pretrained_merged(model, args.out)  # LoRA: merged, loadable without peft
@@ -117,6 +117,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import SamplingConfig
     from .engine.generation import Generator
+    from .episode import run_system_prompt
     from .evaluate import (
         accuracy_by_kind,
         evaluate,
@@ -127,7 +128,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     from .tasks.data import records_for
     from .tools.registry import ToolRegistry
-    from .training.train import _system_prompt
 
     config = load_config(args.config, args.overrides)
     model, tokenizer = _policy(config)
@@ -136,6 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else SamplingConfig(temperature=0.0)
     results = {}
     with ToolRegistry.from_config(config.tools) as registry:
+        system = run_system_prompt(config.data.system_prompt, registry)  # as train: + function tools
         for path in args.data or [config.data.eval_path]:
             records = records_for(config.data, path)
             if config.data.max_eval_prompts:
@@ -143,7 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             name = Path(path).stem
             metric = pick_metric(name, args.metric)
             metrics, trees = evaluate(Generator(model, tokenizer, compile=config.sampling.compile), registry, records, config.rollout,
-                                      _system_prompt(config.data.system_prompt), config.reward.build_reward_fn(registry.names),
+                                      system, config.reward.build_reward_fn(registry.names),
                                       samples=args.samples, sampling=sampling, metric=metric, judge=judge,
                                       seed=config.seed)
             results[name] = {"metric": metric, **metrics, **accuracy_by_kind(records, trees, tokenizer)}
@@ -155,11 +156,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     from .engine.generation import Generator
-    from .episode import render_prompt
+    from .episode import render_prompt, run_system_prompt
     from .progress import progress_bar
     from .search import build_rollout
     from .tools.registry import ToolRegistry
-    from .training.train import _system_prompt
     from .tree import render
 
     config = load_config(args.config, args.overrides)
@@ -170,7 +170,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     bar.set_postfix_str(f"rolling out M={config.rollout.rollout_budget}")
     with ToolRegistry.from_config(config.tools) as registry:
         engine = build_rollout(Generator(model, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling, seed=config.seed)
-        prompt = render_prompt(tokenizer, args.question, _system_prompt(config.data.system_prompt))
+        prompt = render_prompt(tokenizer, args.question, run_system_prompt(config.data.system_prompt, registry))
         result = engine([prompt], metadata=[{"question": args.question}])
     bar.update(1)
     if args.png:

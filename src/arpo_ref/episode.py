@@ -43,6 +43,16 @@ def system_prompt(name: str) -> str:
     return resources.files("arpo_ref").joinpath(f"prompts/{name}.txt").read_text().strip()
 
 
+def run_system_prompt(value: str, registry: ToolRegistry | None = None) -> str | None:
+    """A run's system prompt (train, eval, rollout, sft): `data.system_prompt` (a packaged prompt's
+    name, the prompt text itself, or empty for none), then the descriptions of the registry's
+    function tools (`ToolRegistry.describe()`; the built-in tools are in the packaged prompts).
+    None when both are empty."""
+    base = system_prompt(value) if value in SYSTEM_PROMPTS else value
+    described = registry.describe() if registry is not None else ""
+    return "\n".join(filter(None, [base, described])) or None
+
+
 def render_prompt(tokenizer, question: str, system: str | None = None) -> list[int]:
     """Token ids of the prompt: chat template over [system, user], with the generation prompt.
 

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ..advantages import estimate_advantages, get_estimator
 from ..config import Config, save_config
 from ..engine.generation import Generator
-from ..episode import render_prompt, system_prompt
+from ..episode import render_prompt, run_system_prompt
 from ..evaluate import evaluate
 from ..rollout import AdaptiveRollout
 from ..search import build_rollout
@@ -108,7 +108,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     quiet = log if accelerator.is_main_process else (lambda *_: None)  # every process reads the data
     train_records = records_for(config.data, config.data.train_path, quiet)
     eval_records = _eval_records(config, quiet)
-    system = "\n".join(filter(None, [_system_prompt(config.data.system_prompt), registry.describe()])) or None  # + function tools
+    system = run_system_prompt(config.data.system_prompt, registry)  # + function tools
     reward_fn = config.reward.build_reward_fn(registry.names)
     estimator = get_estimator(cfg.estimator)
     policy = Policy(accelerator, model)  # hides FSDP / DDP / one process from the loop below
@@ -234,12 +234,6 @@ def _prepare_policy(config: Config, accelerator, model, tokenizer, log):
         return model, tokenizer, reference, optimizer, scheduler
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     return model, tokenizer, reference, optimizer, scheduler
-
-
-def _system_prompt(value: str) -> str | None:
-    if not value:
-        return None
-    return system_prompt(value) if value in ("reasoning", "search") else value
 
 
 def _eval_records(config: Config, log) -> list[Record]:
