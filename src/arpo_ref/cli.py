@@ -127,6 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         write_results,
     )
     from .tasks.data import records_for
+    from .tasks.environment import environment_factory
     from .tools.registry import ToolRegistry
 
     config = load_config(args.config, args.overrides)
@@ -146,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             metrics, trees = evaluate(Generator(model, tokenizer, compile=config.sampling.compile), registry, records, config.rollout,
                                       system, config.reward.build_reward_fn(registry.names),
                                       samples=args.samples, sampling=sampling, metric=metric, judge=judge,
-                                      seed=config.seed)
+                                      seed=config.seed, environment_factory=environment_factory(config))
             results[name] = {"metric": metric, **metrics, **accuracy_by_kind(records, trees, tokenizer)}
     print(results_table(results, args.samples))
     if args.out:
