@@ -96,16 +96,20 @@ def _policy(config, training: bool = False):
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
-    from .training.lora import save_pretrained_merged
     from .episode import run_system_prompt
+    from .tools.registry import ToolRegistry
+    from .training.lora import save_pretrained_merged
     from .training.sft import supervised_finetune, tokenize_demonstrations
 
     config = load_config(args.config, args.overrides)
     model, tokenizer = _policy(config, training=True)  # float32 weights; LoRA adapters when enabled
     demos = [json.loads(line) for line in Path(args.demos).read_text().splitlines() if line.strip()]
-    examples = tokenize_demonstrations(tokenizer, demos, run_system_prompt(config.data.system_prompt))
+    functions_only = dataclasses.replace(config.tools, enabled=[])  # what describe() reads; builds no python / search
+    with ToolRegistry.from_config(functions_only) as registry:  # the prompt train will render
+        examples = tokenize_demonstrations(tokenizer, demos, run_system_prompt(config.data.system_prompt, registry))
     metrics = supervised_finetune(model, tokenizer, examples, config.sft,
                                   log=lambda step, m: print(f"step {step}: loss {m['sft/loss']:.4f}"))
     save_pretrained_merged(model, args.out)  # LoRA: merged, loadable without peft
