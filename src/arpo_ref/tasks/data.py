@@ -62,8 +62,8 @@ class DataConfig:
 
     def validate(self) -> None:
         compile_answer_pattern(self.answer_pattern)  # a bad expression fails at load, not at the first row
-        if self.environment:
-            from .environment import load_environment_factory  # a bad path fails at load, not mid-run
+        if self.environment:  # imported now: a bad path fails at load, not mid-run
+            from .environment import load_environment_factory
 
             load_environment_factory(self.environment)
         if self.max_eval_prompts < 0:
