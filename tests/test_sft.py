@@ -198,6 +198,17 @@ def test_micro_batch_size_does_not_change_the_gradient(tokenizer, accelerator):
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-6)
 
 
+def test_micro_batches_are_cut_from_the_batch_sorted_by_length(tokenizer, accelerator, monkeypatch):
+    """Similar lengths share a micro-batch (less padding; the sum, hence the gradient, is the same)."""
+    import arpo_ref.training.sft as sft
+
+    examples = [SFTExample(list(range(n)), [0] + [1] * (n - 1)) for n in (9, 3, 8, 4)]
+    widths, collate_rows = [], sft.collate
+    monkeypatch.setattr(sft, "collate", lambda chunk, *a: widths.append([len(e) for e in chunk]) or collate_rows(chunk, *a))
+    backward_batch(load_model(), examples, accelerator, 2, tokenizer.pad_token_id, len(tokenizer))
+    assert widths == [[3, 4], [8, 9]]  # 2 padding tokens instead of 6 + 4 in the given order
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end
 def test_memorises_demonstrations_and_generates_them(tokenizer):

@@ -99,8 +99,11 @@ class SFTConfig:
     same trained tokens): each epoch's shuffle is cut into groups of LENGTH_GROUP_BATCHES batches,
     each group sorted by length and cut into batches, then the batches are shuffled. Like the
     Hugging Face Trainer's `group_by_length`, except that the batch order is shuffled too (HF
-    keeps each group's batches longest first). Changes which demonstrations share a batch, so
-    the trained weights differ from an ungrouped run of the same seed."""
+    keeps each group's batches longest first). Changes which demonstrations share a batch, and
+    so the training: on the demo's toy world (24 epochs) it cut the padding from 37% to 2% but
+    the cold start failed to learn copying (token-mean NLL 0.48 instead of 0.08, accuracy 0.02
+    instead of 0.50), so the demo does not use it. Micro-batches are length-sorted within each
+    batch anyway (`backward_batch`), which saves part of the padding without this cost."""
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "micro_batch_size"):
@@ -245,12 +248,16 @@ def backward_batch(model, batch: list[SFTExample], accelerator: Accelerator, mic
     L is known without communication. Process p takes examples p, p + P, …; since DDP averages the
     processes' gradients, each scales its summed NLL by P / tokens, and the sum over micro-batches
     and processes is the gradient of the batch's token mean whatever the micro-batch size.
+    Micro-batches are cut from the batch sorted by length, so similar lengths are padded
+    together (same sum, less padding: the demo's batches of 16 in micro-batches of 8 pad 19%
+    of their tokens instead of 37%).
     """
     num_tokens = sum(example.num_trained for example in batch)
     local = batch[accelerator.process_index::accelerator.num_processes]
     weight = 1.0
     if not local:  # a short last batch: this process must still join the gradient all-reduce
         local, weight = batch[:1], 0.0
+    local = sorted(local, key=len)  # micro-batches of similar lengths: less padding, the same sum
     chunks = [local[i:i + micro_batch_size] for i in range(0, len(local), micro_batch_size)]
     local_nll = 0.0
     for index, chunk in enumerate(chunks):
