@@ -287,8 +287,14 @@ def test_a_bad_environment_path_fails_at_config_load(environment_module, tmp_pat
         environment_run(tmp_path, path.partition(":")[2], **{"data.environment": path})
 
 
-def test_a_factory_that_returns_no_environment_and_tree_search_fail_clearly(environment_module, tmp_path):
+def test_a_factory_that_returns_no_environment_and_tree_search_fail_clearly(environment_module, tmp_path, capsys):
+    from arpo_ref.cli import main
     from arpo_ref.training.train import train
+
+    config = environment_run(tmp_path, "make")  # the rollout command has only a question: refused
+    assert main(["rollout", "--question", "Count to 2.", f"model.name_or_path={config.model.name_or_path}",
+                 f"data.environment={config.data.environment}"]) == 2
+    assert "cannot reset an environment" in capsys.readouterr().err
 
     with pytest.raises(TypeError, match="lacks tool_names, reset"):
         train(environment_run(tmp_path, "not_an_environment"), log=lambda *_: None)

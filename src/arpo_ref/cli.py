@@ -168,6 +168,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     from .tree import render
 
     config = load_config(args.config, args.overrides)
+    if config.data.environment:
+        print("arpo-ref rollout: data.environment is set, and a question alone cannot reset an environment; "
+              "play records with arpo-ref eval --data FILE, or unset data.environment", file=sys.stderr)
+        return 2
     bar = progress_bar(2 + bool(args.png), "rollout", "stage")
     bar.set_postfix_str("loading the model")
     model, tokenizer = _policy(config)
