@@ -261,7 +261,8 @@ def test_train_takes_its_environment_from_the_config(environment_module, tmp_pat
 
     questions, render = [], training.render_prompt
     monkeypatch.setattr(training, "render_prompt", lambda tok, q, system=None: questions.append(q) or render(tok, q, system))
-    metrics = training.train(environment_run(tmp_path, "make"), log=lambda *_: None)
+    config = environment_run(tmp_path, "make", **{"train.rollout_batch_prompts": 1})  # chunks: environments split
+    metrics = training.train(config, log=lambda *_: None)
     log = environment_module.Countdown.log
     resets = [entry for kind, entry in log if kind == "reset"]
     # 2 steps × 2 prompts in training, then the 3 eval records; each reset from its record's fields

@@ -271,13 +271,13 @@ def rollout_in_chunks(rollout: AdaptiveRollout, prompts: list[list[int]], record
     reset environment per prompt (data.environment), or None."""
     metadata = [{"question": r.question, "answer": r.answer} for r in records]
 
-    def part(i: int, n: int):  # environments only when there are some: the tree_search rollout takes none
+    def roll(i: int, n: int):  # environments only when there are some: the tree_search rollout takes none
         extra = {} if environments is None else {"environments": environments[i: i + n]}
         return rollout(prompts[i: i + n], metadata[i: i + n], **extra)
 
     if not chunk or chunk >= len(prompts):
-        return part(0, len(prompts))
-    parts = [part(i, chunk) for i in range(0, len(prompts), chunk)]
+        return roll(0, len(prompts))
+    parts = [roll(i, chunk) for i in range(0, len(prompts), chunk)]
     trees = []
     for part in parts:
         for tree in part.trees:
