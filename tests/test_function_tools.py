@@ -151,3 +151,42 @@ def test_a_plain_function_needs_no_config():
     assert tool('{"a": 2, "b": "40"}').text == "42"
     with pytest.raises(ValueError, match="isolation"):
         FunctionTool(add, isolation="fork")
+
+
+def test_eval_rollout_and_sft_prompts_describe_the_function_tools(user_module, tmp_path, monkeypatch):
+    """`arpo-ref eval`, `rollout` and `sft` render their prompts with the system prompt train
+    uses: data.system_prompt, then the function tools' descriptions (`run_system_prompt`)."""
+    import json
+    import shutil
+
+    from tiny import model_dir, tokenizer_dir
+
+    import arpo_ref.evaluate
+    from arpo_ref import cli, episode
+    from arpo_ref.training import sft
+
+    shutil.copytree(tokenizer_dir(), tmp_path / "model", dirs_exist_ok=True)
+    shutil.copytree(model_dir("qwen2"), tmp_path / "model", dirs_exist_ok=True)
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"question": "What is 2 + 3?", "answer": "5"}) + "\n")
+    systems, render = [], episode.render_prompt
+
+    def recording(tokenizer, question, system=None):
+        systems.append(system)
+        return render(tokenizer, question, system)
+
+    monkeypatch.setattr(arpo_ref.evaluate, "render_prompt", recording)
+    monkeypatch.setattr(episode, "render_prompt", recording)  # cmd_rollout imports it from episode
+    monkeypatch.setattr(sft, "render_prompt", recording)
+    demo = {"question": "What is 2 + 3?", "segments": [{"kind": "model", "text": "<answer> 5 </answer>"}]}
+    (tmp_path / "demos.jsonl").write_text(json.dumps(demo) + "\n")
+    config = [f"model.name_or_path={tmp_path / 'model'}", f"data.eval_path={tmp_path / 'eval.jsonl'}",
+              "data.system_prompt=Answer briefly.", "tools.enabled=[calculator]",
+              f"tools.functions=[{user_module}:lookup]", "rollout.max_response_tokens=4"]
+    assert cli.main(["eval", *config]) == 0
+    assert cli.main(["rollout", "--question", "What is 2 + 3?", *config, "rollout.rollout_budget=2",
+                     "rollout.num_global=2"]) == 0
+    assert cli.main(["sft", "--demos", str(tmp_path / "demos.jsonl"), "--out", str(tmp_path / "sft"), *config,
+                     "sft.epochs=1", "sft.batch_size=1", "sft.micro_batch_size=1"]) == 0
+    expected = episode.run_system_prompt("Answer briefly.", registry_from(user_module, "lookup"))
+    assert expected.startswith("Answer briefly.\n") and "<lookup>" in expected  # what train renders
+    assert systems == [expected] * 3

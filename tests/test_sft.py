@@ -20,6 +20,7 @@ from arpo_ref.training.sft import (
     SFTExample,
     backward_batch,
     collate,
+    epoch_batches,
     learning_rate_at,
     summed_token_nll,
     supervised_finetune,
@@ -197,6 +198,17 @@ def test_micro_batch_size_does_not_change_the_gradient(tokenizer, accelerator):
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-6)
 
 
+def test_micro_batches_are_cut_from_the_batch_sorted_by_length(tokenizer, accelerator, monkeypatch):
+    """Similar lengths share a micro-batch (less padding; the sum, hence the gradient, is the same)."""
+    import arpo_ref.training.sft as sft
+
+    examples = [SFTExample(list(range(n)), [0] + [1] * (n - 1)) for n in (9, 3, 8, 4)]
+    widths, collate_rows = [], sft.collate
+    monkeypatch.setattr(sft, "collate", lambda chunk, *a: widths.append([len(e) for e in chunk]) or collate_rows(chunk, *a))
+    backward_batch(load_model(), examples, accelerator, 2, tokenizer.pad_token_id, len(tokenizer))
+    assert widths == [[3, 4], [8, 9]]  # 2 padding tokens instead of 6 + 4 in the given order
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end
 def test_memorises_demonstrations_and_generates_them(tokenizer):
@@ -294,3 +306,31 @@ def test_sft_command_trains_float32_weights_and_lora_saves_merged(tmp_path):
         assert next(trained.parameters()).dtype == torch.float32
         assert set(trained.state_dict()) == set(base.state_dict())  # merged: no lora_A/lora_B keys
         assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
+
+
+@pytest.mark.parametrize("group_batches", [50, 2])  # one length group per epoch; groups of 2 batches
+def test_length_grouped_batches_partition_the_epoch_and_cut_padding(monkeypatch, group_batches):
+    """group_by_length: the same examples in as many batches, each a run of similar lengths (within
+    a group, batch length ranges do not overlap), less padding; without it, the old order."""
+    import arpo_ref.training.sft as sft
+
+    monkeypatch.setattr(sft, "LENGTH_GROUP_BATCHES", group_batches)
+    lengths = torch.randint(5, 200, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+    plain = epoch_batches(lengths, 4, torch.Generator().manual_seed(3))
+    order = torch.randperm(37, generator=torch.Generator().manual_seed(3)).tolist()
+    assert plain == [order[i:i + 4] for i in range(0, 37, 4)]  # ungrouped: the seeded shuffle, sliced
+    grouped = epoch_batches(lengths, 4, torch.Generator().manual_seed(3), group_by_length=True)
+    assert sorted(i for batch in grouped for i in batch) == list(range(37))
+    assert len(grouped) == math.ceil(37 / 4) and sorted(len(b) for b in grouped)[1:] == [4] * 9
+    group_of = {i: position // (4 * group_batches) for position, i in enumerate(order)}
+    for a in grouped:
+        for b in grouped:
+            if a is not b and group_of[a[0]] == group_of[b[0]]:
+                spans = sorted([(min(lengths[i] for i in a), max(lengths[i] for i in a)),
+                                (min(lengths[i] for i in b), max(lengths[i] for i in b))])
+                assert spans[0][1] <= spans[1][0]
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(grouped) < padding(plain) / 2

@@ -96,16 +96,20 @@ def _policy(config, training: bool = False):
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
+    from .episode import run_system_prompt
+    from .tools.registry import ToolRegistry
     from .training.lora import save_pretrained_merged
     from .training.sft import supervised_finetune, tokenize_demonstrations
-    from .training.train import _system_prompt
 
     config = load_config(args.config, args.overrides)
     model, tokenizer = _policy(config, training=True)  # float32 weights; LoRA adapters when enabled
     demos = [json.loads(line) for line in Path(args.demos).read_text().splitlines() if line.strip()]
-    examples = tokenize_demonstrations(tokenizer, demos, _system_prompt(config.data.system_prompt))
+    functions_only = dataclasses.replace(config.tools, enabled=[])  # what describe() reads; builds no python / search
+    with ToolRegistry.from_config(functions_only) as registry:  # the prompt train will render
+        examples = tokenize_demonstrations(tokenizer, demos, run_system_prompt(config.data.system_prompt, registry))
     metrics = supervised_finetune(model, tokenizer, examples, config.sft,
                                   log=lambda step, m: print(f"step {step}: loss {m['sft/loss']:.4f}"))
     save_pretrained_merged(model, args.out)  # LoRA: merged, loadable without peft
@@ -117,6 +121,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .config import SamplingConfig
     from .engine.generation import Generator
+    from .episode import run_system_prompt
     from .evaluate import (
         accuracy_by_kind,
         evaluate,
@@ -126,8 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         write_results,
     )
     from .tasks.data import records_for
+    from .tasks.environment import environment_factory
     from .tools.registry import ToolRegistry
-    from .training.train import _system_prompt
 
     config = load_config(args.config, args.overrides)
     model, tokenizer = _policy(config)
@@ -136,6 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else SamplingConfig(temperature=0.0)
     results = {}
     with ToolRegistry.from_config(config.tools) as registry:
+        system = run_system_prompt(config.data.system_prompt, registry)  # as train: + function tools
         for path in args.data or [config.data.eval_path]:
             records = records_for(config.data, path)
             if config.data.max_eval_prompts:
@@ -143,9 +149,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             name = Path(path).stem
             metric = pick_metric(name, args.metric)
             metrics, trees = evaluate(Generator(model, tokenizer, compile=config.sampling.compile), registry, records, config.rollout,
-                                      _system_prompt(config.data.system_prompt), config.reward.build_reward_fn(registry.names),
+                                      system, config.reward.build_reward_fn(registry.names),
                                       samples=args.samples, sampling=sampling, metric=metric, judge=judge,
-                                      seed=config.seed)
+                                      seed=config.seed, environment_factory=environment_factory(config))
             results[name] = {"metric": metric, **metrics, **accuracy_by_kind(records, trees, tokenizer)}
     print(results_table(results, args.samples))
     if args.out:
@@ -155,14 +161,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     from .engine.generation import Generator
-    from .episode import render_prompt
+    from .episode import render_prompt, run_system_prompt
     from .progress import progress_bar
     from .search import build_rollout
     from .tools.registry import ToolRegistry
-    from .training.train import _system_prompt
     from .tree import render
 
     config = load_config(args.config, args.overrides)
+    if config.data.environment:
+        print("arpo-ref rollout: data.environment is set, and a question alone cannot reset an environment; "
+              "play records with arpo-ref eval --data FILE, or unset data.environment", file=sys.stderr)
+        return 2
     bar = progress_bar(2 + bool(args.png), "rollout", "stage")
     bar.set_postfix_str("loading the model")
     model, tokenizer = _policy(config)
@@ -170,7 +179,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     bar.set_postfix_str(f"rolling out M={config.rollout.rollout_budget}")
     with ToolRegistry.from_config(config.tools) as registry:
         engine = build_rollout(Generator(model, tokenizer, compile=config.sampling.compile), registry, config.rollout, config.sampling, seed=config.seed)
-        prompt = render_prompt(tokenizer, args.question, _system_prompt(config.data.system_prompt))
+        prompt = render_prompt(tokenizer, args.question, run_system_prompt(config.data.system_prompt, registry))
         result = engine([prompt], metadata=[{"question": args.question}])
     bar.update(1)
     if args.png:

@@ -43,6 +43,16 @@ def system_prompt(name: str) -> str:
     return resources.files("arpo_ref").joinpath(f"prompts/{name}.txt").read_text().strip()
 
 
+def run_system_prompt(value: str, registry: ToolRegistry | None = None) -> str | None:
+    """A run's system prompt (train, eval, rollout, sft): `data.system_prompt` (a packaged prompt's
+    name, the prompt text itself, or empty for none), then the descriptions of the registry's
+    function tools (`ToolRegistry.describe()`; the built-in tools are in the packaged prompts).
+    None when both are empty."""
+    base = system_prompt(value) if value in SYSTEM_PROMPTS else value
+    described = registry.describe() if registry is not None else ""
+    return "\n".join(filter(None, [base, described])) or None
+
+
 def render_prompt(tokenizer, question: str, system: str | None = None) -> list[int]:
     """Token ids of the prompt: chat template over [system, user], with the generation prompt.
 
@@ -110,14 +120,19 @@ def segment_call(tokenizer, token_ids: list[int]) -> ParsedCall | None:
     return parse_tool_call(text, stop_token_at=len(os.path.commonprefix([before, text])))
 
 
-def run_tool_calls(registry: ToolRegistry, tokenizer, segments: list[list[int]],
+def run_tool_calls(registry: ToolRegistry | None, tokenizer, segments: list[list[int]],
                    runners: list | None = None) -> list[ToolStep | None]:
     """Parse the call that ends each segment (token ids) and run all calls in parallel (ARPO.md §5).
 
     Returns, per segment, a `ToolStep`, or None when the segment does not end with a call.
     Failures are results (error text for the model), never exceptions. `runners[i]` (optional)
-    answers segment i's call instead of the registry (a trajectory's environment).
+    answers segment i's call instead of the registry (a trajectory's environment). `registry`
+    None (environments only): an empty registry for the turn, so calls no runner answers are
+    "unknown tool" results.
     """
+    if registry is None:
+        with ToolRegistry([]) as empty:
+            return run_tool_calls(empty, tokenizer, segments, runners)
     calls = [segment_call(tokenizer, ids) for ids in segments]
     todo = [i for i, call in enumerate(calls) if call is not None]
     runners = [runners[i] for i in todo] if runners else []

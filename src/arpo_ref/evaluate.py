@@ -31,6 +31,7 @@ from .scoring.answers import exact_match, extract_answer, f1_score, parse_golds
 from .scoring.math_equivalence import math_equal
 from .search import build_rollout
 from .tasks.data import Record
+from .tasks.environment import environment_prompts, environment_rewards
 from .tree import RolloutTree
 
 QA_NAMES = ("hotpot", "2wiki", "musique", "bamboogle", "nq", "triviaqa", "popqa")
@@ -81,8 +82,12 @@ def score(answer: str | None, record: Record, metric: str, judge=None) -> tuple[
 def evaluate(generator: Generator, registry, records: list[Record], rollout: RolloutConfig,
              system_prompt: str | None, reward_fn=None, batch_size: int = 64, samples: int = 1,
              sampling: SamplingConfig | None = None, metric: str = "math", judge=None,
-             seed: int = 0) -> tuple[dict, list[RolloutTree]]:
-    """pass@1 (and pass@k when samples > 1) over `records`; returns (metrics `eval/…`, trees)."""
+             seed: int = 0, environment_factory=None) -> tuple[dict, list[RolloutTree]]:
+    """pass@1 (and pass@k when samples > 1) over `records`; returns (metrics `eval/…`, trees).
+
+    `environment_factory` (data.environment): each record is played in its own reset environment,
+    whose `reset` gives the prompt and whose `reward` gives the leaf reward (eval/reward) in place
+    of `reward_fn`; accuracy still compares the extracted answer with the record's answer."""
     config = dataclasses.replace(rollout, mode="grpo", rollout_budget=samples, num_global=samples)
     sampling = sampling or SamplingConfig(temperature=0.0)
     engine = build_rollout(generator, registry, config, sampling, seed=seed)
@@ -91,18 +96,22 @@ def evaluate(generator: Generator, registry, records: list[Record], rollout: Rol
     bar = progress_bar(len(records), "evaluation", "question")
     for start in range(0, len(records), batch_size):
         chunk = records[start: start + batch_size]
-        prompts = [render_prompt(tokenizer, r.question, system_prompt) for r in chunk]
-        result = engine(prompts, metadata=[{"question": r.question, "answer": r.answer} for r in chunk])
-        for record, tree in zip(chunk, result.trees):
+        environments, questions = environment_prompts(environment_factory, chunk)
+        prompts = [render_prompt(tokenizer, q, system_prompt) for q in questions]
+        result = engine(prompts, metadata=[{"question": r.question, "answer": r.answer} for r in chunk],
+                        environments=environments)  # grpo mode: always an AdaptiveRollout
+        leaf_rewards = environment_rewards(result, tokenizer) if environments is not None else None
+        for index, (record, tree) in enumerate(zip(chunk, result.trees)):
             outcomes = []
-            for leaf in tree.leaves:
+            for number, leaf in enumerate(tree.leaves):
                 segments = tree.response_segments(leaf)
                 text = tokenizer.decode([t for n in segments for t in n.token_ids], skip_special_tokens=True)
                 ok, f1 = score(extract_answer(text, tool_names), record, metric, judge)
                 outcomes.append(ok)
                 f1s.append(f1)
-                if reward_fn is not None:
-                    leaf.reward = reward_fn(text, record.answer)
+                if leaf_rewards is not None or reward_fn is not None:
+                    leaf.reward = (reward_fn(text, record.answer) if leaf_rewards is None
+                                   else leaf_rewards[index][number])
                     rewards.append(leaf.reward)
                 calls.append(leaf.tool_calls)
                 lengths.append(sum(len(n.token_ids) for n in segments))

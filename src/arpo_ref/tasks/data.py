@@ -54,9 +54,18 @@ class DataConfig:
     """'reasoning' or 'search' (packaged prompts describing the tools), or the prompt text itself."""
     max_eval_prompts: int = 0
     """Evaluate on at most this many prompts; 0 = all."""
+    environment: str = ""
+    """A stateful task behind the tool calls: `package.module:factory`, a class or function
+    returning a fresh environment (tasks/environment.py: reset(record) -> the prompt, step(call)
+    -> the observation, reward(response)); each record gets one, reset from its fields, and its
+    reward replaces the reward function. Imported at config load. Empty = plain QA records."""
 
     def validate(self) -> None:
         compile_answer_pattern(self.answer_pattern)  # a bad expression fails at load, not at the first row
+        if self.environment:  # imported now: a bad path fails at load, not mid-run
+            from .environment import load_environment_factory
+
+            load_environment_factory(self.environment)
         if self.max_eval_prompts < 0:
             raise ValueError("max_eval_prompts must be >= 0")
 

@@ -28,6 +28,14 @@ Threads: each trajectory's environment is stepped by one call at a time (a traje
 its result), but calls of different trajectories run in parallel on the tool threads, so
 environments of one prompt must not share mutable state beyond what deepcopy separates.
 
+From a config: `data.environment: package.module:factory` names a class or function returning a
+fresh environment (resolved at config load, `load_environment_factory`). `arpo-ref train` and
+`arpo-ref eval` then reset one environment per data record (`environment_prompts`: the record's
+fields, question and answer included, as a dict) and take the prompt from `reset` and the reward
+from `reward`; the records still need a question and an answer field (data.question_field,
+data.answer_field), and eval's accuracy still compares the extracted answer with the record's
+answer (eval/reward is the environments' mean reward). The tree_search mode takes no environments.
+
 Rewards: `environment_rewards(result, tokenizer)` sets each leaf's `reward` from the
 environment of the trajectory that ended there (`RolloutResult.environments`), replacing the
 reward function of eq. 8 for environment tasks (ARPO.md §6 stays the default for QA data).
@@ -37,7 +45,9 @@ Deviation: neither the paper nor the official code has environments; their tools
 from __future__ import annotations
 
 import copy
+import importlib
 import time
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from ..tools.base import BAD_INPUT, INTERNAL, UNKNOWN_TOOL, ToolResult, error_result
@@ -115,9 +125,55 @@ def runner_of(environment: Environment | None) -> EnvironmentTools | None:
     return None if environment is None else EnvironmentTools(environment)
 
 
+def load_environment_factory(path: str) -> Callable[[], Environment]:
+    """The class or function named by `package.module:factory` (`data.environment`); raises
+    ValueError saying what is wrong. Not called here: a factory may be costly or have effects."""
+    module_name, colon, attribute = path.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ValueError(f"data.environment {path!r}: write it as 'package.module:factory'")
+    try:
+        factory = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"data.environment {path!r}: cannot import {module_name!r} ({error}); "
+                         "is its folder on PYTHONPATH?") from None
+    for part in attribute.split("."):
+        if not hasattr(factory, part):
+            raise ValueError(f"data.environment {path!r}: {module_name} has no attribute {attribute!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ValueError(f"data.environment {path!r} is a {type(factory).__name__}, not a class or "
+                         "function that returns an environment")
+    return factory
+
+
+def environment_factory(config) -> Callable[[], Environment] | None:
+    """The factory of a run's `data.environment` (a `Config`), None when empty; refuses the
+    tree_search rollout, which takes no environments."""
+    if not config.data.environment:
+        return None
+    if config.rollout.mode == "tree_search":
+        raise ValueError("data.environment: rollout.mode=tree_search takes no environments; "
+                         "use paper, official or grpo")
+    return load_environment_factory(config.data.environment)
+
+
+def environment_prompts(factory, records) -> tuple[list[Environment] | None, list[str]]:
+    """A batch's (environments, user prompts) from data records (`tasks.data.Record`): with no
+    factory (None, the questions); else one reset environment per record, reset from the
+    record's fields as a dict ({"question", "answer", ...the other fields of its row})."""
+    if factory is None:
+        return None, [record.question for record in records]
+    return reset_all(factory, [{**record.extra, "question": record.question, "answer": record.answer}
+                               for record in records])
+
+
 def reset_all(factory, records: list[dict]) -> tuple[list[Environment], list[str]]:
     """One fresh environment per record from `factory()`, reset: (environments, user prompts)."""
     environments = [factory() for _ in records]
+    wrong = [environment for environment in environments if not isinstance(environment, Environment)]
+    if wrong:
+        raise TypeError(f"the environment factory {factory!r} returned a {type(wrong[0]).__name__}, "
+                        "which lacks tool_names, reset(record), step(call) or reward(response)")
     prompts = [environment.reset(record) for environment, record in zip(environments, records)]
     return environments, prompts
 

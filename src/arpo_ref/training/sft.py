@@ -94,6 +94,16 @@ class SFTConfig:
     sft/skipped_too_long, never truncated (official cutoff_len: 15000, which truncates)."""
     seed: int = 0
     """Seed of the data order: a new shuffle every epoch, the same on every process."""
+    group_by_length: bool = False
+    """Batch demonstrations of similar length together (less padding, so less compute for the
+    same trained tokens): each epoch's shuffle is cut into groups of LENGTH_GROUP_BATCHES batches,
+    each group sorted by length and cut into batches, then the batches are shuffled. Like the
+    Hugging Face Trainer's `group_by_length`, except that the batch order is shuffled too (HF
+    keeps each group's batches longest first). Changes which demonstrations share a batch, and
+    so the training: on the demo's toy world (24 epochs) it cut the padding from 37% to 2% but
+    the cold start failed to learn copying (token-mean NLL 0.48 instead of 0.08, accuracy 0.02
+    instead of 0.50), so the demo does not use it. Micro-batches are length-sorted within each
+    batch anyway (`backward_batch`), which saves part of the padding without this cost."""
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "micro_batch_size"):
@@ -121,6 +131,27 @@ def learning_rate_at(step: int, total_steps: int, config: SFTConfig) -> float:
         return config.learning_rate * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return config.learning_rate * LR_SCHEDULES[config.lr_schedule](progress)
+
+
+LENGTH_GROUP_BATCHES = 50
+"""Batches per length group under `group_by_length` (the Hugging Face Trainer's megabatch: 50)."""
+
+
+def epoch_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
+                  group_by_length: bool = False) -> list[list[int]]:
+    """One epoch's batches, as example indices: a fresh shuffle cut into `batch_size` slices,
+    or, with `group_by_length`, length-sorted groups of LENGTH_GROUP_BATCHES batches whose
+    batches are then shuffled (SFTConfig.group_by_length). Either way ceil(n / batch_size)
+    batches, every one full except at most one."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    group_size = batch_size * LENGTH_GROUP_BATCHES  # a multiple of batch_size: only the last group is short
+    batches = []
+    for first in range(0, len(order), group_size):
+        group = sorted(order[first:first + group_size], key=lambda i: lengths[i])  # stable: ties stay shuffled
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,12 +248,16 @@ def backward_batch(model, batch: list[SFTExample], accelerator: Accelerator, mic
     L is known without communication. Process p takes examples p, p + P, …; since DDP averages the
     processes' gradients, each scales its summed NLL by P / tokens, and the sum over micro-batches
     and processes is the gradient of the batch's token mean whatever the micro-batch size.
+    Micro-batches are cut from the batch sorted by length, so similar lengths are padded
+    together (same sum, less padding: the demo's batches of 16 in micro-batches of 8 pad 19%
+    of their tokens instead of 37%).
     """
     num_tokens = sum(example.num_trained for example in batch)
     local = batch[accelerator.process_index::accelerator.num_processes]
     weight = 1.0
     if not local:  # a short last batch: this process must still join the gradient all-reduce
         local, weight = batch[:1], 0.0
+    local = sorted(local, key=len)  # micro-batches of similar lengths: less padding, the same sum
     chunks = [local[i:i + micro_batch_size] for i in range(0, len(local), micro_batch_size)]
     local_nll = 0.0
     for index, chunk in enumerate(chunks):
@@ -307,10 +342,11 @@ def supervised_finetune(model, tokenizer, examples: list[SFTExample], config: SF
     start, step, epoch_losses, last = time.perf_counter(), 0, [], {}
     bar = progress_bar(steps_per_epoch * config.epochs, "SFT", "step", main_process=accelerator.is_main_process)
     for epoch in range(config.epochs):
-        order = torch.randperm(len(kept), generator=order_rng).tolist()
-        epoch_nll, epoch_tokens = 0.0, 0
-        for first in range(0, len(order), config.batch_size):
-            batch = [kept[i] for i in order[first:first + config.batch_size]]
+        batches = epoch_batches([len(e) for e in kept], config.batch_size, order_rng, config.group_by_length)
+        epoch_nll, epoch_tokens, seen = 0.0, 0, 0
+        for indices in batches:
+            batch = [kept[i] for i in indices]
+            seen += len(batch)
             learning_rate = learning_rate_at(step, steps_per_epoch * config.epochs, config)
             last = optimizer_step(model, optimizer, batch, accelerator, config, learning_rate,
                                   pad_token_id, len(tokenizer))
@@ -318,7 +354,7 @@ def supervised_finetune(model, tokenizer, examples: list[SFTExample], config: SF
             bar.update(1)
             epoch_nll, epoch_tokens = epoch_nll + last["sft/nll_sum"], epoch_tokens + last["sft/tokens"]
             if log is not None and accelerator.is_main_process:
-                log(step, {**last, "sft/epoch": epoch + (first + len(batch)) / len(order)})
+                log(step, {**last, "sft/epoch": epoch + seen / len(kept)})
         epoch_losses.append(epoch_nll / epoch_tokens)
         bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
     bar.close()

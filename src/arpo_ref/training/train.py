@@ -50,11 +50,12 @@ from tqdm.auto import tqdm
 from ..advantages import estimate_advantages, get_estimator
 from ..config import Config, save_config
 from ..engine.generation import Generator
-from ..episode import render_prompt, system_prompt
+from ..episode import render_prompt, run_system_prompt
 from ..evaluate import evaluate
 from ..rollout import AdaptiveRollout
 from ..search import build_rollout
 from ..tasks.data import Record, records_for
+from ..tasks.environment import environment_factory, environment_prompts, environment_rewards
 from ..tools.registry import ToolRegistry
 from ..tree import RolloutTree, to_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_model_card
@@ -108,7 +109,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     quiet = log if accelerator.is_main_process else (lambda *_: None)  # every process reads the data
     train_records = records_for(config.data, config.data.train_path, quiet)
     eval_records = _eval_records(config, quiet)
-    system = "\n".join(filter(None, [_system_prompt(config.data.system_prompt), registry.describe()])) or None  # + function tools
+    system = run_system_prompt(config.data.system_prompt, registry)  # + function tools
+    environments_of = environment_factory(config)  # data.environment; None: plain QA records
     reward_fn = config.reward.build_reward_fn(registry.names)
     estimator = get_estimator(cfg.estimator)
     policy = Policy(accelerator, model)  # hides FSDP / DDP / one process from the loop below
@@ -131,17 +133,20 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         # 1. this step's prompts (each process its own share)
         records = _take_prompts(train_records, state, cfg.prompts_per_step, config.seed,
                                 accelerator.process_index, per_process)
-        prompts = [render_prompt(tokenizer, r.question, system) for r in records]
+        environments, questions = environment_prompts(environments_of, records)
+        prompts = [render_prompt(tokenizer, q, system) for q in questions]
         # 2. adaptive rollout (ARPO §3.2)
         model.eval()
         timer = time.perf_counter()
         with policy.gathered():  # FSDP: full weights, so processes may decode for different numbers of steps
-            result = rollout_in_chunks(rollout, prompts, records, cfg.rollout_batch_prompts)
+            result = rollout_in_chunks(rollout, prompts, records, cfg.rollout_batch_prompts, environments)
         times = {"time/rollout": time.perf_counter() - timer}
         if torch.cuda.is_available():  # the rollout's KV cache is gone: give its memory back
             torch.cuda.empty_cache()
-        # 3. rewards (eq. 8)
-        reward_metrics = score_leaves(result.trees, records, tokenizer, reward_fn)
+        # 3. rewards (eq. 8, or each leaf's environment)
+        if environments is not None:
+            environment_rewards(result, tokenizer)
+        reward_metrics = score_leaves(result.trees, records, tokenizer, None if environments else reward_fn)
         # 4. advantages (§3.3)
         batch = to_batch(result.trees, pad_token_id=tokenizer.pad_token_id or 0)
         advantages = estimate_advantages(estimator, batch)  # batch statistics over all processes
@@ -172,7 +177,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         metrics = mean_over_processes(metrics)
         last = state.step == cfg.steps
         if eval_records and _due(state.step, cfg.eval_every, last):
-            metrics.update(_evaluate_shared(policy, tokenizer, registry, eval_records, config, system, reward_fn))
+            metrics.update(_evaluate_shared(policy, tokenizer, registry, eval_records, config, system, reward_fn,
+                                            environments_of))
         if accelerator.is_main_process:
             _log_metrics(accelerator, run_dir, metrics, log if progress.disable else tqdm.write)
             progress.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in PROGRESS_KEYS if k in metrics})
@@ -236,12 +242,6 @@ def _prepare_policy(config: Config, accelerator, model, tokenizer, log):
     return model, tokenizer, reference, optimizer, scheduler
 
 
-def _system_prompt(value: str) -> str | None:
-    if not value:
-        return None
-    return system_prompt(value) if value in ("reasoning", "search") else value
-
-
 def _eval_records(config: Config, log) -> list[Record]:
     if not config.data.eval_path:
         return []
@@ -263,31 +263,40 @@ def _take_prompts(records: list[Record], state: TrainState, per_step: int, seed:
     return chosen[rank * per_process: (rank + 1) * per_process]
 
 
-def rollout_in_chunks(rollout: AdaptiveRollout, prompts: list[list[int]], records: list[Record], chunk: int):
+def rollout_in_chunks(rollout: AdaptiveRollout, prompts: list[list[int]], records: list[Record], chunk: int,
+                      environments: list | None = None):
     """Roll out `prompts` at once, or `chunk` prompts at a time (a smaller KV cache); metrics are
     summed for counters, times and decoding steps (chunks run one after another) and averaged,
-    weighted by prompts, for per-prompt means (`metrics.combine_metrics`)."""
+    weighted by prompts, for per-prompt means (`metrics.combine_metrics`). `environments`: one
+    reset environment per prompt (data.environment), or None."""
     metadata = [{"question": r.question, "answer": r.answer} for r in records]
+
+    def roll(i: int, n: int):  # environments only when there are some: the tree_search rollout takes none
+        extra = {} if environments is None else {"environments": environments[i: i + n]}
+        return rollout(prompts[i: i + n], metadata[i: i + n], **extra)
+
     if not chunk or chunk >= len(prompts):
-        return rollout(prompts, metadata)
-    parts = [rollout(prompts[i: i + chunk], metadata[i: i + chunk]) for i in range(0, len(prompts), chunk)]
+        return roll(0, len(prompts))
+    parts = [roll(i, chunk) for i in range(0, len(prompts), chunk)]
     trees = []
     for part in parts:
         for tree in part.trees:
             tree.prompt_index = len(trees)
             trees.append(tree)
     metrics = combine_metrics([(p.metrics, len(p.trees)) for p in parts], summed=summed_over_chunks)
-    return type(parts[0])(trees, metrics)
+    return type(parts[0])(trees, metrics, [e for part in parts for e in part.environments])
 
 
 # ---------------------------------------------------------------------------- rewards
 def score_leaves(trees: list[RolloutTree], records: list[Record], tokenizer, reward_fn) -> dict[str, float]:
-    """Fill `leaf.reward` with r_i = reward_fn(response text, gold answer); return reward/… metrics."""
+    """Fill `leaf.reward` with r_i = reward_fn(response text, gold answer); return reward/… metrics.
+    `reward_fn` None: the leaves are scored already (by their environments)."""
     rewards = []
     for tree, record in zip(trees, records):
         for leaf in tree.leaves:
-            ids = [t for n in tree.response_segments(leaf) for t in n.token_ids]
-            leaf.reward = float(reward_fn(tokenizer.decode(ids, skip_special_tokens=True), record.answer))
+            if reward_fn is not None:
+                ids = [t for n in tree.response_segments(leaf) for t in n.token_ids]
+                leaf.reward = float(reward_fn(tokenizer.decode(ids, skip_special_tokens=True), record.answer))
             rewards.append(leaf.reward)
     groups = [[leaf.reward for leaf in tree.leaves] for tree in trees]
     return {"reward/mean": sum(rewards) / len(rewards), "reward/max": max(rewards), "reward/min": min(rewards),
@@ -301,7 +310,7 @@ def _due(step: int, every: int, last: bool) -> bool:
 
 
 def _evaluate_shared(policy: Policy, tokenizer, registry, records: list[Record], config: Config, system,
-                     reward_fn) -> dict[str, float]:
+                     reward_fn, environments_of=None) -> dict[str, float]:
     """Periodic evaluation with the records split across processes (each evaluates every
     world-size-th record); the metrics, means over questions, are combined weighted by each
     process's number of questions."""
@@ -310,7 +319,8 @@ def _evaluate_shared(policy: Policy, tokenizer, registry, records: list[Record],
     decode_rows = config.train.rollout_batch_prompts * config.rollout.rollout_budget or 64  # as many as a rollout
     with policy.gathered():  # FSDP: processes evaluate different numbers of records
         metrics, _ = evaluate(Generator(policy.module, tokenizer, compile=config.sampling.compile), registry, mine,
-                              config.rollout, system, reward_fn, batch_size=decode_rows)
+                              config.rollout, system, reward_fn, batch_size=decode_rows,
+                              environment_factory=environments_of)
     metrics = mean_over_processes(metrics, weight=float(len(mine)))
     return metrics | {"eval/questions": float(len(records))}
 
