@@ -34,13 +34,29 @@ ALGORITHMS: dict[str, list[str]] = {
     "grpo": ["rollout.mode=grpo", "rollout.num_global={M}"],
     "arpo_paper": ["rollout.mode=paper"],
     "arpo_official": ["rollout.mode=official"],
-    "aepo": ["rollout.mode=paper", "train.estimator=aepo_entropy_aware", "train.clip_mode=entropy_balanced"],
-    "tree_grpo": ["rollout.mode=tree_search", "train.estimator=tree_grpo"],
-    "treerl": ["rollout.mode=eptree", "train.estimator=treerl"],
+    "aepo": ["rollout.mode=official", "rollout.beam_size=2", "rollout.aepo.branch_penalty=true",
+             "rollout.aepo.penalty=0.05", "train.clip_mode=entropy_balanced"],
+    "tree_grpo": ["rollout.mode=tree_search", "rollout.search.trees=2", "rollout.search.expansions=3",
+                  "rollout.search.iterations=1", "rollout.search.keep_leaves=4", "train.estimator=tree_grpo"],
+    "treerl": ["rollout.mode=eptree", "rollout.eptree.trees=2", "rollout.eptree.fork_points=1",
+               "rollout.eptree.iterations=1", "rollout.eptree.branches_per_point=3", "train.estimator=treerl"],
 }
-"""Config overrides per algorithm, applied on top of the benchmark's config; {M} = the leaf budget.
-aepo: what arpo_ref has of AEPO (entropy-aware advantage, entropy-balanced clipping) on ARPO's
-paper-mode rollout; its dynamic split and branch penalty join here once they are rollout options."""
+"""Config overrides per algorithm, applied on top of the benchmark's config; {M} = the leaf budget
+(the demo's 8; the search modes' settings below give exactly 8 leaves, which the config checks).
+
+* aepo: AEPO as released (arXiv 2510.14545, configs/demo_aepo.yaml's rollout and loss): the official
+  mode's rollout with beam 2 and the consecutive-branch penalty (rollout.aepo.branch_penalty, 0.05
+  per round), entropy-balanced clipping. Estimator: the default `grpo`, not `aepo_entropy_aware`
+  (which demo_aepo.yaml enables): the released scripts never run the entropy-aware advantage,
+  because they compute entropy only when entropy_coeff != 0 and they set it to 0. The dynamic
+  global/branch split is left out (off in both released scripts, not a rollout option yet).
+* tree_grpo: Tree-GRPO (arXiv 2509.21240) with m = 2 trees, n = 3 expansions, l = 1 iteration,
+  k = 4 kept leaves: 2·min(4, 1 + 1·3) = 8 leaves. The released defaults (m=2, n=2, l=1, k=3) give
+  6; this keeps their m and l and, as they do, keeps every leaf a tree makes (k = 1 + l·n), adding
+  one expansion per tree.
+* treerl: TreeRL's EPTree (rollout.mode=eptree) with 2 trees, 1 fork point, 1 iteration, 3 branches
+  per point: 2·(1 + 1·1·3) = 8 leaves (released m=6, n=2, l=1, t=2 make 30). Skipped, with the
+  reason, while the mode does not exist."""
 
 METRICS = ("accuracy", "tool_calls_executed_per_prompt", "generated_tokens_per_prompt",
            "decode_steps_per_prompt", "rl_seconds")
