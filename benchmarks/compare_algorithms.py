@@ -10,8 +10,9 @@ algorithm. For every seed one agent is cold-started (SFT once) and every algorit
 copy of it, evaluated (greedy pass@1 with tools) at step 0 and every `--eval-every` steps.
 
 Reported per algorithm, mean ± half-width of the 95% t-interval over seeds: final eval accuracy,
-tool calls executed, generated tokens and decoding steps (per prompt, means over the RL steps), and
-RL wall time. Each finished (algorithm, seed) is saved under --out/results/ at once, so a killed
+its cold start, and paired by seed its gain over that cold start and its difference from grpo's
+final accuracy; tool calls executed, generated tokens and decoding steps (per prompt, means over
+the RL steps), and RL wall time. Each finished (algorithm, seed) is saved under --out/results/ at once, so a killed
 run resumes where it stopped (a seed's SFT is redone only if one of its algorithms is missing).
 An algorithm whose config does not load (e.g. a rollout mode that does not exist yet) is listed
 with the reason and skipped; nothing is substituted for it.
@@ -185,31 +186,46 @@ def train_one(agent, name: str, folder: Path, cold_accuracy: float, args) -> dic
 
 # ---------------------------------------------------------------------------- report
 def collect(out: Path, names: list[str], seeds: list[int]) -> dict[str, list[dict]]:
-    """The saved results per algorithm (seeds that finished only)."""
-    found = {n: [_result_path(out, n, s) for s in seeds] for n in names}
-    return {n: [json.loads(p.read_text()) for p in paths if p.exists()] for n, paths in found.items()}
+    """The saved results per algorithm (seeds that finished only), each tagged with its seed."""
+    found = {n: {s: _result_path(out, n, s) for s in seeds} for n in names}
+    return {n: [json.loads(p.read_text()) | {"seed": s} for s, p in paths.items() if p.exists()]
+            for n, paths in found.items()}
 
 
-def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
-    """Per algorithm: seeds run, and (mean, 95% half-width) of every metric and of the cold start."""
-    table = {}
+def paired(results: dict[str, list[dict]], baseline: str = "grpo") -> dict[str, dict]:
+    """Per algorithm, per seed: final accuracy − its own cold start, and − `baseline`'s final
+    accuracy on the same seed (seeds both finished). Pairing by seed cancels the cold start's
+    seed-to-seed spread, which dominates the unpaired intervals."""
+    base = {r["seed"]: r["accuracy"] for r in results.get(baseline, [])}
+    return {name: {"gain": [r["accuracy"] - r["cold_start_accuracy"] for r in runs],
+                   f"minus_{baseline}": [r["accuracy"] - base[r["seed"]] for r in runs if r["seed"] in base]}
+            for name, runs in results.items()}
+
+
+def summarise(results: dict[str, list[dict]], baseline: str = "grpo") -> dict[str, dict]:
+    """Per algorithm: seeds run, (mean, 95% half-width) of every metric and of the cold start, and
+    of the paired gain over the cold start and difference from `baseline` (`paired`)."""
+    table, differences = {}, paired(results, baseline)
     for name, runs in results.items():
         if runs:
             table[name] = {"seeds": len(runs)} | {k: mean_interval([r[k] for r in runs])
                                                   for k in ("cold_start_accuracy", *METRICS)}
+            table[name] |= {k: mean_interval(v) for k, v in differences[name].items() if v}
     return table
 
 
-def format_table(table: dict[str, dict], skipped: dict[str, str]) -> str:
+def format_table(table: dict[str, dict], skipped: dict[str, str], baseline: str = "grpo") -> str:
     """The markdown table: one row per algorithm, "mean ± 95% half-width"; skipped ones say why."""
-    head = ("| algorithm | seeds | eval accuracy (final) | cold start | tool calls executed / prompt | "
-            "generated tokens / prompt | decoding steps / prompt | RL wall time (s) |")
-    lines = [head, "|---" * 8 + "|"]
+    head = (f"| algorithm | seeds | eval accuracy (final) | cold start | gain over cold start (paired) | "
+            f"final − {baseline} (paired) | tool calls executed / prompt | generated tokens / prompt | "
+            "decoding steps / prompt | RL wall time (s) |")
+    lines = [head, "|---" * 10 + "|"]
     for name, row in table.items():
         cells = [f"{row[k][0]:.3f} ± {row[k][1]:.3f}" for k in ("accuracy", "cold_start_accuracy")]
+        cells += [f"{row[k][0]:+.3f} ± {row[k][1]:.3f}" if k in row else "–" for k in ("gain", f"minus_{baseline}")]
         cells += [f"{row[k][0]:.1f} ± {row[k][1]:.1f}" for k in METRICS[1:]]
         lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
-    lines += [f"| {name} | not run: {reason} |" + " |" * 6 for name, reason in skipped.items()]
+    lines += [f"| {name} | not run: {reason} |" + " |" * 8 for name, reason in skipped.items()]
     return "\n".join(lines)
 
 
