@@ -151,8 +151,16 @@ def run_seed(seed: int, names: list[str], args) -> None:
         result = train_one(agent, name, folder, before["eval/accuracy"], args)
         _result_path(out, name, seed).parent.mkdir(parents=True, exist_ok=True)
         _result_path(out, name, seed).write_text(json.dumps(result, indent=1))
-        print(f"seed {seed} {name:<14} " + "  ".join(f"{k}={result[k]:.3f}" for k in METRICS), flush=True)
+        print(f"seed {seed} {name:<14} " + "  ".join(f"{k}={result[k]}" for k in METRICS), flush=True)
     agent.registry.close()
+
+
+def step_mean(rows: list[dict], key: str, divisor: int = 1) -> float | None:
+    """Mean of metric `key` over the RL steps ÷ `divisor`; None when the rollout mode does not
+    report it (the table then says "–" rather than a number that was never measured)."""
+    if not all(key in r for r in rows):
+        return None
+    return statistics.fmean(r[key] for r in rows) / divisor
 
 
 def train_one(agent, name: str, folder: Path, cold_accuracy: float, args) -> dict:
@@ -176,9 +184,9 @@ def train_one(agent, name: str, folder: Path, cold_accuracy: float, args) -> dic
     evals = [(0, cold_accuracy)] + [(r["train/step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     return {
         "algorithm": name, "cold_start_accuracy": cold_accuracy, "accuracy": evals[-1][1],
-        "tool_calls_executed_per_prompt": statistics.fmean(r["rollout/tool_calls_executed"] for r in rows),
-        "generated_tokens_per_prompt": statistics.fmean(r["rollout/generated_tokens"] for r in rows) / prompts,
-        "decode_steps_per_prompt": statistics.fmean(r["rollout/decode_steps"] for r in rows) / prompts,
+        "tool_calls_executed_per_prompt": step_mean(rows, "rollout/tool_calls_executed"),
+        "generated_tokens_per_prompt": step_mean(rows, "rollout/generated_tokens", prompts),
+        "decode_steps_per_prompt": step_mean(rows, "rollout/decode_steps", prompts),
         "rl_seconds": seconds, "eval_curve": evals,
         "reward_curve": [(r["train/step"], r["reward/mean"]) for r in rows],
     }
@@ -209,7 +217,8 @@ def summarise(results: dict[str, list[dict]], baseline: str = "grpo") -> dict[st
     for name, runs in results.items():
         if runs:
             table[name] = {"seeds": len(runs)} | {k: mean_interval([r[k] for r in runs])
-                                                  for k in ("cold_start_accuracy", *METRICS)}
+                                                  for k in ("cold_start_accuracy", *METRICS)
+                                                  if all(r[k] is not None for r in runs)}
             table[name] |= {k: mean_interval(v) for k, v in differences[name].items() if v}
     return table
 
@@ -223,7 +232,7 @@ def format_table(table: dict[str, dict], skipped: dict[str, str], baseline: str 
     for name, row in table.items():
         cells = [f"{row[k][0]:.3f} ± {row[k][1]:.3f}" for k in ("accuracy", "cold_start_accuracy")]
         cells += [f"{row[k][0]:+.3f} ± {row[k][1]:.3f}" if k in row else "–" for k in ("gain", f"minus_{baseline}")]
-        cells += [f"{row[k][0]:.1f} ± {row[k][1]:.1f}" for k in METRICS[1:]]
+        cells += [f"{row[k][0]:.1f} ± {row[k][1]:.1f}" if k in row else "not reported" for k in METRICS[1:]]
         lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
     lines += [f"| {name} | not run: {reason} |" + " |" * 8 for name, reason in skipped.items()]
     return "\n".join(lines)

@@ -108,5 +108,11 @@ def test_summary_and_table_from_saved_results(bench, tmp_path):
     text = bench.format_table(table, {"treerl": "no eptree mode"})
     assert "| grpo | 2 | 0.700 ± 1.271 | 0.500 ± 0.000 | +0.200 ± 1.271 | +0.000 ± 0.000 | 9.0 ± 0.0 |" in text
     assert "| treerl | not run: no eptree mode |" in text
+    # a mode that does not report a metric (train_one saved None): "not reported", never a number
+    unreported = [r | {"generated_tokens_per_prompt": None} for r in saved["grpo"]]
+    text = bench.format_table(bench.summarise({"tree_grpo": unreported}), {})
+    assert "| 9.0 ± 0.0 | not reported | 20.0 ± 0.0 |" in text
+    assert bench.step_mean([{"rollout/decode_steps": 24.0}, {}], "rollout/decode_steps", 8) is None
+    assert bench.step_mean([{"rollout/decode_steps": 24.0}, {"rollout/decode_steps": 8.0}], "rollout/decode_steps", 8) == 2.0
     bench.plot_curves({"grpo": runs}, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
