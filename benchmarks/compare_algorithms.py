@@ -12,8 +12,9 @@ copy of it, evaluated (greedy pass@1 with tools) at step 0 and every `--eval-eve
 Reported per algorithm, mean ± half-width of the 95% t-interval over seeds: final eval accuracy,
 its cold start, and paired by seed its gain over that cold start and its difference from grpo's
 final accuracy; tool calls executed, generated tokens and decoding steps (per prompt, means over
-the RL steps), and RL wall time. Each finished (algorithm, seed) is saved under --out/results/ at once, so a killed
-run resumes where it stopped (a seed's SFT is redone only if one of its algorithms is missing).
+the RL steps), and RL wall time. Each finished (algorithm, seed) is saved under --out/results/
+at once, so a killed run resumes where it stopped, reusing a seed's saved cold start
+(--out/seedN/sft_model) instead of redoing its SFT.
 An algorithm whose config does not load (e.g. a rollout mode that does not exist yet) is listed
 with the reason and skipped; nothing is substituted for it.
 """
@@ -133,6 +134,24 @@ def _result_path(out: Path, name: str, seed: int) -> Path:
     return out / "results" / f"{name}_seed{seed}.json"
 
 
+def saved_cold_start(folder: Path):
+    """The cold start an earlier run of this seed saved in `folder` (config.yaml, world/ and
+    sft_model/, written by `cold_start`), so a resumed run does not redo the SFT; None if absent.
+    Delete the folder to redo it (e.g. after changing the overrides)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from arpo_ref.config import load_config
+    from arpo_ref.demo import ColdStart
+    from arpo_ref.tools.registry import ToolRegistry
+
+    if not (folder / "sft_model" / "config.json").exists() or not (folder / "config.yaml").exists():
+        return None
+    config = load_config(folder / "config.yaml")
+    model = AutoModelForCausalLM.from_pretrained(folder / "sft_model")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "sft_model")
+    return ColdStart(config, None, model, tokenizer, ToolRegistry.from_config(config.tools), {}, {})
+
+
 def run_seed(seed: int, names: list[str], args) -> None:
     """Cold-start one agent for `seed`, then train and evaluate a copy per missing algorithm."""
     from arpo_ref.demo import _evaluate, cold_start
@@ -143,8 +162,9 @@ def run_seed(seed: int, names: list[str], args) -> None:
     if not missing:
         return
     folder = out / f"seed{seed}"
-    agent = cold_start(args.config, [f"seed={seed}", *args.overrides], folder, log=lambda *_: None)
-    records = load_records(agent.world.eval_path)[: args.eval_questions or None]
+    agent = saved_cold_start(folder) or cold_start(args.config, [f"seed={seed}", *args.overrides], folder,
+                                                   log=lambda *_: None)
+    records = load_records(agent.config.data.eval_path)[: args.eval_questions or None]
     before, _ = _evaluate(agent.model, agent.tokenizer, agent.registry, records, agent.config)
     print(f"seed {seed} cold start accuracy={before['eval/accuracy']:.3f}", flush=True)
     for name in missing:
