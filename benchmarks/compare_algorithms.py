@@ -258,26 +258,40 @@ def format_table(table: dict[str, dict], skipped: dict[str, str], baseline: str 
     return "\n".join(lines)
 
 
+def curves(run: dict) -> dict[str, dict[int, float]]:
+    """One run's curves by step: eval accuracy, its gain over the cold start, mean rollout reward."""
+    evals = dict(run["eval_curve"])
+    return {"accuracy": evals, "gain": {s: a - run["cold_start_accuracy"] for s, a in evals.items()},
+            "reward": dict(run["reward_curve"])}
+
+
+PANELS = {"accuracy": "eval accuracy (greedy pass@1)", "gain": "eval accuracy − own cold start (paired)",
+          "reward": "mean rollout reward"}
+
+
 def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
-    """Eval accuracy and mean rollout reward vs step, one line per algorithm, shaded 95% interval."""
+    """Eval accuracy, its paired gain over the cold start, and mean rollout reward vs step; one line
+    per algorithm, shaded 95% t-interval over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(16, 4.2))
     for name, runs in results.items():
-        for axis, key in zip(axes, ("eval_curve", "reward_curve")):
-            steps = [s for s, _ in runs[0][key]] if runs else []
-            points = [mean_interval([dict(r[key])[s] for r in runs]) for s in steps]
+        per_run = [curves(r) for r in runs]
+        for axis, key in zip(axes, PANELS):
+            steps = sorted(per_run[0][key]) if per_run else []
+            points = [mean_interval([c[key][s] for c in per_run]) for s in steps]
             if not points:
                 continue
             mean = [m for m, _ in points]
-            line, = axis.plot(steps, mean, label=f"{name} ({len(runs)} seeds)", marker="o" if key == "eval_curve" else None)
+            line, = axis.plot(steps, mean, label=f"{name} ({len(runs)} seeds)", marker=None if key == "reward" else "o")
             axis.fill_between(steps, [m - h for m, h in points], [m + h for m, h in points], color=line.get_color(), alpha=0.15)
-    for axis, title in zip(axes, ("eval accuracy (greedy pass@1)", "mean rollout reward")):
-        axis.set(xlabel="RL step", title=title + ", mean ± 95% t-interval")
-    axes[0].legend()
+    for axis, title in zip(axes, PANELS.values()):
+        axis.set(xlabel="RL step", title=title + "\nmean ± 95% t-interval over seeds")
+    axes[1].axhline(0, color="grey", linewidth=0.8)
+    axes[0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 

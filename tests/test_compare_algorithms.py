@@ -114,5 +114,6 @@ def test_summary_and_table_from_saved_results(bench, tmp_path):
     assert "| 9.0 ± 0.0 | not reported | 20.0 ± 0.0 |" in text
     assert bench.step_mean([{"rollout/decode_steps": 24.0}, {}], "rollout/decode_steps", 8) is None
     assert bench.step_mean([{"rollout/decode_steps": 24.0}, {"rollout/decode_steps": 8.0}], "rollout/decode_steps", 8) == 2.0
+    assert bench.curves(runs[0])["gain"] == pytest.approx({0: 0.0, 10: 0.1})  # the picture's paired panel
     bench.plot_curves({"grpo": runs}, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
