@@ -144,7 +144,7 @@ def saved_cold_start(folder: Path):
     from arpo_ref.demo import ColdStart
     from arpo_ref.tools.registry import ToolRegistry
 
-    if not (folder / "sft_model" / "config.json").exists() or not (folder / "config.yaml").exists():
+    if not (folder / "sft_model" / "tokenizer_config.json").exists():  # written last, after the weights
         return None
     config = load_config(folder / "config.yaml")
     model = AutoModelForCausalLM.from_pretrained(folder / "sft_model")
