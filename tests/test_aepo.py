@@ -125,20 +125,6 @@ def test_aepo_configs_carry_the_released_script_settings(name, budget, initial):
     assert (t.learning_rate, t.kl_coef, t.clip_mode) == (1e-6, 0.0, "entropy_balanced")
 
 
-def test_demo_aepo_runs_one_step_with_the_penalised_official_rollout(tmp_path):
-    from test_demo import TINY
-
-    overrides = [o for o in TINY if not o.startswith("train.steps")] + ["train.steps=1"]
-    config = load_config(ROOT / "configs" / "demo_aepo.yaml", overrides + ["tools.search.corpus_path=c.jsonl"],
-                         cls=DemoConfig)
-    assert config.rollout.mode == "official" and config.rollout.aepo.branch_penalty
-    run_demo(ROOT / "configs" / "demo_aepo.yaml", overrides, out_dir=tmp_path / "run", log=lambda *_: None)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["train/step"] for r in rows] == [1]
-    assert rows[0]["rollout/leaves_global"] + rows[0]["rollout/leaves_branch"] + rows[0]["rollout/leaves_fill_up"] \
-        + rows[0]["rollout/leaves_duplicate"] == 4
-
-
 def _split_rollout(model, sampling, prompts, **aepo):
     config = RolloutConfig(mode="official", rollout_budget=6, num_global=2, max_response_tokens=60, max_tool_calls=3,
                            beam_size=3, aepo=AEPOConfig(dynamic_split=True, **aepo))
@@ -201,12 +187,19 @@ def test_varied_splits_keep_exactly_m_leaves_and_count_the_pre_rollout():
     assert result.metrics["aepo/global_samples"] == pytest.approx(sum(split.counts) / 3)
 
 
-def test_demo_aepo_runs_one_step_with_the_dynamic_split(tmp_path):
+def test_demo_aepo_runs_one_step_with_the_penalty_and_the_dynamic_split(tmp_path):
+    """demo_aepo.yaml (official rollout + consecutive-branch penalty) with the dynamic split on:
+    one demo training step (one world build for both options, to keep the suite short)."""
     from test_demo import TINY
 
     overrides = [o for o in TINY if not o.startswith("train.steps")]
     overrides += ["train.steps=1", "rollout.aepo.dynamic_split=true"]
+    config = load_config(ROOT / "configs" / "demo_aepo.yaml", overrides + ["tools.search.corpus_path=c.jsonl"],
+                         cls=DemoConfig)
+    assert config.rollout.mode == "official" and config.rollout.aepo.branch_penalty
     run_demo(ROOT / "configs" / "demo_aepo.yaml", overrides, out_dir=tmp_path / "run", log=lambda *_: None)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/step"] for r in rows] == [1]
+    assert rows[0]["rollout/leaves_global"] + rows[0]["rollout/leaves_branch"] + rows[0]["rollout/leaves_fill_up"] \
+        + rows[0]["rollout/leaves_duplicate"] == 4
     assert 1 <= rows[0]["aepo/global_samples"] <= 4 and rows[0]["aepo/pre_rollout_tokens"] > 0
