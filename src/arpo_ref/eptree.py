@@ -45,13 +45,10 @@ Not carried over from the adaptive rollout: per-task environments and `max_calls
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
-import torch
-
-from .config import RolloutConfig, SamplingConfig
-from .engine.generation import GeneratedSequence, Generator, RowBatch, SamplingParams
+from .chain_rollout import ChainRollout
+from .engine.generation import GeneratedSequence, RowBatch
 from .episode import run_tool_calls
 from .rollout import RolloutResult
 from .rollout_metrics import rollout_metrics
@@ -122,19 +119,8 @@ def segment_head(tree: RolloutTree, node_id: int) -> GeneratedSequence | None:
                              [x for n in nodes for x in n.entropies])
 
 
-class EPTreeRollout:
+class EPTreeRollout(ChainRollout):
     """TreeRL's EPTree (module docstring); same interface as `AdaptiveRollout`."""
-
-    def __init__(self, generator: Generator, registry, config: RolloutConfig,
-                 sampling: SamplingConfig | None = None, seed: int = 0) -> None:
-        self.generator, self.registry, self.config = generator, registry, config
-        sampling = sampling or SamplingConfig()
-        self.sampling = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
-                                       top_p=sampling.top_p, max_new_tokens=config.max_response_tokens)
-        self.token_rng = torch.Generator(device=generator.device).manual_seed(seed)
-        self.draw_rng = random.Random(seed)  # checkpointed with token_rng; EPTree draws nothing else
-        self.stale_baselines: dict[int, float] = {}  # checkpointed with the RNGs (official-mode state; unused)
-        self.stop_strings = registry.stop_strings() if registry is not None else []
 
     def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
         options = self.config.eptree

@@ -26,14 +26,12 @@ is `arpo_ref.eptree.EPTreeRollout`; `build_rollout` below picks either by mode.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import torch
-
+from .chain_rollout import ChainRollout
 from .config import RolloutConfig, SamplingConfig
-from .engine.generation import Generator, RowBatch, SamplingParams
+from .engine.generation import Generator, RowBatch
 from .episode import run_tool_calls
 from .eptree import EPTreeRollout
 from .rollout import AdaptiveRollout, RolloutResult
@@ -58,19 +56,8 @@ class Chain:
     finish_reason: str = ""
 
 
-class TreeSearchRollout:
+class TreeSearchRollout(ChainRollout):
     """Tree-GRPO's random tree search (module docstring); same interface as `AdaptiveRollout`."""
-
-    def __init__(self, generator: Generator, registry, config: RolloutConfig,
-                 sampling: SamplingConfig | None = None, seed: int = 0) -> None:
-        self.generator, self.registry, self.config = generator, registry, config
-        sampling = sampling or SamplingConfig()
-        self.sampling = SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k,
-                                       top_p=sampling.top_p, max_new_tokens=config.max_response_tokens)
-        self.token_rng = torch.Generator(device=generator.device).manual_seed(seed)
-        self.draw_rng = random.Random(seed)
-        self.stale_baselines: dict[int, float] = {}  # checkpointed with the RNGs (official-mode state; unused)
-        self.stop_strings = registry.stop_strings() if registry is not None else []
 
     def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
         search = self.config.search
