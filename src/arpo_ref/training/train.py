@@ -131,10 +131,8 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     while state.step < cfg.steps:
         started = time.perf_counter()
         # 1. this step's prompts (each process its own share)
-        records = _take_prompts(train_records, state, cfg.prompts_per_step, config.seed,
-                                accelerator.process_index, per_process)
-        environments, questions = environment_prompts(environments_of, records)
-        prompts = [render_prompt(tokenizer, q, system) for q in questions]
+        records, environments, prompts = _step_prompts(train_records, state, config, accelerator.process_index,
+                                                       per_process, environments_of, tokenizer, system)
         # 2. adaptive rollout (ARPO §3.2)
         model.eval()
         timer = time.perf_counter()
@@ -144,9 +142,7 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
         if torch.cuda.is_available():  # the rollout's KV cache is gone: give its memory back
             torch.cuda.empty_cache()
         # 3. rewards (eq. 8, or each leaf's environment)
-        if environments is not None:
-            environment_rewards(result, tokenizer)
-        reward_metrics = score_leaves(result.trees, records, tokenizer, None if environments else reward_fn)
+        reward_metrics = _rewards(result, records, tokenizer, reward_fn, environments)
         # 4. advantages (§3.3)
         batch = to_batch(result.trees, pad_token_id=tokenizer.pad_token_id or 0)
         advantages = estimate_advantages(estimator, batch)  # batch statistics over all processes
@@ -192,6 +188,23 @@ def train(config: Config, resume: bool = False, model=None, tokenizer=None, log=
     accelerator.end_training()
     registry.close()
     return metrics
+
+
+def _step_prompts(train_records, state, config: Config, process_index: int, per_process: int,
+                  environments_of, tokenizer, system):
+    """Phase 1: this process's records of the step, their environments (None without
+    `data.environment`) and the rendered prompts."""
+    records = _take_prompts(train_records, state, config.train.prompts_per_step, config.seed,
+                            process_index, per_process)
+    environments, questions = environment_prompts(environments_of, records)
+    return records, environments, [render_prompt(tokenizer, q, system) for q in questions]
+
+
+def _rewards(result, records, tokenizer, reward_fn, environments) -> dict[str, float]:
+    """Phase 3: every leaf's reward (eq. 8, or its environment's `reward`) and their metrics."""
+    if environments is not None:
+        environment_rewards(result, tokenizer)
+    return score_leaves(result.trees, records, tokenizer, None if environments else reward_fn)
 
 
 def _accelerator(cfg) -> Accelerator:
