@@ -290,9 +290,10 @@ def test_get_reward_fn_imports_a_dotted_path(path):
     ("name", "message"),
     [
         ("papr", "valid names: paper, official"),
-        ("no_such_package_xyz.rewards:score", "cannot import module 'no_such_package_xyz.rewards'"),
-        ("arpo_ref.rewards:no_such_function", "no callable 'no_such_function'"),
-        ("arpo_ref.rewards:", "valid names"),
+        ("no_such_package_xyz.rewards:score", "cannot import 'no_such_package_xyz.rewards'"),
+        ("arpo_ref.rewards:no_such_function", "has no attribute 'no_such_function'"),
+        ("arpo_ref.rewards:", "write it as"),
+        ("arpo_ref.rewards:RewardConfig.__doc__", "is a str; name a function"),
     ],
 )
 def test_get_reward_fn_failures_say_what_is_wrong(name, message):

@@ -35,12 +35,12 @@ Where this module deviates from the paper or the official code, and why:
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 from collections.abc import Callable
 
 import torch
 
+from .dotted import import_object
 from .training.metrics import reduce_over_processes
 from .tree import RolloutBatch
 
@@ -375,11 +375,10 @@ def get_estimator(name: str) -> Estimator:
     if name in ESTIMATORS:
         return ESTIMATORS[name]
     if ":" in name:
-        module_name, _, attribute = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as error:
-            raise ValueError(f"cannot load estimator {name!r}: {error}") from None
+        estimator = import_object(name, "advantage estimator")
+        if not callable(estimator):
+            raise ValueError(f"advantage estimator {name!r} is a {type(estimator).__name__}, not a function")
+        return estimator
     valid = ", ".join(sorted(ESTIMATORS))
     close = difflib.get_close_matches(name, list(ESTIMATORS), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""

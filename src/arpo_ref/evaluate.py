@@ -18,12 +18,12 @@ pass@1 is the mean over the k samples (unbiased); pass@k counts a question solve
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 from .config import RolloutConfig, SamplingConfig
+from .dotted import import_object
 from .engine.generation import Generator
 from .episode import render_prompt
 from .progress import progress_bar
@@ -58,11 +58,10 @@ def pick_metric(benchmark: str, metric: str = "auto") -> str:
 
 def load_judge(path: str) -> Callable[[str, str, object], bool]:
     """Import `package.module:function` (judge(question, prediction, gold) -> bool)."""
-    module, _, name = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"cannot load judge {path!r} (expected 'package.module:function'): {error}") from None
+    judge = import_object(path, "judge")
+    if not callable(judge):
+        raise ValueError(f"judge {path!r} is a {type(judge).__name__}, not a function")
+    return judge
 
 
 def score(answer: str | None, record: Record, metric: str, judge=None) -> tuple[bool, float]:

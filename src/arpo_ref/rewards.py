@@ -48,13 +48,13 @@ Where this deviates from the official code, and why:
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
+from .dotted import import_object
 from .scoring.answers import (  # noqa: F401  (re-exported: the reward's Acc and format rules use them)
     GroundTruth,
     blank_tool_results,
@@ -267,28 +267,15 @@ def get_reward_fn(name_or_path: str) -> Callable[..., float]:
     """
     if name_or_path in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name_or_path]
-    if ":" in name_or_path:
-        module_name, _, attribute = name_or_path.partition(":")
-    else:
-        module_name, _, attribute = name_or_path.rpartition(".")
-    if not module_name or not attribute:
+    if ":" not in name_or_path and "." not in name_or_path:
         raise ValueError(
             f"unknown reward function {name_or_path!r}; valid names: "
             f"{', '.join(REWARD_FUNCTIONS)}, or a dotted path 'package.module:function'"
         )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(
-            f"cannot import module {module_name!r} for reward function {name_or_path!r} ({error}); "
-            "check the path and that the module is on PYTHONPATH"
-        ) from error
-    function = getattr(module, attribute, None)
+    function = import_object(name_or_path, "reward function", allow_dots=True)
     if not callable(function):
-        raise ValueError(
-            f"module {module_name!r} has no callable {attribute!r} (from reward function "
-            f"{name_or_path!r}); name a function fn(response, ground_truth) -> float"
-        )
+        raise ValueError(f"reward function {name_or_path!r} is a {type(function).__name__}; "
+                         "name a function fn(response, ground_truth) -> float")
     return function
 
 

@@ -45,11 +45,11 @@ Deviation: neither the paper nor the official code has environments; their tools
 from __future__ import annotations
 
 import copy
-import importlib
 import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from ..dotted import import_object
 from ..tools.base import BAD_INPUT, INTERNAL, UNKNOWN_TOOL, ToolResult, error_result
 from ..tools.tags import ParsedCall
 
@@ -128,18 +128,7 @@ def runner_of(environment: Environment | None) -> EnvironmentTools | None:
 def load_environment_factory(path: str) -> Callable[[], Environment]:
     """The class or function named by `package.module:factory` (`data.environment`); raises
     ValueError saying what is wrong. Not called here: a factory may be costly or have effects."""
-    module_name, colon, attribute = path.partition(":")
-    if not colon or not module_name or not attribute:
-        raise ValueError(f"data.environment {path!r}: write it as 'package.module:factory'")
-    try:
-        factory = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"data.environment {path!r}: cannot import {module_name!r} ({error}); "
-                         "is its folder on PYTHONPATH?") from None
-    for part in attribute.split("."):
-        if not hasattr(factory, part):
-            raise ValueError(f"data.environment {path!r}: {module_name} has no attribute {attribute!r}")
-        factory = getattr(factory, part)
+    factory = import_object(path, "data.environment", "package.module:factory")
     if not callable(factory):
         raise ValueError(f"data.environment {path!r} is a {type(factory).__name__}, not a class or "
                          "function that returns an environment")

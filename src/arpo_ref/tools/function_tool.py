@@ -28,7 +28,6 @@ or hold its own lock; in "process" mode calls share nothing.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import multiprocessing
@@ -39,6 +38,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal
 
+from ..dotted import import_object
 from .base import BAD_INPUT, EXCEPTION, TIMEOUT, ToolResult, error_result
 
 ISOLATIONS = ("thread", "process")
@@ -50,19 +50,7 @@ class ArgumentError(ValueError):
 
 def load_function(path: str) -> Callable:
     """The function named by `module.sub:function`; raises ValueError saying what is wrong."""
-    module_name, colon, attribute = path.partition(":")
-    if not colon or not module_name or not attribute:
-        raise ValueError(f"function tool {path!r}: write it as 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"function tool {path!r}: cannot import {module_name!r} ({error}); "
-                         "is its folder on PYTHONPATH?") from None
-    function = module
-    for part in attribute.split("."):
-        if not hasattr(function, part):
-            raise ValueError(f"function tool {path!r}: {module_name} has no attribute {attribute!r}")
-        function = getattr(function, part)
+    function = import_object(path, "function tool")
     check_function(function, path)
     return function
 
