@@ -1,5 +1,7 @@
 """What the chain-based search rollouts (`tree_search`, `eptree`) share: their generator, tools,
-sampling settings, seeded random streams and stop strings (`ChainRollout.__init__`)."""
+sampling settings, seeded random streams and stop strings (`ChainRollout.__init__`), and the tool
+half of a turn (`ChainRollout._append_results`: run the calls, add the tool nodes, append the
+results as forced tokens)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ import random
 import torch
 
 from .config import RolloutConfig, SamplingConfig
-from .engine.generation import Generator, SamplingParams
+from .engine.generation import Generator, RowBatch, SamplingParams
+from .episode import run_tool_calls
+from .tree import ExecutedCall
 
 
 class ChainRollout:
@@ -32,3 +36,31 @@ class ChainRollout:
         self.draw_rng = random.Random(seed)  # checkpointed with token_rng
         self.stale_baselines: dict[int, float] = {}  # checkpointed with the RNGs (official-mode state; unused)
         self.stop_strings = registry.stop_strings() if registry is not None else []
+
+    def _node_added(self, chain, node) -> None:
+        """Called for every node a chain adds (tree_search records which of its trees owns it)."""
+
+    def _append_results(self, rows: RowBatch, calling: list, segments: list[list[int]], end) -> list:
+        """Run the call ending each chain's segment (`segments[i]` for `calling[i]`), add one tool
+        node per result and append the results to the rows as forced tokens; return the chains that
+        go on. `end(chain, reason)` finishes a chain: 'stop' for a tag that is not a complete call,
+        'length' for a result cut by the response budget."""
+        cfg, forced, still = self.config, {}, []
+        for c, step in zip(calling, run_tool_calls(self.registry, self.generator.tokenizer, segments)):
+            if step is None:
+                end(c, "stop")
+                continue
+            ids = step.result_ids[: cfg.max_response_tokens - c.response_tokens]
+            call = ExecutedCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
+                                step.result.error_kind, step.result.seconds)
+            node = c.tree.add_node(c.node_id, "tool", ids, tool_call=call)
+            self._node_added(c, node)
+            c.node_id, c.response_tokens, c.tool_calls = node.id, c.response_tokens + len(ids), c.tool_calls + 1
+            self.tool_results.append(step.result)
+            if len(ids) < len(step.result_ids) or c.response_tokens >= cfg.max_response_tokens:
+                end(c, "length")
+            else:
+                forced[c.row_id] = ids
+                still.append(c)
+        self.generator.append(rows, {r: ids for r, ids in forced.items() if ids})
+        return still

@@ -49,10 +49,9 @@ from dataclasses import dataclass
 
 from .chain_rollout import ChainRollout
 from .engine.generation import GeneratedSequence, RowBatch
-from .episode import run_tool_calls
 from .rollout import RolloutResult
 from .rollout_metrics import rollout_metrics
-from .tree import BranchDecision, ExecutedCall, Node, RolloutTree
+from .tree import BranchDecision, Node, RolloutTree
 
 
 @dataclass
@@ -215,24 +214,7 @@ class EPTreeRollout(ChainRollout):
             else:
                 calling.append(c)
                 segments.append(seg.token_ids)  # the whole segment: a call may have started before the fork
-        forced, still = {}, []
-        for c, step in zip(calling, run_tool_calls(self.registry, gen.tokenizer, segments)):
-            if step is None:
-                self._end(rows, c, "stop")
-                continue
-            ids = step.result_ids[: cfg.max_response_tokens - c.response_tokens]
-            call = ExecutedCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
-                                step.result.error_kind, step.result.seconds)
-            node = c.tree.add_node(c.node_id, "tool", ids, tool_call=call)
-            c.node_id, c.response_tokens, c.tool_calls = node.id, c.response_tokens + len(ids), c.tool_calls + 1
-            self.tool_results.append(step.result)
-            if len(ids) < len(step.result_ids) or c.response_tokens >= cfg.max_response_tokens:
-                self._end(rows, c, "length")
-            else:
-                forced[c.row_id] = ids
-                still.append(c)
-        gen.append(rows, {r: ids for r, ids in forced.items() if ids})
-        return still
+        return self._append_results(rows, calling, segments, lambda c, reason: self._end(rows, c, reason))
 
     def _end(self, rows: RowBatch, chain: Chain, reason: str) -> None:
         """A finished chain keeps its row (a later fork copies its prefix) while forks are left."""

@@ -32,12 +32,11 @@ from types import SimpleNamespace
 from .chain_rollout import ChainRollout
 from .config import RolloutConfig, SamplingConfig
 from .engine.generation import Generator, RowBatch
-from .episode import run_tool_calls
 from .eptree import EPTreeRollout
 from .rollout import AdaptiveRollout, RolloutResult
 from .rollout_metrics import rollout_metrics
 from .search_options import SearchConfig  # noqa: F401  (re-exported)
-from .tree import BranchDecision, ExecutedCall, RolloutTree
+from .tree import BranchDecision, RolloutTree
 
 
 @dataclass
@@ -119,7 +118,7 @@ class TreeSearchRollout(ChainRollout):
             seg = outputs[c.row_id]
             node = c.tree.add_node(c.node_id, "model", seg.token_ids, logprobs=seg.logprobs,
                                    entropies=seg.entropies, finish_reason=seg.finish_reason)
-            self.owners[c.tree.prompt_index][node.id] = c.owner
+            self._node_added(c, node)
             c.node_id, c.response_tokens = node.id, c.response_tokens + len(seg.token_ids)
             if seg.finish_reason != "stop":
                 self._end(rows, c, seg.finish_reason, finished)
@@ -127,26 +126,11 @@ class TreeSearchRollout(ChainRollout):
                 self._end(rows, c, "tool_limit", finished)
             else:
                 calling.append(c)
-        steps = run_tool_calls(self.registry, gen.tokenizer, [c.tree.nodes[c.node_id].token_ids for c in calling])
-        forced, still = {}, []
-        for c, step in zip(calling, steps):
-            if step is None:
-                self._end(rows, c, "stop", finished)
-                continue
-            ids = step.result_ids[: cfg.max_response_tokens - c.response_tokens]
-            call = ExecutedCall(step.call.tag, step.call.content, step.result.text, step.result.ok,
-                            step.result.error_kind, step.result.seconds)
-            node = c.tree.add_node(c.node_id, "tool", ids, tool_call=call)
-            self.owners[c.tree.prompt_index][node.id] = c.owner
-            c.node_id, c.response_tokens, c.tool_calls = node.id, c.response_tokens + len(ids), c.tool_calls + 1
-            self.tool_results.append(step.result)
-            if len(ids) < len(step.result_ids) or c.response_tokens >= cfg.max_response_tokens:
-                self._end(rows, c, "length", finished)
-            else:
-                forced[c.row_id] = ids
-                still.append(c)
-        gen.append(rows, {r: ids for r, ids in forced.items() if ids})
-        return still
+        segments = [c.tree.nodes[c.node_id].token_ids for c in calling]
+        return self._append_results(rows, calling, segments, lambda c, reason: self._end(rows, c, reason, finished))
+
+    def _node_added(self, chain: Chain, node) -> None:
+        self.owners[chain.tree.prompt_index][node.id] = chain.owner
 
     def _end(self, rows: RowBatch, chain: Chain, reason: str, finished: list[Chain]) -> None:
         chain.finish_reason = reason
