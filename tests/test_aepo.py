@@ -16,13 +16,13 @@ from arpo_ref.aepo import (
     AEPOConfig,
     branch_probability,
     global_sample_count,
-    segment_entropy,
     should_branch,
     update_branch_counters,
 )
 from arpo_ref.config import RolloutConfig, SamplingConfig, load_config
 from arpo_ref.demo import DemoConfig, run_demo
 from arpo_ref.engine.generation import Generator
+from arpo_ref.entropy import truncated_segment_entropy
 from arpo_ref.rollout import AdaptiveRollout
 from arpo_ref.tools.registry import ToolRegistry
 
@@ -46,8 +46,8 @@ def test_segment_entropy_sums_the_first_twenty_positions_over_ln_vocab():
     # 21st..30th positions are outside the window.
     row = torch.tensor([math.log(0.5), math.log(0.25)])
     top = row.repeat(30, 1)
-    assert segment_entropy(top, vocab_size=16) == pytest.approx(20 * math.log(2) / math.log(16))
-    assert segment_entropy(top[:2], vocab_size=16) == pytest.approx(2 * math.log(2) / math.log(16))
+    assert truncated_segment_entropy(top, vocab_size=16) == pytest.approx(20 * math.log(2) / math.log(16))
+    assert truncated_segment_entropy(top[:2], vocab_size=16) == pytest.approx(2 * math.log(2) / math.log(16))
 
 
 @pytest.mark.parametrize("u, delta, c, p", [

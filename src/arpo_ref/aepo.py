@@ -8,8 +8,8 @@
   The paper writes m = n·σ(β·(H_root − mean H_tool)) without the ⌊·⌋ + 1 and the clamp; we
   follow the released formula.
 * Segment entropy of H_step: the sum over the first ≤ 20 tokens of the top-10 entropy, divided by
-  ln|V| — the ARPO official code's truncated entropy, reused from `arpo_ref.entropy`.
-  `segment_entropy`.
+  ln|V| — the ARPO official code's truncated entropy, computed in one place for both:
+  `entropy.truncated_segment_entropy` (the rollout: `rollout_modes.official_segment_entropy`).
 * Branch probability with a consecutive-branch penalty (AEPO §3.1, "branch penalty"):
   p = clip((U + β·ΔH)·max(0, 1 − 0.05·c), 0, 1), branch iff p ≥ τ, where U ~ U(0, 1) and c counts
   the prompt's consecutive branching rounds. `branch_probability`, `should_branch`.
@@ -26,10 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
-
-from .entropy import truncated_segment_entropy
 
 
 def global_sample_count(budget: int, root_entropy: float, step_entropies: list[float],
@@ -49,11 +45,6 @@ def global_sample_count(budget: int, root_entropy: float, step_entropies: list[f
     mean_step = sum(step_entropies) / len(step_entropies) if step_entropies else root_entropy
     share = 1.0 / (1.0 + math.exp(-slope * (root_entropy - mean_step)))
     return min(max(math.floor(budget * share) + 1, 1), budget)
-
-
-def segment_entropy(topk_logprobs: torch.Tensor, vocab_size: int, max_positions: int = 20) -> float:
-    """H_step of one segment: Σ over its first ≤ max_positions tokens of the top-k entropy ÷ ln|V|."""
-    return truncated_segment_entropy(topk_logprobs, vocab_size, max_positions)
 
 
 def branch_probability(uniform: float, delta_entropy: float, consecutive: int,
