@@ -98,6 +98,13 @@ def load_agent(folder: Path = AGENT_DIR, log=print):
                      record.get("sft_metrics", {}), record.get("seconds", {}))
 
 
+def train_steps(default: int) -> int:
+    """RL steps of a notebook's training run: `default`, or ARPO_NOTEBOOK_TRAIN_STEPS when set (the
+    test suite runs the notebooks with 3, so they stay quick to check; the curves then have fewer
+    points)."""
+    return int(os.environ.get("ARPO_NOTEBOOK_TRAIN_STEPS", default))
+
+
 def output_dir(name: str) -> Path:
     """A fresh-named run folder for a notebook's training run."""
     return OUTPUT_DIR / name

@@ -2,7 +2,8 @@
 
 One cold-started toy agent is built per test session, in a temporary folder the notebooks find
 through ARPO_NOTEBOOK_AGENT (their default is runs/notebooks_agent/), and is shared by all of
-them. Each notebook runs in a fresh kernel of THIS interpreter (a kernelspec written for the
+them. Their training runs take 3 steps here (ARPO_NOTEBOOK_TRAIN_STEPS), as many as a reader's
+run otherwise. Each notebook runs in a fresh kernel of THIS interpreter (a kernelspec written for the
 session, so a user-level `python3` kernel pointing at another Python cannot be picked up), with
 notebooks/ as its working directory. A cell that raises fails the notebook's test.
 """
@@ -45,8 +46,9 @@ def notebook_environment(tmp_path_factory):
     install(kernel_name=KERNEL_NAME, prefix=str(prefix))  # argv[0] = sys.executable
     agent = tmp_path_factory.mktemp("notebooks") / "agent"
     _load_shared().build_agent(agent, log=lambda *args: None)
-    saved = {key: os.environ.get(key) for key in ("ARPO_NOTEBOOK_AGENT", "JUPYTER_PATH")}
+    saved = {key: os.environ.get(key) for key in ("ARPO_NOTEBOOK_AGENT", "JUPYTER_PATH", "ARPO_NOTEBOOK_TRAIN_STEPS")}
     os.environ["ARPO_NOTEBOOK_AGENT"] = str(agent)
+    os.environ["ARPO_NOTEBOOK_TRAIN_STEPS"] = "3"  # the training runs of notebooks 04 and 05: 10 and 8 steps for a reader
     # JUPYTER_PATH is searched before the user's and the environment's kernel folders.
     os.environ["JUPYTER_PATH"] = os.pathsep.join(
         p for p in (str(prefix / "share" / "jupyter"), saved["JUPYTER_PATH"]) if p)
