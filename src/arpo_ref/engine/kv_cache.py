@@ -11,7 +11,7 @@ local to the rows it concerns:
 * growth (more slots, or more columns) re-allocates geometrically, so it is rare and amortised;
   `reserve` sizes the cache up front when the limits are known (then it never grows).
 
-Columns at or past a row's length may hold stale values; the attention mask (see `engine.mask`)
+Columns at or past a row's length may hold stale values; the attention mask (see `engine.forward.slot_mask`)
 never lets a query see them, and the row's next token overwrites them.
 
 It plugs into transformers as a `Cache` whose layers are `SlotLayer`s. Before each forward the
