@@ -30,7 +30,13 @@ def test_rows_are_grouped_one_token_tails_apart_and_long_tails_padded_with_their
     assert long.slots.tolist() == [2, 0] and long.tokens.tolist() == [[1, 2, 3], [5, 6, 6]]
     assert long.real.tolist() == [0, 1, 2, 3, 4] and long.targets.tolist() == [1, 2, 3, 5, 6]
     (only,) = group_rows([3], [4], torch.device("cpu"))  # no one-token row: one group
-    assert only.tokens.tolist() == [[0, 1, 2, 3]]
+    assert only.tokens.tolist() == [[0, 1, 2, 3]] and only.slots is None and only.first_slot == 3
+    # Slots 3 1 2 0 form a run: the one-token group is every row in slot order (a view of the
+    # cache), the long rows' queries there dropped.
+    run, long = group_rows([3, 1, 2, 0], [1, 3, 1, 2], torch.device("cpu"))
+    assert run.slots is None and run.first_slot == 0 and run.tokens.tolist() == [[5], [1], [4], [0]]
+    assert run.real.tolist() == [2, 3] and run.targets.tolist() == [4, 0]
+    assert long.slots.tolist() == [1, 0] and long.tokens.tolist() == [[1, 2, 3], [5, 6, 6]]
 
 
 def scenario(generator, tokenizer):

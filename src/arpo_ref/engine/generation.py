@@ -259,7 +259,7 @@ class Generator:
         # Eager: growth stops at what this call can need (every row at its limit). Compiled: plain
         # doubling, so few distinct cache shapes (each is a new graph).
         if not self.compiled:
-            rows.cache.length_limit = max((len(rows.histories[b]) + budget_left[b] for b in active), default=0)
+            rows.cache.length_limit = max((len(rows.histories[b]) - 1 + budget_left[b] for b in active), default=0)
         stopped = len(budget_left) - len(active)
         while active and (pause_after is None or stopped < pause_after):
             if not self.compiled:  # the decoding rows in one run of slots: views, not gathers

@@ -42,32 +42,50 @@ ATTENTION_NAME = "arpo_slot_groups"
 
 @dataclass
 class SlotGroup:
-    """Rows attended together: batch row g is slot `slots[g]` and reads flat tokens `tokens[g]`."""
+    """Rows attended together: batch row g is slot `slots[g]` (or `first_slot + g`) and reads
+    flat tokens `tokens[g]`; only outputs `real` are kept, as tokens `targets`."""
 
-    slots: torch.Tensor
-    """[G] long."""
+    slots: torch.Tensor | None
+    """[G] long, or None: the slots are the run first_slot, first_slot + 1, ... (a view, no copy)."""
+    first_slot: int
     tokens: torch.Tensor
-    """[G, W] long indices into the flat sequence; a shorter tail repeats its last token (padding,
-    whose output is dropped)."""
+    """[G, W] long indices into the flat sequence; padding repeats a token of the row (its output
+    is dropped)."""
     real: torch.Tensor
-    """[R] long indices into the group's flattened [G * W] outputs that are real tokens..."""
+    """[R] long indices into the group's flattened [G * W] outputs that are kept..."""
     targets: torch.Tensor
     """[R] long ...and their indices in the flat sequence."""
 
 
 def group_rows(slots: list[int], lengths: list[int], device: torch.device) -> list[SlotGroup]:
-    """The one-token rows as one group, the longer tails as another (padded to their longest)."""
+    """The one-token rows as one group, the longer tails as another (padded to their longest).
+
+    When the rows' slots form one run (the generator packs the decoding rows), the one-token
+    group is the whole run read as a view of the cache, the long rows' single query there being
+    dropped: a few wasted queries instead of copying every decoding row's keys and values."""
     starts = [0, *accumulate(lengths)][:-1]
+    one = [i for i, n in enumerate(lengths) if n == 1]
+    long = [i for i, n in enumerate(lengths) if n > 1]
+    run = sorted(range(len(slots)), key=slots.__getitem__)
+    if one and long and slots[run[-1]] - slots[run[0]] + 1 == len(slots):
+        one = run
+
+    def tensor(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
     groups = []
-    for members in ([i for i, n in enumerate(lengths) if n == 1], [i for i, n in enumerate(lengths) if n > 1]):
+    for members, reads_long in ((one, False), (long, True)):
         if not members:
             continue
-        width = max(lengths[i] for i in members)
+        width = max(lengths[i] for i in members) if reads_long else 1
         tokens = [[starts[i] + min(j, lengths[i] - 1) for j in range(width)] for i in members]
-        real = [g * width + j for g, i in enumerate(members) for j in range(lengths[i])]
-        targets = [starts[i] + j for i in members for j in range(lengths[i])]
-        groups.append(SlotGroup(*(torch.tensor(x, dtype=torch.long, device=device)
-                                  for x in ([slots[i] for i in members], tokens, real, targets))))
+        kept = [(g, i) for g, i in enumerate(members) if (lengths[i] > 1) == reads_long]
+        real = [g * width + j for g, i in kept for j in range(lengths[i])]
+        targets = [starts[i] + j for _, i in kept for j in range(lengths[i])]
+        member_slots = [slots[i] for i in members]
+        is_run = member_slots == list(range(member_slots[0], member_slots[0] + len(members)))
+        groups.append(SlotGroup(None if is_run else tensor(member_slots), member_slots[0],
+                                tensor(tokens), tensor(real), tensor(targets)))
     return groups
 
 
@@ -83,7 +101,11 @@ def slot_group_attention(module, query: torch.Tensor, key: torch.Tensor, value: 
     for group in slot_groups:
         q = query[0][:, group.tokens].transpose(0, 1)  # [G, H, W, d]
         mask = attention_mask[0, 0][group.tokens][:, None]  # [G, 1, W, L]
-        k, v = key.index_select(0, group.slots), value.index_select(0, group.slots)  # [G, kv_heads, L, d]
+        if group.slots is None:  # a run of slots: views
+            run = slice(group.first_slot, group.first_slot + q.shape[0])
+            k, v = key[run], value[run]  # [G, kv_heads, L, d]
+        else:
+            k, v = key.index_select(0, group.slots), value.index_select(0, group.slots)
         o, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)  # [G, W, H, d]
         out[0, group.targets] = o.reshape(-1, *o.shape[2:])[group.real]
     return out, None
