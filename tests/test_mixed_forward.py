@@ -76,6 +76,11 @@ def test_a_mixed_step_gives_the_tokens_and_logprobs_of_reading_results_in_their_
     # in the decoding steps (the fallback, at the step, still in a pass of its own).
     assert reference.forced_passes == 3
     assert rows.forced_passes == (1 if mixed.mixes else 3)
+    # Tokens fed, hand-counted against the reference: row 0's two copies share its unread
+    # result, read once, with the pending token when mixed (the reference's copies each fed that:
+    # -2); the copy of row 2 keeping its result but the last 4 tokens reads those itself (+ len - 4).
+    shared = 2 if mixed.mixes else 0
+    assert rows.forward_tokens == reference.forward_tokens - shared + len(encode(tokenizer, RESULTS)[2]) - 4
 
 
 def test_a_mixed_pass_counts_one_decoding_step_and_the_real_tokens_it_reads():

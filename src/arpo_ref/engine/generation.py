@@ -34,7 +34,8 @@ not yet fed) plus any forced tokens appended since it was last fed. A decoding s
 decoding rows their tails and samples from each tail's last position; a row just back from a tool
 reads its result in the same pass as the others' one-token tails (`engine.mixed`: the tokens laid
 flat, attention per group of rows, no padding of short rows to the longest tail). A fork copies
-the cached prefix and the history, so the copies read the parent's tail in their own next step.
+the cached prefix and the history, so the copies hold the parent's tail unread; rows fed with
+the same history read it once and share the columns.
 Prompts are read at once (`prefill`). So finishing, forking and forcing never waste a forward
 pass, a tool result costs no pass of its own, and no [B, V] logits are kept between calls. Only
 the rows being fed go through a forward (waiting rows do not), and attention reads only up to the
@@ -48,8 +49,9 @@ Deviations and limits:
 * Entropy is that of the full temperature-T distribution, before top-k/top-p truncation (ARPO.md
   §1); at temperature 0 it is the temperature-1 entropy (see `arpo_ref.entropy`).
 * Log-probs are under the temperature-1 policy (what the PPO ratio needs), not the sampling one.
-* Each copy forked from a row with an unread tool result reads that result itself (compute, not
-  passes: the copies read it in the same step); the prompt of a prefilled row is read once.
+* A copy forked from a row with an unread tool result holds that result unread too; copies
+  whose histories are still equal when fed share one read of it (`RowBatch.duplicates`), a
+  copy that kept only part of it (`fork(keep=...)`) reads its part itself.
 * A stop string is detected in the decoded text of the tokens generated since the last `decode`
   call; the token that completes it is kept even if it carries extra characters after it.
 """
@@ -191,11 +193,15 @@ class Generator:
             self._read_tails(rows, fed)
 
     def _read_tails(self, rows: RowBatch, fed: list[int]) -> None:
-        """Read the unread tails of rows `fed` up to their pending token, in one forced pass."""
-        fed = [b for b in fed if len(rows.unread(b)) > 1]
-        if fed:
+        """Read the unread tails of rows `fed` up to their pending token, in one forced pass
+        (a tail shared by copies of one row is read once, `RowBatch.duplicates`)."""
+        same = rows.duplicates(fed)
+        read = [b for b in fed if len(rows.unread(b)) > 1 and b not in same]
+        if read:
             rows.forced_passes += 1
-            self._forward_rows(rows, fed, [rows.unread(b)[:-1] for b in fed])
+            self._forward_rows(rows, read, [rows.unread(b)[:-1] for b in read])
+        for b, source in same.items():
+            rows.take_read_tail(b, source, len(rows.unread(b)) - 1)
 
     @torch.inference_mode()
     def fork(self, rows: RowBatch, row_id: int, copies: int = 1, keep: int | None = None) -> list[int]:

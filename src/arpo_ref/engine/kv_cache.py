@@ -157,16 +157,16 @@ class SlotCache(Cache):
     def used_slots(self) -> int:
         return self.num_slots - len(self._free)
 
-    def copy_prefix(self, source: int, targets: list[int], length: int) -> None:
-        """Fork: copy columns [0, length) of slot `source` into each target slot, in every layer."""
-        if not targets or length == 0:
+    def copy_prefix(self, source: int, targets: list[int], length: int, start: int = 0) -> None:
+        """Fork: copy columns [start, length) of slot `source` into each target slot, in every layer."""
+        if not targets or length <= start:
             return
         index = torch.tensor(targets, device=self.device)
         for layer in self.layers:
             if layer.is_initialized:
                 for tensor in (layer.keys, layer.values):
-                    prefix = tensor[source, :, :length].clone()  # one row; the write may not alias it
-                    tensor[index, :, :length] = prefix
+                    prefix = tensor[source, :, start:length].clone()  # one row; the write may not alias it
+                    tensor[index, :, start:length] = prefix
 
     def swap(self, a: int, b: int, length_a: int, length_b: int | None) -> None:
         """Exchange the prefixes of slots a and b (b free: length_b None, a's prefix just moves

@@ -135,7 +135,19 @@ def _attention(model, name: str):
 
 def mixed_logits(forward: SlotForward, rows: RowBatch, fed: list[int], device: torch.device) -> torch.Tensor:
     """Feed the rows `fed` (batch indices) their whole unread tails in one flat forward pass;
-    return the logits at each tail's last token, [n, V] in the order of `fed`."""
+    return the logits at each tail's last token, [n, V] in the order of `fed`. A tail shared by
+    copies of one row is read once (`RowBatch.duplicates`): the copies take its columns and logits."""
+    same = rows.duplicates(fed)
+    copies = {b: len(rows.unread(b)) for b in same}
+    read = [b for b in fed if b not in same]
+    logits = _read(forward, rows, read, device)
+    for b, source in same.items():
+        rows.take_read_tail(b, source, copies[b])
+    return logits[torch.tensor([read.index(same.get(b, b)) for b in fed], device=logits.device)]
+
+
+def _read(forward: SlotForward, rows: RowBatch, fed: list[int], device: torch.device) -> torch.Tensor:
+    """The flat pass itself: the rows `fed` read their whole tails; logits [n, V] in their order."""
     tails = [rows.unread(b) for b in fed]
     lengths = [len(tail) for tail in tails]
     positions = [rows.next_position[b] + j for b, n in zip(fed, lengths) for j in range(n)]

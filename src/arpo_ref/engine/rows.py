@@ -74,6 +74,24 @@ class RowBatch:
         """Row b's tokens not yet in the cache (the pending token last)."""
         return self.histories[b][self.next_position[b]:]
 
+    def duplicates(self, fed: list[int]) -> dict[int, int]:
+        """Rows of `fed` with forced tokens to read whose cached length and whole history equal
+        an earlier row's of `fed` (copies forked from a row with an unread tail): row -> that
+        row. The same tokens after the same prefix give the same keys, values and logits, so the
+        tail is read once and its columns copied (`take_read_tail`)."""
+        first, same = {}, {}
+        for b in fed:
+            if len(self.unread(b)) > 1:
+                key = (self.next_position[b], tuple(self.histories[b]))
+                same[b] = first.setdefault(key, b)
+        return {b: source for b, source in same.items() if source != b}
+
+    def take_read_tail(self, b: int, source: int, length: int) -> None:
+        """Row b takes its next `length` columns from row `source`, which just read the same tokens."""
+        start = self.next_position[b]
+        self.cache.copy_prefix(self.slots[source], [self.slots[b]], start + length, start=start)
+        self.next_position[b] += length
+
     @property
     def num_cached(self):
         raise AttributeError("RowBatch.num_cached was renamed next_position (a list: the position of "
