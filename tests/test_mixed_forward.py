@@ -116,3 +116,33 @@ def test_greedy_grpo_rollout_is_token_for_token_the_same_and_takes_fewer_passes(
     assert leaves(mixed) == leaves(separate)
     assert mixed.metrics["rollout/sampling_steps"] == separate.metrics["rollout/sampling_steps"]
     assert mixed.metrics["rollout/decode_steps"] < separate.metrics["rollout/decode_steps"]
+
+
+@pytest.mark.parametrize("mixed_steps", [True, False])
+def test_copies_share_one_read_of_a_tail_only_while_their_histories_are_equal(mixed_steps):
+    """Four copies of a row; A and B get the same result, C one that differs in its last token
+    only, D none. A and B read it once (B takes A's columns); C must read its own."""
+    tokenizer, model = load_tokenizer(), load_model("qwen2")
+    result = encode(tokenizer, [" <result> 337491 </result>"])[0]
+    other = result[:-1] + [result[-1] + 1]
+    runs = {}
+    for shared in (True, False):
+        generator = Generator(model, tokenizer, eos_token_ids=[], mixed_steps=mixed_steps)
+        rows = generator.prefill(encode(tokenizer, PROMPTS[:1]))
+        generator.decode(rows, SamplingParams(temperature=0, max_new_tokens=2))
+        a, b, c, d = [rows.row_ids[0], *generator.fork(rows, rows.row_ids[0], copies=3)]
+        before = rows.forward_tokens
+        if shared:
+            generator.append(rows, {a: result, b: result, c: other})
+        else:  # the reference: one result at a time, no two rows with a tail in one read
+            for row, forced in ((a, result), (b, result), (c, other)):
+                generator.append(rows, {row: forced})
+                generator._read_tails(rows, [rows.index(row)])
+        assert rows.histories[1] == rows.histories[0] != rows.histories[2]
+        out = generator.decode(rows, SamplingParams(temperature=1.0, max_new_tokens=3, seed=0))
+        runs[shared] = (out, rows.forward_tokens - before)
+    (got, fed), (want, fed_alone) = runs[True], runs[False]
+    for row in got:
+        assert got[row].token_ids == want[row].token_ids
+        assert torch.allclose(torch.tensor(got[row].logprobs), torch.tensor(want[row].logprobs), atol=1e-5, rtol=0)
+    assert fed == fed_alone - len(result) - mixed_steps  # B's result (and pending token, mixed) not read
