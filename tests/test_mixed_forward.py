@@ -24,19 +24,20 @@ RESULTS = [" <result> 337491 </result>", "", " <result>\nPage 1: Quellmar has 48
 
 def test_rows_are_grouped_one_token_tails_apart_and_long_tails_padded_with_their_last_token():
     """Hand-computed: tails of 1, 3, 1, 2 tokens laid flat as tokens 0 | 1 2 3 | 4 | 5 6."""
-    one, long = group_rows([5, 2, 7, 0], [1, 3, 1, 2], torch.device("cpu"))
-    assert one.slots.tolist() == [5, 7] and one.tokens.tolist() == [[0], [4]]
+    cpu = torch.device("cpu")
+    one, long = group_rows([9, 2, 7, 0], [1, 3, 1, 2], cpu)  # slots spread out: gathered
+    assert one.slots.tolist() == [9, 7] and one.tokens.tolist() == [[0], [4]]
     assert one.real.tolist() == [0, 1] and one.targets.tolist() == [0, 4]
     assert long.slots.tolist() == [2, 0] and long.tokens.tolist() == [[1, 2, 3], [5, 6, 6]]
     assert long.real.tolist() == [0, 1, 2, 3, 4] and long.targets.tolist() == [1, 2, 3, 5, 6]
-    (only,) = group_rows([3], [4], torch.device("cpu"))  # no one-token row: one group
-    assert only.tokens.tolist() == [[0, 1, 2, 3]] and only.slots is None and only.first_slot == 3
-    # Slots 3 1 2 0 form a run: the one-token group is every row in slot order (a view of the
-    # cache), the long rows' queries there dropped.
-    run, long = group_rows([3, 1, 2, 0], [1, 3, 1, 2], torch.device("cpu"))
-    assert run.slots is None and run.first_slot == 0 and run.tokens.tolist() == [[5], [1], [4], [0]]
-    assert run.real.tolist() == [2, 3] and run.targets.tolist() == [4, 0]
+    # Slots 3 1 4 0 (2 is a hole): the one-token group is the span 0..4 in slot order, a view of
+    # the cache; the long rows' and the hole's queries there are dropped.
+    span, long = group_rows([3, 1, 4, 0], [1, 3, 1, 2], cpu)
+    assert span.slots is None and span.first_slot == 0 and span.tokens.tolist() == [[5], [1], [0], [0], [4]]
+    assert span.real.tolist() == [3, 4] and span.targets.tolist() == [0, 4]
     assert long.slots.tolist() == [1, 0] and long.tokens.tolist() == [[1, 2, 3], [5, 6, 6]]
+    (only,) = group_rows([3], [4], cpu)  # no one-token row: one group, a run of one slot
+    assert only.slots is None and only.first_slot == 3 and only.tokens.tolist() == [[0, 1, 2, 3]]
 
 
 def scenario(generator, tokenizer):

@@ -60,32 +60,39 @@ class SlotGroup:
 def group_rows(slots: list[int], lengths: list[int], device: torch.device) -> list[SlotGroup]:
     """The one-token rows as one group, the longer tails as another (padded to their longest).
 
-    When the rows' slots form one run (the generator packs the decoding rows), the one-token
-    group is the whole run read as a view of the cache, the long rows' single query there being
-    dropped: a few wasted queries instead of copying every decoding row's keys and values."""
+    The one-token group reads the whole span of the rows' slots as a view of the cache when at
+    most half of it is other slots (the generator packs the decoding rows into one run; rows
+    sharing another's read leave holes): the long rows' and the holes' queries there are
+    dropped, a few wasted queries instead of a copy of every decoding row's keys and values."""
     starts = [0, *accumulate(lengths)][:-1]
-    one = [i for i, n in enumerate(lengths) if n == 1]
-    long = [i for i, n in enumerate(lengths) if n > 1]
-    run = sorted(range(len(slots)), key=slots.__getitem__)
-    if one and long and slots[run[-1]] - slots[run[0]] + 1 == len(slots):
-        one = run
 
     def tensor(values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    groups = []
-    for members, reads_long in ((one, False), (long, True)):
-        if not members:
-            continue
-        width = max(lengths[i] for i in members) if reads_long else 1
-        tokens = [[starts[i] + min(j, lengths[i] - 1) for j in range(width)] for i in members]
-        kept = [(g, i) for g, i in enumerate(members) if (lengths[i] > 1) == reads_long]
+    def group(members: list[int | None], width: int, first_slot: int | None = None) -> SlotGroup:
+        """Batch row g reads row members[g]'s tail. With `first_slot`, members are the span of
+        slots from there (None: a hole) and only the one-token rows' outputs are kept."""
+        tokens = [[starts[i] + min(j, lengths[i] - 1) if i is not None else 0 for j in range(width)]
+                  for i in members]
+        kept = [(g, i) for g, i in enumerate(members) if i is not None and (first_slot is None or lengths[i] == 1)]
         real = [g * width + j for g, i in kept for j in range(lengths[i])]
         targets = [starts[i] + j for _, i in kept for j in range(lengths[i])]
-        member_slots = [slots[i] for i in members]
-        is_run = member_slots == list(range(member_slots[0], member_slots[0] + len(members)))
-        groups.append(SlotGroup(None if is_run else tensor(member_slots), member_slots[0],
-                                tensor(tokens), tensor(real), tensor(targets)))
+        if first_slot is None:
+            member_slots = [slots[i] for i in members]
+            first_slot = member_slots[0]
+            if member_slots != list(range(first_slot, first_slot + len(members))):
+                return SlotGroup(tensor(member_slots), first_slot, tensor(tokens), tensor(real), tensor(targets))
+        return SlotGroup(None, first_slot, tensor(tokens), tensor(real), tensor(targets))
+
+    one = [i for i, n in enumerate(lengths) if n == 1]
+    long = [i for i, n in enumerate(lengths) if n > 1]
+    groups = []
+    if one:
+        owner = {slot: i for i, slot in enumerate(slots)}
+        span = [owner.get(slot) for slot in range(min(slots), max(slots) + 1)]
+        groups.append(group(span, 1, min(slots)) if len(span) <= 2 * len(slots) else group(one, 1))
+    if long:
+        groups.append(group(long, max(lengths[i] for i in long)))
     return groups
 
 
