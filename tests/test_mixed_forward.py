@@ -100,11 +100,12 @@ def test_a_mixed_pass_counts_one_decoding_step_and_the_real_tokens_it_reads():
     assert [len(h) - p for h, p in zip(rows.histories, rows.next_position, strict=True)] == [1, 1]
 
 
-def test_greedy_grpo_rollout_is_token_for_token_the_same_and_takes_fewer_passes():
+@pytest.mark.parametrize("schedule", ["continuous", "rounds"])
+def test_greedy_grpo_rollout_is_token_for_token_the_same_and_takes_fewer_passes(schedule):
     """A tiny HF agent that calls the search tool: GRPO greedy leaves with mixed steps are those of
     the separate-pass path, and the tool results cost no forward pass of their own."""
     model, results = tiny_agent(), {}
-    config = RolloutConfig(mode="grpo", rollout_budget=6, num_global=6, max_response_tokens=60, schedule="continuous")
+    config = RolloutConfig(mode="grpo", rollout_budget=6, num_global=6, max_response_tokens=60, schedule=schedule)
     for mixed_steps in (True, False):
         engine = AdaptiveRollout(Generator(model, TOK, mixed_steps=mixed_steps), ToolRegistry([EchoSearch()]),
                                  config, SamplingConfig(temperature=0.0), seed=3)
@@ -131,7 +132,7 @@ def test_copies_share_one_read_of_a_tail_only_while_their_histories_are_equal(mi
         generator = Generator(model, tokenizer, eos_token_ids=[], mixed_steps=mixed_steps)
         rows = generator.prefill(encode(tokenizer, PROMPTS[:1]))
         generator.decode(rows, SamplingParams(temperature=0, max_new_tokens=2))
-        a, b, c, d = [rows.row_ids[0], *generator.fork(rows, rows.row_ids[0], copies=3)]
+        a, b, c, _d = [rows.row_ids[0], *generator.fork(rows, rows.row_ids[0], copies=3)]  # D: no result
         before = rows.forward_tokens
         if shared:
             generator.append(rows, {a: result, b: result, c: other})

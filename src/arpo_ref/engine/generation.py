@@ -16,7 +16,7 @@ The three parts of the engine, each in one place:
 
 The public API (all a rollout needs):
 
-    generator = Generator(model, tokenizer)                # compile='auto', attention='auto'
+    generator = Generator(model, tokenizer)                # compile='auto', attention='auto', mixed_steps=True
     rows = generator.prefill(prompts)                      # a RowBatch: one row (and slot) per prompt
     outs = generator.decode(rows, SamplingParams(...))     # row id -> GeneratedSequence
     generator.append(rows, {row_id: tool_result_ids})      # forced tokens: read by the next decoding step
