@@ -116,6 +116,10 @@ def test_greedy_grpo_rollout_is_token_for_token_the_same_and_takes_fewer_passes(
     def leaves(result):
         return [sorted(tuple(tree.leaf_tokens(leaf)) for leaf in tree.leaves) for tree in result.trees]
     assert leaves(mixed) == leaves(separate)
+    for tree_mixed, tree_separate in zip(mixed.trees, separate.trees, strict=True):  # recorded log-probs too
+        got = [lp for node in tree_mixed.nodes for lp in (node.logprobs or [])]
+        want = [lp for node in tree_separate.nodes for lp in (node.logprobs or [])]
+        assert len(got) == len(want) and torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
     assert mixed.metrics["rollout/sampling_steps"] == separate.metrics["rollout/sampling_steps"]
     assert mixed.metrics["rollout/decode_steps"] < separate.metrics["rollout/decode_steps"]
 
