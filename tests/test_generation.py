@@ -82,10 +82,11 @@ class Recorder:
             self.records[child] = list(self.records[parent])
 
 
+@pytest.mark.parametrize("mixed_steps", [True, False])  # results read in the decoding step, or in their own pass
 @pytest.mark.parametrize("arch", ARCHS)
-def test_logprobs_and_entropies_match_teacher_forcing_with_forced_tokens_and_forks(arch):
+def test_logprobs_and_entropies_match_teacher_forcing_with_forced_tokens_and_forks(arch, mixed_steps):
     tokenizer, model = load_tokenizer(), load_model(arch)
-    generator = Generator(model, tokenizer, eos_token_ids=[])
+    generator = Generator(model, tokenizer, eos_token_ids=[], mixed_steps=mixed_steps)
     rows = generator.prefill(encode(tokenizer, PROMPTS[:4]))
     rec = Recorder(rows)
     rng = torch.Generator().manual_seed(0)

@@ -114,7 +114,8 @@ def test_bad_sizes_and_options_fail_clearly():
 @pytest.mark.slow
 def test_compiled_decoding_step_gives_the_eager_tokens_and_logprobs():
     """torch.compile of the static step (all slots x 1 token over the whole capacity) on the CPU:
-    same sampled tokens and log-probs as the eager path, through a fork and a waiting row."""
+    same sampled tokens and log-probs as the eager path, through a fork, a waiting row and a
+    tool result (eager: read in the decoding step; compiled: in a pass of its own before it)."""
     tokenizer, model = load_tokenizer(), load_model("qwen2")
     prompts = encode(tokenizer, PROMPTS[:3])
 
@@ -126,6 +127,8 @@ def test_compiled_decoding_step_gives_the_eager_tokens_and_logprobs():
         first = generator.decode(rows, sampling, rng=rng)
         (child,) = generator.fork(rows, rows.row_ids[1])
         second = generator.decode(rows, sampling, rng=rng, row_ids=[rows.row_ids[0], child])  # row 2 waits
+        generator.append(rows, {rows.row_ids[0]: encode(tokenizer, [" <result> 42 </result>"])[0]})
+        assert generator.mixes != compiled  # compiled: the result is read in its own pass first
         third = generator.decode(rows, sampling, rng=rng)  # then all rows again
         return [(o.token_ids, o.logprobs, o.entropies) for o in [*first.values(), *second.values(), *third.values()]]
 

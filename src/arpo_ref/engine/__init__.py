@@ -1,4 +1,5 @@
-"""The generation engine's parts: a slot KV cache, the attention mask over slots, and the
+"""The generation engine's parts: a slot KV cache, the attention mask over slots, the mixed pass
+(`engine.mixed`: decoding rows and rows reading a tool result in one forward), and the
 static-shape decoding step. `arpo_ref.engine.generation.Generator` puts them together."""
 
 from .forward import DecodeStep, SlotForward, slot_mask

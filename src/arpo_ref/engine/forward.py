@@ -102,15 +102,21 @@ class SlotForward:
         return {"full_attention": slot_mask(positions, read_length, self.dtype),
                 "sliding_attention": slot_mask(positions, read_length, self.dtype, self.sliding_window)}
 
-    def __call__(self, cache: SlotCache, input_ids: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
-        """Logits of the last column, [n, V]."""
+    def __call__(self, cache: SlotCache, input_ids: torch.Tensor, plan: ForwardPlan,
+                 keep: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+        """Logits [n, V] of the last column of each batch row; with `keep` ([n] indices into a flat
+        [1, T] input, `engine.mixed`), of those tokens. `model_kwargs` reach the attention function."""
         cache.plan = plan
-        kwargs = {"logits_to_keep": 1} if self.keeps_logits else {}
+        kwargs = dict(model_kwargs)
+        if self.keeps_logits:
+            kwargs["logits_to_keep"] = 1 if keep is None else keep
         kwargs[self.cache_arg] = cache
         out = self.model(input_ids=input_ids, attention_mask=self.masks(plan.positions, plan.read_length),
                          position_ids=plan.positions, use_cache=True, **kwargs)
         cache.plan = None
-        return out.logits[:, -1]
+        if keep is None:
+            return out.logits[:, -1]
+        return out.logits[0] if self.keeps_logits else out.logits[0, keep]
 
 
 class DecodeStep:

@@ -16,23 +16,30 @@ The three parts of the engine, each in one place:
 
 The public API (all a rollout needs):
 
-    generator = Generator(model, tokenizer)                # compile='auto', attention='auto'
+    generator = Generator(model, tokenizer)                # compile='auto', attention='auto', mixed_steps=True
     rows = generator.prefill(prompts)                      # a RowBatch: one row (and slot) per prompt
     outs = generator.decode(rows, SamplingParams(...))     # row id -> GeneratedSequence
-    generator.append(rows, {row_id: tool_result_ids})      # forced tokens, one forward for all rows
+    generator.append(rows, {row_id: tool_result_ids})      # forced tokens: read by the next decoding step
     children = generator.fork(rows, row_id, copies=2)      # copy a row's prefix (keep=p: first p tokens)
     generator.release(rows, finished_row_ids)              # free their slots, copy nothing
     generator.generate(prompts, sampling)                  # prefill + decode, for plain use
 
 `SamplingParams` says how to pick a token (temperature, top-k, top-p, limit, seed);
 `GeneratedSequence` is what a row got from one `decode`: tokens, their log-probs and entropies,
-the finish reason. `RowBatch.next_position[b]` is the position of row b's pending token.
+the finish reason. `RowBatch.next_position[b]` is the position of row b's first token not yet
+in the cache.
 
-The last token of every row is kept *pending* (not yet in the cache). A decoding step feeds the
-pending tokens of the decoding rows and samples the next ones; forcing tokens feeds the pending
-token plus all forced tokens but the last. So finishing, forking and forcing never waste a forward
-pass, and no [B, V] logits are kept between calls. Only the rows being fed go through a forward
-(waiting rows do not), and attention reads only up to the longest of them, not the capacity.
+Every row keeps an *unread tail* (`RowBatch.unread`): its last token (pending: sampled or forced,
+not yet fed) plus any forced tokens appended since it was last fed. A decoding step feeds the
+decoding rows their tails and samples from each tail's last position; a row just back from a tool
+reads its result in the same pass as the others' one-token tails (`engine.mixed`: the tokens laid
+flat, attention per group of rows, no padding of short rows to the longest tail). A fork copies
+the cached prefix and the history, so the copies hold the parent's tail unread; rows fed with
+the same history read it once and share the columns.
+Prompts are read at once (`prefill`). So finishing, forking and forcing never waste a forward
+pass, a tool result costs no pass of its own, and no [B, V] logits are kept between calls. Only
+the rows being fed go through a forward (waiting rows do not), and attention reads only up to the
+longest of them, not the capacity.
 
 `compile` ('auto' = on for CUDA): decoding steps then feed all slots at once over the whole
 capacity (static shapes) through `torch.compile`, CUDA graphs on a GPU; tokens and log-probs are
@@ -42,6 +49,9 @@ Deviations and limits:
 * Entropy is that of the full temperature-T distribution, before top-k/top-p truncation (ARPO.md
   §1); at temperature 0 it is the temperature-1 entropy (see `arpo_ref.entropy`).
 * Log-probs are under the temperature-1 policy (what the PPO ratio needs), not the sampling one.
+* A copy forked from a row with an unread tool result holds that result unread too; copies
+  whose histories are still equal when fed share one read of it (`RowBatch.duplicates`), a
+  copy that kept only part of it (`fork(keep=...)`) reads its part itself.
 * A stop string is detected in the decoded text of the tokens generated since the last `decode`
   call; the token that completes it is kept even if it carries extra characters after it.
 """
@@ -50,73 +60,18 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from . import DecodeStep, ForwardPlan, SlotCache, SlotForward
 from .forward import choose_attention
+from .mixed import mixed_logits, supports_mixed_steps
+from .rows import FINISH_REASONS, GeneratedSequence, RowBatch
 from .sampling import SamplingParams, filter_top_k_top_p, make_rng, sample_next, sample_step
 from .stopping import StopRules, default_eos_ids
 
-__all__ = ["Generator", "GeneratedSequence", "RowBatch", "SamplingParams", "filter_top_k_top_p",
-           "make_rng", "sample_next", "sample_step"]
-
-FINISH_REASONS = ("stop", "eos", "length")
-
-
-@dataclass
-class GeneratedSequence:
-    """What one row generated in one call: one entry per new token."""
-
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    """log pi(token | history) under the temperature-1 policy."""
-    entropies: list[float] = field(default_factory=list)
-    """Entropy (nats) of the sampling distribution the token was drawn from."""
-    finish_reason: str | None = None
-    """'stop' (a stop string), 'eos' (an end-of-sequence id) or 'length' (max_new_tokens)."""
-    topk_logprobs: list[list[float]] = field(default_factory=list)
-    """The k largest sampling log-probs per step, when SamplingParams.topk_logprobs > 0."""
-
-
-@dataclass
-class RowBatch:
-    """The live rows of a generation, each in its own slot of one cache. Rows have stable ids."""
-
-    cache: SlotCache
-    histories: list[list[int]]
-    """Every token of each row: prompt, generated and forced tokens, including the pending one."""
-    row_ids: list[int]
-    slots: list[int] = field(default_factory=list)
-    """The cache slot of each row."""
-    next_position: list[int] = field(default_factory=list)
-    """The position id of each row's pending token (= its tokens in the cache; the column the
-    pending token's key/value will be written at)."""
-    next_row_id: int = 0
-    generated_tokens: int = 0
-    """Tokens sampled so far (all rows); prefill and forced tokens are not counted."""
-    forward_tokens: int = 0
-    """Real (not padding) tokens fed through the model so far: what compute was spent on."""
-    forced_passes: int = 0
-    """Forward passes that read forced tokens only (prompt prefills, tool results): no sampling."""
-    decode_steps: int = 0
-    """Decoding forward passes so far (one per sampled column, whatever the number of rows): on a
-    GPU, where a step of a small batch costs about the same as a step of a large one, the time."""
-
-    def __len__(self) -> int:
-        return len(self.row_ids)
-
-    def index(self, row_id: int) -> int:
-        try:
-            return self.row_ids.index(row_id)
-        except ValueError:
-            raise KeyError(f"row {row_id} is not live (live rows: {self.row_ids})") from None
-
-    @property
-    def num_cached(self):
-        raise AttributeError("RowBatch.num_cached was renamed next_position (a list: the position of "
-                             "each row's pending token)")
+__all__ = ["FINISH_REASONS", "Generator", "GeneratedSequence", "RowBatch", "SamplingParams",
+           "filter_top_k_top_p", "make_rng", "sample_next", "sample_step"]
 
 
 class Generator:
@@ -136,11 +91,17 @@ class Generator:
         attention: 'auto' (the model's own, SDPA for most), 'sdpa', 'eager' or 'flex_attention' (CUDA only): the model's
             attention implementation (set on the model when it differs: the update then uses it
             too); an unknown or unavailable one fails at construction, naming the valid ones.
+        mixed_steps: True (default): `append` only extends the rows' histories, and the next
+            decoding step that feeds a row reads its forced tokens in the same forward pass as
+            the other rows' sampled ones (`engine.mixed`; where the model cannot, SDPA missing
+            or compiled, they are read in a pass of their own just before). False: `append`
+            reads them at once in their own pass (the path before issue #16, kept as the
+            reference). Tokens and log-probs are the same either way (tested).
     """
 
     def __init__(self, model, tokenizer, eos_token_ids: Sequence[int] | None = None,
                  compile: bool | str = "auto", max_rows: int = 0, max_length: int = 0,
-                 attention: str = "auto") -> None:
+                 attention: str = "auto", mixed_steps: bool = True) -> None:
         compile = {"on": True, "off": False}.get(compile, compile)
         if compile not in ("auto", True, False):
             raise ValueError(f"compile must be 'auto', 'on'/True or 'off'/False, got {compile!r}")
@@ -165,6 +126,9 @@ class Generator:
         self.forward = SlotForward(model, cache_arg, keeps_logits=self._keeps_logits)
         self.compiled = self.device.type == "cuda" if compile == "auto" else bool(compile)
         self.decode_step = DecodeStep(self.forward, compiled=self.compiled) if self.compiled else None
+        self.mixed_steps = bool(mixed_steps)
+        self.mixes = self.mixed_steps and supports_mixed_steps(model, self.attention, self.compiled)
+        """Whether a decoding step reads unread tails in the same pass (else in a pass of their own)."""
         self.max_rows, self.max_length = max_rows, max_length
         config = getattr(model, "config", None)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -198,35 +162,46 @@ class Generator:
     def prefill(self, prompts: list[list[int]], rows: RowBatch | None = None) -> RowBatch:
         """Add one row per prompt to `rows` (a new batch by default) and read the prompts.
 
-        The new rows take free slots and their prompts are read in one forward pass; the other
-        rows are not touched.
+        The new rows take free slots and their prompts are read at once, in one forward pass (they
+        are usually forked right after: the copies then share the read prompt); the other rows are
+        not touched.
         """
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         rows = rows if rows is not None else self.new_batch()
-        first = rows.next_row_id
-        self._add_rows(rows, rows.cache.allocate(len(prompts)), [[p[0]] for p in prompts], [0] * len(prompts))
-        self.append(rows, {first + i: list(p[1:]) for i, p in enumerate(prompts)})
+        first = len(rows)
+        self._add_rows(rows, rows.cache.allocate(len(prompts)), [list(p) for p in prompts], [0] * len(prompts))
+        self._read_tails(rows, list(range(first, len(rows))))
         return rows
 
     @torch.inference_mode()
     def append(self, rows: RowBatch, forced: dict[int, list[int]]) -> None:
-        """Append forced tokens (e.g. a tool result) to some rows, all in one forward pass.
+        """Append forced tokens (e.g. a tool result) to some rows.
 
         `forced` maps row id -> token ids; rows may receive different numbers of tokens and rows
-        not named receive none (and are not in the forward). The rows' pending tokens are fed
-        along with the new ones.
+        not named receive none. With `mixed_steps` the tokens join the rows' unread tails, read by
+        the next decoding step that feeds them; without, they are read now, in one forward pass
+        for all these rows (fed with their pending tokens).
         """
-        fed, chunks = [], []
+        fed = []
         for row_id, token_ids in forced.items():
             b = rows.index(row_id)
             if token_ids:
                 fed.append(b)
-                chunks.append([rows.histories[b][-1]] + list(token_ids[:-1]))
                 rows.histories[b].extend(token_ids)
-        if fed:
+        if not self.mixed_steps:
+            self._read_tails(rows, fed)
+
+    def _read_tails(self, rows: RowBatch, fed: list[int]) -> None:
+        """Read the unread tails of rows `fed` up to their pending token, in one forced pass
+        (a tail shared by copies of one row is read once, `RowBatch.duplicates`)."""
+        same = rows.duplicates(fed)
+        read = [b for b in fed if len(rows.unread(b)) > 1 and b not in same]
+        if read:
             rows.forced_passes += 1
-            self._forward_rows(rows, fed, chunks)
+            self._forward_rows(rows, read, [rows.unread(b)[:-1] for b in read])
+        for b, source in same.items():
+            rows.take_read_tail(b, source, len(rows.unread(b)) - 1)
 
     @torch.inference_mode()
     def fork(self, rows: RowBatch, row_id: int, copies: int = 1, keep: int | None = None) -> list[int]:
@@ -280,7 +255,8 @@ class Generator:
         if rng is None:
             rng = make_rng(sampling.seed, self.device)
         row_ids = list(rows.row_ids) if row_ids is None else list(row_ids)
-        outputs = {r: _copy_sequence((resume or {}).get(r)) for r in row_ids}
+        resume = resume or {}
+        outputs = {r: resume[r].copy() if resume.get(r) is not None else GeneratedSequence() for r in row_ids}
         budget_left = self._budgets(rows, row_ids, sampling, max_new_tokens)
         active = sorted(b for b in budget_left if budget_left[b] > 0)
         for b in set(budget_left) - set(active):
@@ -289,7 +265,7 @@ class Generator:
         # Eager: growth stops at what this call can need (every row at its limit). Compiled: plain
         # doubling, so few distinct cache shapes (each is a new graph).
         if not self.compiled:
-            rows.cache.length_limit = max((rows.next_position[b] + budget_left[b] for b in active), default=0)
+            rows.cache.length_limit = max((len(rows.histories[b]) - 1 + budget_left[b] for b in active), default=0)
         stopped = len(budget_left) - len(active)
         while active and (pause_after is None or stopped < pause_after):
             if not self.compiled:  # the decoding rows in one run of slots: views, not gathers
@@ -350,7 +326,14 @@ class Generator:
         return new_ids
 
     def _step_logits(self, rows: RowBatch, active: list[int]) -> torch.Tensor:
-        """Feed the pending tokens of the `active` rows; return their next-token logits (A, V)."""
+        """Feed the unread tails of the `active` rows; return their next-token logits (A, V).
+
+        Rows whose tail is longer than their pending token (forced tokens appended) are read in
+        the same pass when the model allows it (`engine.mixed`), else in a forced pass first."""
+        if any(len(rows.unread(b)) > 1 for b in active):
+            if self.mixes:
+                return mixed_logits(self.forward, rows, active, self.device).float()
+            self._read_tails(rows, active)
         cache = rows.cache
         if self.decode_step is None or not cache.layers[0].is_initialized:
             return self._forward_rows(rows, active, [[rows.histories[b][-1]] for b in active]).float()
@@ -392,9 +375,3 @@ class Generator:
         back[torch.tensor(order)] = torch.arange(len(order))
         return logits[back.to(logits.device)]
 
-
-def _copy_sequence(sequence: GeneratedSequence | None) -> GeneratedSequence:
-    if sequence is None:
-        return GeneratedSequence()
-    return GeneratedSequence(list(sequence.token_ids), list(sequence.logprobs), list(sequence.entropies),
-                             None, [list(t) for t in sequence.topk_logprobs])

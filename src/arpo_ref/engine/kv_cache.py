@@ -11,7 +11,7 @@ local to the rows it concerns:
 * growth (more slots, or more columns) re-allocates geometrically, so it is rare and amortised;
   `reserve` sizes the cache up front when the limits are known (then it never grows).
 
-Columns at or past a row's length may hold stale values; the attention mask (see `engine.mask`)
+Columns at or past a row's length may hold stale values; the attention mask (see `engine.forward.slot_mask`)
 never lets a query see them, and the row's next token overwrites them.
 
 It plugs into transformers as a `Cache` whose layers are `SlotLayer`s. Before each forward the
@@ -44,6 +44,10 @@ class ForwardPlan:
     first_slot: int = 0
     slot_index: torch.Tensor | None = None
     """[n] long slot of each batch row, when the rows are not a contiguous run of slots."""
+    token_slots: torch.Tensor | None = None
+    """[1, T] long slot of each token of a flat input (a mixed pass, `engine.mixed`): each token is
+    written at (its slot, its position) and the layers return every slot's columns (the attention
+    function gathers each group's slots)."""
 
 
 class SlotLayer(CacheLayerMixin):
@@ -77,18 +81,20 @@ class SlotLayer(CacheLayerMixin):
         plan = self.owner.plan
         if plan is None:
             raise RuntimeError("SlotCache: the generator sets a ForwardPlan before every forward pass")
-        if plan.slot_index is None:  # a contiguous run of slots: scatter into views
+        if plan.slot_index is None and plan.token_slots is None:  # a contiguous run of slots: scatter into views
             rows = slice(plan.first_slot, plan.first_slot + key_states.shape[0])
             keys, values = self.keys[rows], self.values[rows]
             where = plan.positions[:, None, :, None]  # [n, 1, W, 1]
             keys.scatter_(2, where.expand_as(key_states), key_states)
             values.scatter_(2, where.expand_as(value_states), value_states)
             return keys[:, :, : plan.read_length], values[:, :, : plan.read_length]
-        # Scattered slots: write each token at (its slot, its position), then gather the slots.
-        slots = plan.slot_index[:, None].expand_as(plan.positions)  # [n, W]
-        self.keys[slots, :, plan.positions] = key_states.transpose(1, 2)
+        # Scattered slots or a flat input: write each token at (its slot, its position).
+        slots = plan.token_slots if plan.token_slots is not None else plan.slot_index[:, None].expand_as(plan.positions)
+        self.keys[slots, :, plan.positions] = key_states.transpose(1, 2)  # [n, W, heads, dim]
         self.values[slots, :, plan.positions] = value_states.transpose(1, 2)
         length = plan.read_length
+        if plan.token_slots is not None:  # every slot (views); the attention picks its groups' slots
+            return self.keys[:, :, :length], self.values[:, :, :length]
         return self.keys[:, :, :length].index_select(0, plan.slot_index), \
             self.values[:, :, :length].index_select(0, plan.slot_index)
 
@@ -98,7 +104,7 @@ class SlotLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         plan = self.owner.plan
-        return 0 if plan is None else plan.read_length - plan.positions.shape[1]
+        return 0 if plan is None else max(0, plan.read_length - plan.positions.shape[1])
 
     def get_max_length(self) -> int:
         return self.owner.capacity
@@ -151,16 +157,16 @@ class SlotCache(Cache):
     def used_slots(self) -> int:
         return self.num_slots - len(self._free)
 
-    def copy_prefix(self, source: int, targets: list[int], length: int) -> None:
-        """Fork: copy columns [0, length) of slot `source` into each target slot, in every layer."""
-        if not targets or length == 0:
+    def copy_prefix(self, source: int, targets: list[int], length: int, start: int = 0) -> None:
+        """Fork: copy columns [start, length) of slot `source` into each target slot, in every layer."""
+        if not targets or length <= start:
             return
         index = torch.tensor(targets, device=self.device)
         for layer in self.layers:
             if layer.is_initialized:
                 for tensor in (layer.keys, layer.values):
-                    prefix = tensor[source, :, :length].clone()  # one row; the write may not alias it
-                    tensor[index, :, :length] = prefix
+                    prefix = tensor[source, :, start:length].clone()  # one row; the write may not alias it
+                    tensor[index, :, start:length] = prefix
 
     def swap(self, a: int, b: int, length_a: int, length_b: int | None) -> None:
         """Exchange the prefixes of slots a and b (b free: length_b None, a's prefix just moves

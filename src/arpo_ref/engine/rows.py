@@ -1,0 +1,98 @@
+"""The records of a generation: the live rows of a batch (`RowBatch`) and what one row generated in
+one call (`GeneratedSequence`). `arpo_ref.engine.generation.Generator` creates and updates them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .kv_cache import SlotCache
+
+FINISH_REASONS = ("stop", "eos", "length")
+
+
+@dataclass
+class GeneratedSequence:
+    """What one row generated in one call: one entry per new token."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    """log pi(token | history) under the temperature-1 policy."""
+    entropies: list[float] = field(default_factory=list)
+    """Entropy (nats) of the sampling distribution the token was drawn from."""
+    finish_reason: str | None = None
+    """'stop' (a stop string), 'eos' (an end-of-sequence id) or 'length' (max_new_tokens)."""
+    topk_logprobs: list[list[float]] = field(default_factory=list)
+    """The k largest sampling log-probs per step, when SamplingParams.topk_logprobs > 0."""
+
+    def copy(self) -> GeneratedSequence:
+        """A copy to continue (`Generator.decode(resume=...)`): same tokens, no finish reason yet."""
+        return GeneratedSequence(list(self.token_ids), list(self.logprobs), list(self.entropies),
+                                 None, [list(t) for t in self.topk_logprobs])
+
+
+@dataclass
+class RowBatch:
+    """The live rows of a generation, each in its own slot of one cache. Rows have stable ids.
+
+    Row b's tokens `histories[b][:next_position[b]]` are in the cache; the others,
+    `unread(b)`, are its *unread tail*: at least the last token (pending: sampled or forced, not
+    yet fed), plus any forced tokens appended since the row was last fed (a tool result). The
+    next forward pass that feeds the row reads its whole tail.
+    """
+
+    cache: SlotCache
+    histories: list[list[int]]
+    """Every token of each row: prompt, generated and forced tokens, the unread tail included."""
+    row_ids: list[int]
+    slots: list[int] = field(default_factory=list)
+    """The cache slot of each row."""
+    next_position: list[int] = field(default_factory=list)
+    """The position id of each row's first unread token (= its tokens in the cache; the column
+    that token's key/value will be written at)."""
+    next_row_id: int = 0
+    generated_tokens: int = 0
+    """Tokens sampled so far (all rows); prefill and forced tokens are not counted."""
+    forward_tokens: int = 0
+    """Real (not padding) tokens fed through the model so far: what compute was spent on."""
+    forced_passes: int = 0
+    """Forward passes that read forced tokens only (prompt prefills, tool results): no sampling."""
+    decode_steps: int = 0
+    """Decoding forward passes so far (one per sampled column, whatever the number of rows, also
+    when the pass reads some rows' forced tokens too): on a GPU, where a step of a small batch
+    costs about the same as a step of a large one, the time."""
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def index(self, row_id: int) -> int:
+        try:
+            return self.row_ids.index(row_id)
+        except ValueError:
+            raise KeyError(f"row {row_id} is not live (live rows: {self.row_ids})") from None
+
+    def unread(self, b: int) -> list[int]:
+        """Row b's tokens not yet in the cache (the pending token last)."""
+        return self.histories[b][self.next_position[b]:]
+
+    def duplicates(self, fed: list[int]) -> dict[int, int]:
+        """Rows of `fed` with forced tokens to read whose cached length and whole history equal
+        an earlier row's of `fed` (copies forked from a row with an unread tail): row -> that
+        row. The same tokens after the same prefix give the same keys, values and logits, so the
+        tail is read once and its columns copied (`take_read_tail`)."""
+        first, same = {}, {}
+        for b in fed:
+            if len(self.unread(b)) > 1:
+                key = (self.next_position[b], tuple(self.histories[b]))
+                same[b] = first.setdefault(key, b)
+        return {b: source for b, source in same.items() if source != b}
+
+    def take_read_tail(self, b: int, source: int, length: int) -> None:
+        """Row b takes its next `length` columns from row `source`, which just read the same tokens."""
+        start = self.next_position[b]
+        self.cache.copy_prefix(self.slots[source], [self.slots[b]], start + length, start=start)
+        self.next_position[b] += length
+
+    @property
+    def num_cached(self):
+        raise AttributeError("RowBatch.num_cached was renamed next_position (a list: the position of "
+                             "each row's first unread token)")
