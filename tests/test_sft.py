@@ -239,6 +239,27 @@ def test_shared_prompt_prefix_gives_the_padded_loss_and_gradient(tokenizer, acce
     assert fed[1] == fed[0] - 3 * prefix  # 4 rows: the prefix once instead of 4 times
 
 
+def test_output_layer_at_trained_positions_only_gives_the_full_logits_loss(tokenizer, accelerator, monkeypatch):
+    """The tiny Qwen2's output layer sees only the rows that predict a trained token; the loss and
+    gradient are those of the full logits (the path every other architecture takes)."""
+    import arpo_ref.training.shared_prefix as shared_prefix
+
+    examples = tokenize_demonstrations(tokenizer, DEMOS[:4], SYSTEM)
+    grads, losses, head_rows = [], [], []
+    for types in (shared_prefix.HEAD_AT_TRAINED_ONLY, ()):
+        monkeypatch.setattr(shared_prefix, "HEAD_AT_TRAINED_ONLY", types)
+        model, rows = load_model(), []
+        model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+        nll, count = backward_batch(model, examples, accelerator, 2, tokenizer.pad_token_id, len(tokenizer), False)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        losses.append(nll / count)
+        head_rows.append(sum(rows))
+    assert head_rows[0] == sum(e.num_trained for e in examples) < head_rows[1]
+    assert losses[0] == pytest.approx(float64_mean_nll(load_model(), examples, len(tokenizer)), rel=1e-5)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end
 def test_memorises_demonstrations_and_generates_them(tokenizer):

@@ -52,7 +52,7 @@ from accelerate.utils import DistributedType
 from ..episode import encode_demonstration, render_prompt
 from ..loss import global_token_mean
 from ..progress import progress_bar
-from .shared_prefix import can_share_prefix, prefix_logits, shared_prefix_length
+from .shared_prefix import can_share_prefix, head_at_trained_only, prefix_forward, shared_prefix_length
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,26 +223,29 @@ def collate(examples: list[SFTExample], pad_token_id: int, device=None) -> tuple
     return input_ids.to(device), attention_mask.to(device), loss_mask.to(device)
 
 
-def summed_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-                     vocab_size: int | None = None) -> torch.Tensor:
-    """Σ over trained tokens of −log π(x_t | x_<t): the numerator of the SFT loss L.
-
-    Args:
-        logits: (B, T, V') model outputs; row t scores the token at t + 1.
-        input_ids: (B, T) tokens; token t is the target of logits row t − 1.
-        loss_mask: (B, T) 1 = token t is trained on. Column 0 has no prediction and is ignored
-            (it is always a prompt token).
-        vocab_size: ids >= vocab_size (padding of the model's vocabulary) get probability 0.
-    Returns a scalar in float32 (or float64 for float64 logits).
-    """
+def trained_positions(outputs: torch.Tensor, input_ids: torch.Tensor,
+                      loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `outputs` (B, T, ·) that predict a trained token, and those tokens: (N, ·), (N,).
+    Row t predicts token t + 1; column 0 has no prediction and is ignored (always a prompt token)."""
     trained = loss_mask[:, 1:].bool()  # (B, T−1): targets that are trained on
-    targets = input_ids[:, 1:][trained]  # (N,)
-    scores = logits[:, :-1][trained]  # (N, V'): only the rows that carry a loss
+    return outputs[:, :-1][trained], input_ids[:, 1:][trained]
+
+
+def token_nll(scores: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """Σ −log softmax(scores)[target] over N rows (N, V'), in float32 (float64 for float64 scores);
+    ids >= vocab_size (padding of the model's vocabulary) get probability 0."""
     if vocab_size is not None:
         scores = scores[:, :vocab_size]  # dropping a column = giving its id probability 0
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()  # a half-precision log-softmax loses the small probabilities
     return F.cross_entropy(scores, targets, reduction="sum")
+
+
+def summed_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                     vocab_size: int | None = None) -> torch.Tensor:
+    """Σ over trained tokens of −log π(x_t | x_<t), the numerator of the SFT loss L, from the
+    logits (B, T, V') of input_ids (B, T); loss_mask (B, T): 1 = token t is trained on."""
+    return token_nll(*trained_positions(logits, input_ids, loss_mask), vocab_size)
 
 
 def backward_batch(model, batch: list[SFTExample], accelerator: Accelerator, micro_batch_size: int,
@@ -269,8 +272,8 @@ def backward_batch(model, batch: list[SFTExample], accelerator: Accelerator, mic
     for index, chunk in enumerate(chunks):
         is_last = index == len(chunks) - 1  # only the last backward all-reduces the gradients
         with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
-            logits, input_ids, loss_mask = micro_batch_logits(model, chunk, pad_token_id, accelerator.device, share_prefix)
-            nll = summed_token_nll(logits, input_ids, loss_mask, vocab_size)
+            with accelerator.autocast():  # also for the decoder called past the model's forward
+                nll = micro_batch_nll(model, chunk, pad_token_id, accelerator.device, vocab_size, share_prefix)
             accelerator.backward(global_token_mean(nll, num_tokens, accelerator.num_processes) * weight)
         if weight:
             local_nll += nll.item()
@@ -278,23 +281,27 @@ def backward_batch(model, batch: list[SFTExample], accelerator: Accelerator, mic
     return float(total_nll), num_tokens
 
 
-def micro_batch_logits(model, chunk: list[SFTExample], pad_token_id: int, device,
-                       share_prefix: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits of one micro-batch and the (input_ids, loss_mask) they score, each (B, T).
-    With `share_prefix`, the untrained prefix all rows share is read once (`shared_prefix`) and
-    the three tensors start after it; otherwise whole right-padded rows."""
+def micro_batch_nll(model, chunk: list[SFTExample], pad_token_id: int, device, vocab_size: int | None,
+                    share_prefix: bool) -> torch.Tensor:
+    """Σ NLL of one micro-batch's trained tokens, reading only what the loss needs:
+    with `share_prefix`, the untrained prefix all rows share once (`shared_prefix`); for the
+    architectures of HEAD_AT_TRAINED_ONLY, the output layer at trained positions only."""
     prefix = 0
     if share_prefix and len(chunk) > 1:
         prefix = shared_prefix_length([e.input_ids for e in chunk], [e.loss_mask for e in chunk])
+    rows = [SFTExample(e.input_ids[prefix:], e.loss_mask[prefix:]) for e in chunk] if prefix else chunk
+    input_ids, attention_mask, loss_mask = collate(rows, pad_token_id, device)
+    head_only = head_at_trained_only(model)
+    module = model.get_decoder() if head_only else model
     if prefix:
-        rows = [SFTExample(e.input_ids[prefix:], e.loss_mask[prefix:]) for e in chunk]
-        input_ids, attention_mask, loss_mask = collate(rows, pad_token_id, device)
         prefix_ids = torch.tensor(chunk[0].input_ids[:prefix], device=device)
-        logits = prefix_logits(model, prefix_ids, input_ids, attention_mask)
-        if logits is not None:
-            return logits, input_ids, loss_mask
-    input_ids, attention_mask, loss_mask = collate(chunk, pad_token_id, device)
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, input_ids, loss_mask
+        output = prefix_forward(module, prefix_ids, input_ids, attention_mask)
+    else:
+        output = module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if not head_only:
+        return summed_token_nll(output.logits, input_ids, loss_mask, vocab_size)
+    hidden, targets = trained_positions(output.last_hidden_state, input_ids, loss_mask)
+    return token_nll(model.get_output_embeddings()(hidden), targets, vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------

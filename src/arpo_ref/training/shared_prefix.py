@@ -7,7 +7,7 @@ the rows their cache:
 
     cache = forward(prefix)                    # one row of P tokens, with gradients
     cache repeated to the B rows               # repeat_interleave: its backward sums the rows'
-    logits = forward(rows[:, P:], cache)        # positions P.. continue the prefix's
+    logits = forward(rows[:, P:], cache)       # positions P.. continue the prefix's
 
 The loss and the gradient are those of the padded forward of whole rows (up to float rounding;
 tested against it), because (1) the prefix carries no loss, nor does the token after it, whose
@@ -16,10 +16,10 @@ prefix's keys and values from each row is summed into the one prefix forward, as
 it over the rows' copies. Rows are right-padded after the prefix, so a real token never sees
 padding.
 
-Limits (each falls back to the padded forward of whole rows): a single process only (under DDP
-or FSDP the prefix forward would bypass the wrapper; not attempted); no gradient checkpointing
-(the model then returns no cache); models without a `Cache` that can be repeated along the
-batch. Dropout, which the tiny and Qwen models do not use in training, would draw one mask for
+Limits: a single process only (under DDP or FSDP the prefix forward would bypass the wrapper;
+not attempted) and no gradient checkpointing (the model then returns no cache): otherwise whole
+padded rows; a model whose cache cannot be repeated along the batch stops with an error naming
+`sft.share_prefix: false`. Dropout, which the tiny and Qwen models do not use in training, would draw one mask for
 the prefix shared by the rows instead of one per row.
 """
 
@@ -54,27 +54,40 @@ def cache_argument(model) -> str | None:
 
 
 def can_share_prefix(model, num_processes: int) -> bool:
-    """Whether `prefix_logits` applies (module docstring: one process, no gradient checkpointing,
+    """Whether `prefix_forward` applies (module docstring: one process, no gradient checkpointing,
     a model that takes a cache)."""
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
     return (num_processes == 1 and not checkpointing
             and cache_argument(model) is not None)
 
 
-def prefix_logits(model, prefix_ids: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """Logits (B, T, V) of the rows `input_ids` (B, T), right-padded, each preceded by the same
-    `prefix_ids` (P,), which are read once. None when the model returned no repeatable cache
-    (the caller then forwards whole rows)."""
-    name = cache_argument(model)
-    output = model(input_ids=prefix_ids[None], use_cache=True)
+def prefix_forward(module, prefix_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """`module`'s output (a causal LM's: .logits; its decoder's: .last_hidden_state, each (B, T, ·))
+    for the rows `input_ids` (B, T), right-padded, each preceded by the same `prefix_ids` (P,),
+    which are read once."""
+    output = module(input_ids=prefix_ids[None], use_cache=True)
     cache = getattr(output, "cache", None)
     if cache is None:
         cache = getattr(output, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
+        raise ValueError(f"sft.share_prefix: {type(module).__name__} returned no KV cache that can be "
+                         "repeated over the rows; set sft.share_prefix: false")
     rows = input_ids.shape[0]
     cache.batch_repeat_interleave(rows)  # differentiable: its backward sums over the rows
     prefix_mask = torch.ones(rows, len(prefix_ids), dtype=attention_mask.dtype, device=attention_mask.device)
-    return model(input_ids=input_ids, attention_mask=torch.cat([prefix_mask, attention_mask], dim=1),
-                 use_cache=True, **{name: cache}).logits
+    return module(input_ids=input_ids, attention_mask=torch.cat([prefix_mask, attention_mask], dim=1),
+                  use_cache=True, **{cache_argument(module): cache})
+
+
+HEAD_AT_TRAINED_ONLY = ("qwen2", "qwen3", "llama", "mistral")
+"""Model types whose causal-LM forward is `lm_head(decoder(...))` and nothing more (no logit
+scaling or soft-capping), so SFT may apply the output layer to the trained positions only (the
+toy world's: 28% of the tokens): the same loss, a smaller product with the vocabulary matrix.
+Other models get their full logits."""
+
+
+def head_at_trained_only(model) -> bool:
+    """Whether SFT calls `model.get_decoder()` and applies `get_output_embeddings()` itself."""
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in HEAD_AT_TRAINED_ONLY and hasattr(model, "get_decoder")
+            and model.get_output_embeddings() is not None)
