@@ -32,6 +32,8 @@ Where this module deviates, and why:
 5. Gradient accumulation is done by hand: each micro-batch's summed NLL is divided by the trained
    tokens of the whole batch, so any `micro_batch_size` gives the same update. DeepSpeed, which
    steps the optimizer inside its own backward, is therefore not supported here; use DDP or FSDP.
+6. Only what the loss needs is computed (the same loss): a micro-batch's shared untrained prefix
+   once (`shared_prefix`), the output layer at trained positions (`micro_batch_nll`).
 """
 
 from __future__ import annotations
