@@ -228,7 +228,7 @@ def test_shared_prompt_prefix_gives_the_padded_loss_and_gradient(tokenizer, acce
     grads, losses, fed = [], [], []
     for share in (False, True):
         model, tokens = load_model(), []
-        model.model.embed_tokens.register_forward_hook(lambda module, args, out: tokens.append(args[0].numel()))
+        model.model.embed_tokens.register_forward_hook(lambda m, args, out, tokens=tokens: tokens.append(args[0].numel()))
         nll, count = backward_batch(model, examples, accelerator, 4, tokenizer.pad_token_id, len(tokenizer), share)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         losses.append(nll / count)
@@ -249,7 +249,7 @@ def test_output_layer_at_trained_positions_only_gives_the_full_logits_loss(token
     for types in (shared_prefix.HEAD_AT_TRAINED_ONLY, ()):
         monkeypatch.setattr(shared_prefix, "HEAD_AT_TRAINED_ONLY", types)
         model, rows = load_model(), []
-        model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+        model.lm_head.register_forward_hook(lambda m, args, out, rows=rows: rows.append(args[0].shape[:-1].numel()))
         nll, count = backward_batch(model, examples, accelerator, 2, tokenizer.pad_token_id, len(tokenizer), False)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         losses.append(nll / count)

@@ -32,8 +32,7 @@ Where this module deviates, and why:
 5. Gradient accumulation is done by hand: each micro-batch's summed NLL is divided by the trained
    tokens of the whole batch, so any `micro_batch_size` gives the same update. DeepSpeed, which
    steps the optimizer inside its own backward, is therefore not supported here; use DDP or FSDP.
-6. Only what the loss needs is computed (the same loss): a micro-batch's shared untrained prefix
-   once (`shared_prefix`), the output layer at trained positions (`micro_batch_nll`).
+6. Only what the loss needs is computed (the same loss; `micro_batch_nll`).
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ from accelerate.utils import DistributedType
 from ..episode import encode_demonstration, render_prompt
 from ..loss import global_token_mean
 from ..progress import progress_bar
-from .shared_prefix import can_share_prefix, head_at_trained_only, prefix_forward, shared_prefix_length
+from . import shared_prefix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +259,7 @@ def backward_batch(model, batch: list[SFTExample], accelerator: Accelerator, mic
     and processes is the gradient of the batch's token mean whatever the micro-batch size.
     Micro-batches are cut from the batch sorted by length, so similar lengths are padded
     together (same sum, less padding: the demo's batches of 16 in micro-batches of 8 pad 19%
-    of their tokens instead of 37%). `share_prefix`: SFTConfig.share_prefix.
-    """
+    of their tokens instead of 37%). `share_prefix`: SFTConfig.share_prefix."""
     num_tokens = sum(example.num_trained for example in batch)
     local = batch[accelerator.process_index::accelerator.num_processes]
     weight = 1.0
@@ -269,13 +267,15 @@ def backward_batch(model, batch: list[SFTExample], accelerator: Accelerator, mic
         local, weight = batch[:1], 0.0
     local = sorted(local, key=len)  # micro-batches of similar lengths: less padding, the same sum
     chunks = [local[i:i + micro_batch_size] for i in range(0, len(local), micro_batch_size)]
-    share_prefix = share_prefix and can_share_prefix(accelerator.unwrap_model(model), accelerator.num_processes)
+    unwrapped = accelerator.unwrap_model(model)
+    share_prefix = share_prefix and shared_prefix.can_share_prefix(unwrapped, accelerator.num_processes)
+    head_only = accelerator.num_processes == 1 and shared_prefix.head_at_trained_only(unwrapped)
     local_nll = 0.0
     for index, chunk in enumerate(chunks):
         is_last = index == len(chunks) - 1  # only the last backward all-reduces the gradients
         with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
             with accelerator.autocast():  # also for the decoder called past the model's forward
-                nll = micro_batch_nll(model, chunk, pad_token_id, accelerator.device, vocab_size, share_prefix)
+                nll = micro_batch_nll(model, chunk, pad_token_id, accelerator.device, vocab_size, share_prefix, head_only)
             accelerator.backward(global_token_mean(nll, num_tokens, accelerator.num_processes) * weight)
         if weight:
             local_nll += nll.item()
@@ -284,20 +284,20 @@ def backward_batch(model, batch: list[SFTExample], accelerator: Accelerator, mic
 
 
 def micro_batch_nll(model, chunk: list[SFTExample], pad_token_id: int, device, vocab_size: int | None,
-                    share_prefix: bool) -> torch.Tensor:
+                    share_prefix: bool, head_only: bool) -> torch.Tensor:
     """Σ NLL of one micro-batch's trained tokens, reading only what the loss needs:
-    with `share_prefix`, the untrained prefix all rows share once (`shared_prefix`); for the
-    architectures of HEAD_AT_TRAINED_ONLY, the output layer at trained positions only."""
+    with `share_prefix`, the untrained prefix all rows share once (`shared_prefix`); with
+    `head_only` (one process, an architecture of HEAD_AT_TRAINED_ONLY), the output layer at
+    trained positions only."""
     prefix = 0
     if share_prefix and len(chunk) > 1:
-        prefix = shared_prefix_length([e.input_ids for e in chunk], [e.loss_mask for e in chunk])
+        prefix = shared_prefix.shared_prefix_length([e.input_ids for e in chunk], [e.loss_mask for e in chunk])
     rows = [SFTExample(e.input_ids[prefix:], e.loss_mask[prefix:]) for e in chunk] if prefix else chunk
     input_ids, attention_mask, loss_mask = collate(rows, pad_token_id, device)
-    head_only = head_at_trained_only(model)
     module = model.get_decoder() if head_only else model
     if prefix:
         prefix_ids = torch.tensor(chunk[0].input_ids[:prefix], device=device)
-        output = prefix_forward(module, prefix_ids, input_ids, attention_mask)
+        output = shared_prefix.prefix_forward(module, prefix_ids, input_ids, attention_mask)
     else:
         output = module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     if not head_only:

@@ -19,8 +19,8 @@ padding.
 Limits: a single process only (under DDP or FSDP the prefix forward would bypass the wrapper;
 not attempted) and no gradient checkpointing (the model then returns no cache): otherwise whole
 padded rows; a model whose cache cannot be repeated along the batch stops with an error naming
-`sft.share_prefix: false`. Dropout, which the tiny and Qwen models do not use in training, would draw one mask for
-the prefix shared by the rows instead of one per row.
+`sft.share_prefix: false`. Dropout, which the tiny and Qwen models do not use in training,
+would draw one mask for the prefix shared by the rows instead of one per row.
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ def can_share_prefix(model, num_processes: int) -> bool:
     """Whether `prefix_forward` applies (module docstring: one process, no gradient checkpointing,
     a model that takes a cache)."""
     checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-    return (num_processes == 1 and not checkpointing
-            and cache_argument(model) is not None)
+    return num_processes == 1 and not checkpointing and cache_argument(model) is not None
 
 
 def prefix_forward(module, prefix_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -83,7 +82,8 @@ HEAD_AT_TRAINED_ONLY = ("qwen2", "qwen3", "llama", "mistral")
 """Model types whose causal-LM forward is `lm_head(decoder(...))` and nothing more (no logit
 scaling or soft-capping), so SFT may apply the output layer to the trained positions only (the
 toy world's: 28% of the tokens): the same loss, a smaller product with the vocabulary matrix.
-Other models get their full logits."""
+Other models, and any model under DDP or FSDP (whose wrapper the direct calls would bypass),
+get their full logits."""
 
 
 def head_at_trained_only(model) -> bool:
