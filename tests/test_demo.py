@@ -20,7 +20,7 @@ import pytest
 
 import arpo_ref
 from arpo_ref.config import load_config
-from arpo_ref.demo import DemoConfig, packaged_config, resolve_demo_config
+from arpo_ref.demo import DemoConfig, StageClock, packaged_config, resolve_demo_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["world.num_entities=30", "world.num_train=16", "world.num_eval=9", "world.num_sft=48",
@@ -91,10 +91,31 @@ def test_demo_runs_from_an_empty_folder_and_its_outputs_agree(tmp_path):
     assert printed and [float(x) for x in printed.groups()] == [
         round(summary[s]["eval/accuracy"], 3) for s in ("before", "after")]
     assert summary["sft"]["sft/loss"] > 0 and summary["seconds"]["total"] > 0
+    stages = {"world", "sft", "eval_before", "rl", "eval_after", "tree"}
+    assert set(summary["seconds"]) == set(summary["cpu_seconds"]) == stages | {"total"}
+    assert summary["cpu_seconds"]["total"] == pytest.approx(sum(summary["cpu_seconds"][s] for s in stages))
+    assert re.search(r"CPU time\s+\d+ s \(world \d+, SFT \d+, RL \d+, eval \d+", result.stdout)
     config = load_config(run / "config.yaml")
     # paths in the run's config are as given on the command line: relative to where the demo ran
     assert config.train.steps == 2 and (tmp_path / config.model.name_or_path).resolve() == (run / "sft_model").resolve()
     assert (run / "rollout_tree.txt").read_text().startswith("question: ")
+
+
+def test_stage_clock_counts_this_process_and_its_finished_children():
+    """A stage's CPU seconds include a tool subprocess's (the python tool's cost in RL), and
+    another stage's do not."""
+    import time
+
+    clock = StageClock()
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    subprocess.run([sys.executable, "-c", busy], check=True)
+    clock.lap("child")
+    started = time.process_time()
+    while time.process_time() - started < 0.2:
+        pass
+    clock.lap("own")
+    assert clock.cpu["child"] >= 0.3 and 0.2 <= clock.cpu["own"] < 0.3
+    assert clock.wall["child"] >= 0.3 and set(clock.wall) == {"child", "own"}
 
 
 def test_a_saved_cold_start_is_reused_as_the_same_agent(tmp_path):

@@ -26,6 +26,7 @@ from arpo_ref.training.sft import (
     supervised_finetune,
     tokenize_demonstrations,
 )
+from arpo_ref.training.shared_prefix import shared_prefix_length
 
 SYSTEM = "You are a helpful agent."
 
@@ -207,6 +208,56 @@ def test_micro_batches_are_cut_from_the_batch_sorted_by_length(tokenizer, accele
     monkeypatch.setattr(sft, "collate", lambda chunk, *a: widths.append([len(e) for e in chunk]) or collate_rows(chunk, *a))
     backward_batch(load_model(), examples, accelerator, 2, tokenizer.pad_token_id, len(tokenizer))
     assert widths == [[3, 4], [8, 9]]  # 2 padding tokens instead of 6 + 4 in the given order
+
+
+def test_shared_prefix_stops_before_the_first_trained_token():
+    """Hand-made rows: the common prefix, cut so that neither it nor the token after it is trained."""
+    ids = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 9]]
+    assert shared_prefix_length(ids, [[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1]]) == 4  # rows differ at 4
+    assert shared_prefix_length(ids, [[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1]]) == 2  # row 0 trains on token 3
+    assert shared_prefix_length(ids, [[0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]]) == 0
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]], [[0, 0, 0], [0, 0, 0]]) == 2  # a token stays after it
+
+
+def test_shared_prompt_prefix_gives_the_padded_loss_and_gradient(tokenizer, accelerator):
+    """The system prompt read once per micro-batch: the float64 reference loss, the gradient of
+    whole padded rows, and fewer tokens through the model."""
+    examples = tokenize_demonstrations(tokenizer, DEMOS[:4], SYSTEM)
+    prefix = shared_prefix_length([e.input_ids for e in examples], [e.loss_mask for e in examples])
+    assert prefix > len(tokenizer(SYSTEM)["input_ids"])  # the system prompt and its template at least
+    grads, losses, fed = [], [], []
+    for share in (False, True):
+        model, tokens = load_model(), []
+        model.model.embed_tokens.register_forward_hook(lambda m, args, out, tokens=tokens: tokens.append(args[0].numel()))
+        nll, count = backward_batch(model, examples, accelerator, 4, tokenizer.pad_token_id, len(tokenizer), share)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        losses.append(nll / count)
+        fed.append(sum(tokens))
+    assert losses[1] == pytest.approx(float64_mean_nll(load_model(), examples, len(tokenizer)), rel=1e-5)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    assert fed[1] == fed[0] - 3 * prefix  # 4 rows: the prefix once instead of 4 times
+
+
+def test_output_layer_at_trained_positions_only_gives_the_full_logits_loss(tokenizer, accelerator, monkeypatch):
+    """The tiny Qwen2's output layer sees only the rows that predict a trained token; the loss and
+    gradient are those of the full logits (the path every other architecture takes)."""
+    import arpo_ref.training.shared_prefix as shared_prefix
+
+    examples = tokenize_demonstrations(tokenizer, DEMOS[:4], SYSTEM)
+    grads, losses, head_rows = [], [], []
+    for types in (shared_prefix.HEAD_AT_TRAINED_ONLY, ()):
+        monkeypatch.setattr(shared_prefix, "HEAD_AT_TRAINED_ONLY", types)
+        model, rows = load_model(), []
+        model.lm_head.register_forward_hook(lambda m, args, out, rows=rows: rows.append(args[0].shape[:-1].numel()))
+        nll, count = backward_batch(model, examples, accelerator, 2, tokenizer.pad_token_id, len(tokenizer), False)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        losses.append(nll / count)
+        head_rows.append(sum(rows))
+    assert head_rows[0] == sum(e.num_trained for e in examples) < head_rows[1]
+    assert losses[0] == pytest.approx(float64_mean_nll(load_model(), examples, len(tokenizer)), rel=1e-5)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

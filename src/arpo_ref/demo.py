@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import resource
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -83,6 +84,28 @@ class DemoConfig(Config):
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
+class StageClock:
+    """Wall and CPU seconds of each demo stage. CPU = this process's plus that of its finished
+    children (the python tool's subprocesses), so it reads the same on an idle or a busy
+    machine, where wall time does not."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._last = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.perf_counter(), time.process_time() + children.ru_utime + children.ru_stime
+
+    def lap(self, stage: str) -> None:
+        """Close `stage`: the seconds since the previous lap (or the clock's creation)."""
+        now = self._now()
+        self.wall[stage], self.cpu[stage] = now[0] - self._last[0], now[1] - self._last[1]
+        self._last = now
+
+
 @dataclass
 class ColdStart:
     """A cold-started agent in its toy world: everything the RL stage needs."""
@@ -94,6 +117,8 @@ class ColdStart:
     registry: ToolRegistry
     sft_metrics: dict
     seconds: dict
+    clock: StageClock | None = None
+    """The stages' wall and CPU seconds so far (world, sft); `seconds` is its wall part."""
 
 
 def cold_start(config_path: str | Path, overrides: list[str] = (), out_dir: str | Path = "runs/demo",
@@ -104,7 +129,7 @@ def cold_start(config_path: str | Path, overrides: list[str] = (), out_dir: str 
     `sft_model/`): its weights are loaded instead of training again. SFT is deterministic for a
     config (`threads`), so this gives the same agent; benchmarks use it to add an algorithm to
     seeds already cold-started."""
-    started = time.perf_counter()
+    clock = StageClock()
     out = Path(out_dir)
     # The corpus does not exist yet; its path is known, and the world writes it there.
     corpus = f"tools.search.corpus_path={out / 'world' / 'corpus.jsonl'}"
@@ -117,7 +142,7 @@ def cold_start(config_path: str | Path, overrides: list[str] = (), out_dir: str 
     config = _resolve(base, world, out)
     save_config(config, _mkdir(out) / "config.yaml")
     tokenizer, model = world.load_tokenizer(), world.load_model().eval()
-    seconds = {"world": time.perf_counter() - started}
+    clock.lap("world")
     log(f"[2/5] cold-start SFT on {len(world.demonstrations)} demonstrations ...")
     examples = tokenize_demonstrations(tokenizer, [dataclasses.asdict(d) for d in world.demonstrations],
                                        config.data.system_prompt)
@@ -128,39 +153,41 @@ def cold_start(config_path: str | Path, overrides: list[str] = (), out_dir: str 
         sft_metrics = supervised_finetune(model, tokenizer, examples, dataclasses.replace(config.sft, seed=base.seed))
     model.save_pretrained(out / "sft_model")
     tokenizer.save_pretrained(out / "sft_model")
-    seconds["sft"] = time.perf_counter() - started - seconds["world"]
-    return ColdStart(config, world, model, tokenizer, ToolRegistry.from_config(config.tools), sft_metrics, seconds)
+    clock.lap("sft")
+    return ColdStart(config, world, model, tokenizer, ToolRegistry.from_config(config.tools), sft_metrics,
+                     dict(clock.wall), clock)
 
 
 def run_demo(config_path: str | Path, overrides: list[str] = (), out_dir: str | Path = "runs/demo",
              log=print) -> dict:
     """Run the demo; returns the summary (also written to out_dir/summary.json)."""
-    started = time.perf_counter()
     out = Path(out_dir)
     agent = cold_start(config_path, overrides, out, log)
     config, model, tokenizer, registry = agent.config, agent.model, agent.tokenizer, agent.registry
     eval_records = load_records(agent.world.eval_path)
-    timings = dict(agent.seconds)
+    clock = agent.clock
     # 3. evaluate the cold start
     log(f"[3/5] evaluating the cold-started agent on {len(eval_records)} questions ...")
     before, before_trees = _evaluate(model, tokenizer, registry, eval_records, config)
     log(f"      accuracy {before['eval/accuracy']:.3f}, tool calls/question {before['eval/tool_calls_per_question']:.2f}")
-    timings["eval_before"] = time.perf_counter() - started - sum(timings.values())
+    clock.lap("eval_before")
     # 4. ARPO
     log(f"[4/5] ARPO RL: {config.train.steps} steps × {config.train.prompts_per_step} prompts × "
         f"M={config.rollout.rollout_budget} ({config.rollout.mode} mode) ...")
     train(config, model=model, tokenizer=tokenizer, log=lambda m: log("      " + m))
-    timings["rl"] = time.perf_counter() - started - sum(timings.values())
+    clock.lap("rl")
     # 5. evaluate and report
     log("[5/5] evaluating the ARPO agent ...")
     after, after_trees = _evaluate(model, tokenizer, registry, eval_records, config)
-    timings["eval_after"] = time.perf_counter() - started - sum(timings.values())
+    clock.lap("eval_after")
     _write_tree(out, model, tokenizer, registry, config, agent.world)
+    clock.lap("tree")
     summary = {
         "before": before | accuracy_by_kind(eval_records, before_trees, tokenizer),
         "after": after | accuracy_by_kind(eval_records, after_trees, tokenizer),
         "sft": {k: v for k, v in agent.sft_metrics.items() if k != "sft/epoch_losses"},
-        "seconds": timings | {"total": time.perf_counter() - started},
+        "seconds": clock.wall | {"total": sum(clock.wall.values())},
+        "cpu_seconds": clock.cpu | {"total": sum(clock.cpu.values())},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_metrics(out / "metrics.jsonl", out / "metrics.png", before["eval/accuracy"])
@@ -246,7 +273,7 @@ def plot_metrics(metrics_path: Path, png_path: Path, accuracy_before: float) -> 
 
 
 def format_summary(summary: dict, out: Path) -> str:
-    before, after, seconds = summary["before"], summary["after"], summary["seconds"]
+    before, after, seconds, cpu = summary["before"], summary["after"], summary["seconds"], summary["cpu_seconds"]
     kinds = sorted(k.removeprefix("eval/accuracy_") for k in after if k.startswith("eval/accuracy_"))
     lines = [
         "", "ARPO demo summary", "-----------------",
@@ -255,6 +282,8 @@ def format_summary(summary: dict, out: Path) -> str:
         f"tool calls/question  {before['eval/tool_calls_per_question']:.2f} -> {after['eval/tool_calls_per_question']:.2f}",
         f"time                 {seconds['total']:.0f} s (world {seconds['world']:.0f}, SFT {seconds['sft']:.0f}, "
         f"RL {seconds['rl']:.0f}, eval {seconds['eval_before'] + seconds['eval_after']:.0f})",
+        f"CPU time             {cpu['total']:.0f} s (world {cpu['world']:.0f}, SFT {cpu['sft']:.0f}, "
+        f"RL {cpu['rl']:.0f}, eval {cpu['eval_before'] + cpu['eval_after']:.0f}; tool subprocesses included)",
         f"run folder           {out}/ (config.yaml, metrics.jsonl, metrics.png, rollout_tree.txt/.png, final/)",
     ]
     return "\n".join(lines)
