@@ -152,3 +152,30 @@ def test_copies_share_one_read_of_a_tail_only_while_their_histories_are_equal(mi
         assert got[row].token_ids == want[row].token_ids
         assert torch.allclose(torch.tensor(got[row].logprobs), torch.tensor(want[row].logprobs), atol=1e-5, rtol=0)
     assert fed == fed_alone - len(result) - mixed_steps  # B's result (and pending token, mixed) not read
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompts_of_different_lengths_are_read_flat_without_padding(arch):
+    """Prefill lays the prompts flat (`mixed.read_flat`): the model sees exactly the prompts'
+    tokens but the pending last ones, not 4 rows padded to the longest; the keys and values it
+    writes are the padded read's (the reference: `mixed_steps=False`)."""
+    tokenizer, model = load_tokenizer(), load_model(arch)
+    prompts = encode(tokenizer, PROMPTS[:4])
+    assert len({len(p) for p in prompts}) > 2
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        flat = Generator(model, tokenizer, eos_token_ids=[]).prefill(prompts)
+        padded = Generator(model, tokenizer, eos_token_ids=[], mixed_steps=False).prefill(prompts)
+    finally:
+        hook.remove()
+    unread = [len(p) - 1 for p in prompts]
+    assert shapes == [(1, sum(unread)), (len(prompts), max(unread))]
+    assert flat.forward_tokens == padded.forward_tokens == sum(unread) and flat.forced_passes == 1
+    assert flat.next_position == padded.next_position == unread
+    for got, want in zip(flat.cache.layers, padded.cache.layers, strict=True):
+        for b, n in enumerate(unread):
+            for name in ("keys", "values"):
+                a = getattr(got, name)[flat.slots[b], :, :n]
+                r = getattr(want, name)[padded.slots[b], :, :n]
+                assert torch.allclose(a, r, atol=1e-5, rtol=0), (arch, b, name)

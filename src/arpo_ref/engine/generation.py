@@ -36,7 +36,8 @@ reads its result in the same pass as the others' one-token tails (`engine.mixed`
 flat, attention per group of rows, no padding of short rows to the longest tail). A fork copies
 the cached prefix and the history, so the copies hold the parent's tail unread; rows fed with
 the same history read it once and share the columns.
-Prompts are read at once (`prefill`). So finishing, forking and forcing never waste a forward
+Prompts are read at once (`prefill`), laid flat the same way (no padding of short prompts to
+the longest: `engine.mixed.read_flat`). So finishing, forking and forcing never waste a forward
 pass, a tool result costs no pass of its own, and no [B, V] logits are kept between calls. Only
 the rows being fed go through a forward (waiting rows do not), and attention reads only up to the
 longest of them, not the capacity.
@@ -65,7 +66,7 @@ import torch
 
 from . import DecodeStep, ForwardPlan, SlotCache, SlotForward
 from .forward import choose_attention
-from .mixed import mixed_logits, supports_mixed_steps
+from .mixed import mixed_logits, read_flat, supports_mixed_steps
 from .rows import FINISH_REASONS, GeneratedSequence, RowBatch
 from .sampling import SamplingParams, filter_top_k_top_p, make_rng, sample_next, sample_step
 from .stopping import StopRules, default_eos_ids
@@ -162,9 +163,10 @@ class Generator:
     def prefill(self, prompts: list[list[int]], rows: RowBatch | None = None) -> RowBatch:
         """Add one row per prompt to `rows` (a new batch by default) and read the prompts.
 
-        The new rows take free slots and their prompts are read at once, in one forward pass (they
-        are usually forked right after: the copies then share the read prompt); the other rows are
-        not touched.
+        The new rows take free slots and their prompts are read at once, in one forward pass, laid
+        flat when the model allows mixed passes (no padding; else padded to the longest); they are
+        usually forked right after, the copies then share the read prompt. The other rows are not
+        touched.
         """
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -199,7 +201,11 @@ class Generator:
         read = [b for b in fed if len(rows.unread(b)) > 1 and b not in same]
         if read:
             rows.forced_passes += 1
-            self._forward_rows(rows, read, [rows.unread(b)[:-1] for b in read])
+            chunks = [rows.unread(b)[:-1] for b in read]
+            if self.mixes:  # laid flat: no padding of short prompts to the longest
+                read_flat(self.forward, rows, read, chunks, self.device, all_logits=False)
+            else:
+                self._forward_rows(rows, read, chunks)
         for b, source in same.items():
             rows.take_read_tail(b, source, len(rows.unread(b)) - 1)
 

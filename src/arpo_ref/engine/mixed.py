@@ -155,8 +155,17 @@ def mixed_logits(forward: SlotForward, rows: RowBatch, fed: list[int], device: t
 
 def _read(forward: SlotForward, rows: RowBatch, fed: list[int], device: torch.device) -> torch.Tensor:
     """The flat pass itself: the rows `fed` read their whole tails; logits [n, V] in their order."""
-    tails = [rows.unread(b) for b in fed]
-    lengths = [len(tail) for tail in tails]
+    return read_flat(forward, rows, fed, [rows.unread(b) for b in fed], device)
+
+
+def read_flat(forward: SlotForward, rows: RowBatch, fed: list[int], chunks: list[list[int]],
+              device: torch.device, all_logits: bool = True) -> torch.Tensor:
+    """Feed chunk i (the next tokens of row fed[i]'s unread tail) to row fed[i], every chunk laid
+    flat in one pass: the projections and the MLP see no padding (prompts of different lengths
+    are read this way, `Generator.prefill`). Returns the logits at each chunk's last token [n, V]
+    in the order of `fed`, or with `all_logits=False` only the last row's [1, V] (a read that
+    samples nothing)."""
+    lengths = [len(chunk) for chunk in chunks]
     positions = [rows.next_position[b] + j for b, n in zip(fed, lengths) for j in range(n)]
     token_slots = [rows.slots[b] for b, n in zip(fed, lengths) for _ in range(n)]
     read_length = max(positions) + 1
@@ -169,7 +178,8 @@ def _read(forward: SlotForward, rows: RowBatch, fed: list[int], device: torch.de
     last = flat(list(accumulate(lengths)))[0] - 1  # [n]: each row's last tail token
     groups = group_rows([rows.slots[b] for b in fed], lengths, device)
     with _attention(forward.model, ATTENTION_NAME):
-        logits = forward(rows.cache, flat([t for tail in tails for t in tail]), plan, keep=last, slot_groups=groups)
+        logits = forward(rows.cache, flat([t for chunk in chunks for t in chunk]), plan,
+                         keep=last if all_logits else last[-1:], slot_groups=groups)
     for b, n in zip(fed, lengths):
         rows.next_position[b] += n
         rows.forward_tokens += n
