@@ -283,7 +283,7 @@ def test_benchmark_smoke_path_runs_and_reports_every_row(tmp_path):
         sys.path.pop(0)
     result = main(["--smoke", "--out", str(tmp_path / "tiny.json")])
     assert [(r["rows"], r["stops"]) for r in result["throughput"]] == [(4, "eos"), (4, "no stop")]
-    assert all(r["ours_tokens"] > 0 and r["paired_mean"] > 0 for r in result["throughput"])
+    assert all(r["ours_tokens"] > 0 and r["paired_mean"] > 0 and r["pooled_ratio"] > 0 for r in result["throughput"])
     assert result["churn"]["step_ms_after"] > 0 and result["fork"]["fork_speedup"] > 0
     assert result["memory"]["ours_bytes"] > 0 and result["memory"]["dynamic_cache_bytes"] > 0
     assert json.loads((tmp_path / "tiny.json").read_text())["fork"]["history"] == 32
