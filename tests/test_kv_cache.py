@@ -3,6 +3,8 @@ no row operation touches another row's slot, and the compiled decoding step equa
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from test_generation import PROMPTS, encode, hf_generate_batched
@@ -167,3 +169,22 @@ def test_attention_option_eager_equals_sdpa_and_unavailable_backends_fail_clearl
     with pytest.raises(RuntimeError, match="flex_attention.*not available.*CUDA"):
         Generator(model, tokenizer, attention="flex_attention")
     assert model.config._attn_implementation == "sdpa"  # a refused backend leaves the model as it was
+
+
+def test_growth_stays_geometric_when_the_limit_rises_a_little_call_after_call():
+    """Bug: under a per-call `length_limit` (the decode call's need) that rose by a few tokens each
+    call, as tool results joined between calls, every growth went to exactly the new limit: 60
+    re-allocations (each a copy of every slot) for one rollout. Every growth is now >= 1.25x."""
+    cache = SlotCache(num_layers=1, num_slots=2, capacity=100)
+    for need in range(101, 400, 5):
+        cache.length_limit = need
+        cache.ensure_capacity(need)
+        assert cache.capacity >= need
+    assert cache.growths <= math.ceil(math.log(400 / 100, 1.25)) and cache.capacity < 1.25 * 400
+    cache = SlotCache(num_layers=1, num_slots=2, capacity=100)
+    cache.length_limit = 130  # a limit that is not reached: doubling stops there...
+    cache.ensure_capacity(101)
+    assert cache.capacity == 130
+    cache.length_limit = 0  # ...no limit: doubling
+    cache.ensure_capacity(131)
+    assert cache.capacity == 260

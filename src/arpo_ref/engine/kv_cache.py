@@ -23,10 +23,14 @@ the batch's slots, read up to `plan.read_length` columns.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+MIN_GROWTH = 1.25
+"""The least factor a growth of the columns multiplies the capacity by."""
 
 
 @dataclass
@@ -216,10 +220,13 @@ class SlotCache(Cache):
         self.growths += 1
 
     def ensure_capacity(self, length: int) -> None:
-        """At least `length` columns; grows geometrically (doubling) so growth is amortised."""
+        """At least `length` columns; grows geometrically so growth is amortised: doubling, capped
+        by `length_limit` when set, but never by less than `MIN_GROWTH`x (a limit that rises call
+        after call, as tool results join between decoding calls, would otherwise re-allocate
+        and copy every slot for every few tokens)."""
         if length > self.capacity:
-            doubled = 2 * self.capacity if self.length_limit <= 0 else min(2 * self.capacity, self.length_limit)
-            self.reserve(capacity=max(length, doubled))
+            target = 2 * self.capacity if self.length_limit <= 0 else min(2 * self.capacity, self.length_limit)
+            self.reserve(capacity=max(length, target, math.ceil(MIN_GROWTH * self.capacity)))
 
     @property
     def device(self) -> torch.device | None:
