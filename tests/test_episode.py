@@ -203,9 +203,9 @@ def merged_tail_tokenizer():
         vocab_size=300, special_tokens=["<|pad|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>")
-    path = tempfile.mkdtemp(prefix="arpo_ref_tail_tok_")
-    fast.save_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
+    with tempfile.TemporaryDirectory(prefix="arpo_ref_tail_tok_") as path:
+        fast.save_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
 
 
 def test_a_stop_token_with_text_after_the_closing_tag_is_parsed_as_the_call(tmp_path):

@@ -7,7 +7,9 @@ models of several architectures are created from their configs, and both go thro
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,6 +44,7 @@ CHAT_TEMPLATE = (
 )
 
 _ROOT = Path(tempfile.mkdtemp(prefix="arpo_ref_tiny_"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)  # saved tokenizers and models: gone at exit
 
 
 @functools.cache
