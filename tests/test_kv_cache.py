@@ -130,7 +130,8 @@ def test_compiled_decoding_step_gives_the_eager_tokens_and_logprobs():
         (child,) = generator.fork(rows, rows.row_ids[1])
         second = generator.decode(rows, sampling, rng=rng, row_ids=[rows.row_ids[0], child])  # row 2 waits
         generator.append(rows, {rows.row_ids[0]: encode(tokenizer, [" <result> 42 </result>"])[0]})
-        assert generator.mixes != compiled  # compiled: the result is read in its own pass first
+        assert generator.mixes != compiled  # compiled: the result is read in its own pass first...
+        assert generator.reads_flat  # ...laid flat, like the prompts
         third = generator.decode(rows, sampling, rng=rng)  # then all rows again
         return [(o.token_ids, o.logprobs, o.entropies) for o in [*first.values(), *second.values(), *third.values()]]
 

@@ -31,12 +31,16 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 250], [7, 8, 9, 10, 11, 12]])
 
 
 def adapted(rank: int = 4, alpha: float = 8.0, targets: tuple[str, ...] = ("all-linear",), seed: int = 0):
-    """A tiny model with LoRA layers whose B is random (B = 0 would make the update invisible)."""
+    """A tiny model with LoRA layers whose B is random (B = 0 would make the update invisible).
+    A is drawn here too, from `seed`: peft's own draw of A used the global RNG, so the model (and
+    its float32 rounding) depended on which tests ran before."""
     model = apply_lora(load_model(), LoRAConfig(enabled=True, rank=rank, alpha=alpha, target_modules=list(targets)))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_A" in name:
+                p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) / p.shape[1] ** 0.5)
+            elif "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
     return model.eval()
 

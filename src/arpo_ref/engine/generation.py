@@ -66,7 +66,7 @@ import torch
 
 from . import DecodeStep, ForwardPlan, SlotCache, SlotForward
 from .forward import choose_attention
-from .mixed import mixed_logits, read_flat, supports_mixed_steps
+from .mixed import mixed_logits, read_flat, supports_flat_reads
 from .rows import FINISH_REASONS, GeneratedSequence, RowBatch
 from .sampling import SamplingParams, filter_top_k_top_p, make_rng, sample_next, sample_step
 from .stopping import StopRules, default_eos_ids
@@ -128,7 +128,9 @@ class Generator:
         self.compiled = self.device.type == "cuda" if compile == "auto" else bool(compile)
         self.decode_step = DecodeStep(self.forward, compiled=self.compiled) if self.compiled else None
         self.mixed_steps = bool(mixed_steps)
-        self.mixes = self.mixed_steps and supports_mixed_steps(model, self.attention, self.compiled)
+        self.reads_flat = self.mixed_steps and supports_flat_reads(model, self.attention)
+        """Whether prompts and unread tails read in a pass of their own are laid flat (no padding)."""
+        self.mixes = self.reads_flat and not self.compiled
         """Whether a decoding step reads unread tails in the same pass (else in a pass of their own)."""
         self.max_rows, self.max_length = max_rows, max_length
         config = getattr(model, "config", None)
@@ -202,7 +204,7 @@ class Generator:
         if read:
             rows.forced_passes += 1
             chunks = [rows.unread(b)[:-1] for b in read]
-            if self.mixes:  # laid flat: no padding of short prompts to the longest
+            if self.reads_flat:  # no padding of short prompts to the longest
                 read_flat(self.forward, rows, read, chunks, self.device, all_logits=False)
             else:
                 self._forward_rows(rows, read, chunks)

@@ -19,8 +19,9 @@ would cost 60x where compute is the cost, on a CPU):
 * logits are taken at each row's last tail token only (`logits_to_keep` as an index tensor).
 
 Where it cannot run, the generator reads the tails in their own pass first (the behaviour before
-#16): a model whose attention is not SDPA (Gemma 2 loads as eager; a scripted test model) and the
-compiled static decoding step (`supports_mixed_steps`).
+#16): a model whose attention is not SDPA (Gemma 2 loads as eager; a scripted test model), padded,
+and the compiled static decoding step (one token per slot, static shapes), flat (`read_flat`;
+`Generator.reads_flat` and `Generator.mixes` say which applies).
 """
 
 from __future__ import annotations
@@ -121,11 +122,10 @@ def slot_group_attention(module, query: torch.Tensor, key: torch.Tensor, value: 
 AttentionInterface.register(ATTENTION_NAME, slot_group_attention)
 
 
-def supports_mixed_steps(model, attention: str, compiled: bool) -> bool:
-    """Whether a decoding step may read unread tails too: an HF model whose attention is SDPA,
-    decoded eagerly (the compiled step feeds one token per slot, static shapes)."""
+def supports_flat_reads(model, attention: str) -> bool:
+    """Whether tails may be read laid flat (`read_flat`): an HF model whose attention is SDPA."""
     config = getattr(model, "config", None)
-    return not compiled and attention == "sdpa" and getattr(config, "_attn_implementation", None) == "sdpa"
+    return attention == "sdpa" and getattr(config, "_attn_implementation", None) == "sdpa"
 
 
 @contextmanager
