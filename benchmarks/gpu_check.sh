@@ -35,6 +35,7 @@ run decode_step 180 "$PY" benchmarks/bench_generation.py --arch qwen2.5-0.5b --r
     --steps 32 --repeats 3 --compile yes --out "$OUT/decode_step.json" "${SMOKE_ARGS[@]}"
 run decode_step_flex 60 "$PY" benchmarks/bench_generation.py --arch qwen2.5-0.5b --rows 64 --context 512 \
     --steps 32 --repeats 2 --compile no --attention flex_attention --out "$OUT/decode_step_flex.json" "${SMOKE_ARGS[@]}"
-run train_step 240 "$PY" benchmarks/gpu_train_step.py --config configs/small/qwen2.5-0.5b_reasoning_paper.yaml \
+# TORCH_LOGS=recompiles: the log names every recompilation of the decoding step and its reason.
+TORCH_LOGS=recompiles run train_step 240 "$PY" benchmarks/gpu_train_step.py --config configs/small/qwen2.5-0.5b_reasoning_paper.yaml \
     --dump-after 220 --json "$OUT/train_step.json" "${SMOKE_ARGS[@]}"
 echo "results in $OUT:"; ls -l "$OUT"

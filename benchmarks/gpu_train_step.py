@@ -121,6 +121,18 @@ def decode_step_figures(model, metrics: dict) -> dict:
             "weights_read_floor_ms": floor_ms, "step_over_weights_floor": step_ms / floor_ms}
 
 
+def compile_figures() -> dict:
+    """What torch.compile did during the step: graphs captured and recompilations. The decoding
+    step is compiled once per cache shape (slots x capacity, which grow by doubling); past
+    `recompile_limit` shapes torch falls back to running it eagerly, so a count near the limit
+    means the rollout was not decoded by CUDA graphs throughout."""
+    from torch._dynamo.utils import counters
+
+    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+    return {"stats": dict(counters.get("stats", {})), "recompiles": sum(counters.get("recompiles", {}).values()),
+            "recompile_limit": limit, "frames": dict(counters.get("frames", {}))}
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()}
 
@@ -186,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         "trained_tokens_per_second": metrics["train/trained_tokens"] / metrics["time/update"],
         "fraction_of_weights_changed": changed / total,
         "decode_step": decode_step_figures(model, metrics),
+        "compile": compile_figures(),
         "metrics": {k: v for k, v in metrics.items() if k.startswith(("time/", "rollout/", "train/", "loss/", "reward/"))},
     }
     text = json.dumps(result, indent=1)

@@ -109,3 +109,14 @@ def test_base_files_are_merged_section_by_section(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="includes itself"):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_on_and_off_read_as_yaml_booleans_still_mean_on_and_off(tmp_path):
+    """Bug: `sampling.compile: on` (unquoted, in a file or as an override) is YAML's boolean True,
+    and was refused with "must be one of ['auto', 'on', 'off'], got True"."""
+    (tmp_path / "c.yaml").write_text("sampling:\n  compile: on\n")
+    assert load_config(tmp_path / "c.yaml").sampling.compile == "on"
+    assert load_config(overrides=["sampling.compile=off"]).sampling.compile == "off"
+    assert load_config(overrides=["sampling.compile='on'"]).sampling.compile == "on"
+    with pytest.raises(ConfigError, match="sampling.compile must be one of"):
+        load_config(overrides=["sampling.compile=yes please"])
