@@ -129,8 +129,9 @@ def compile_figures() -> dict:
     from torch._dynamo.utils import counters
 
     limit = getattr(torch._dynamo.config, "recompile_limit", None)
-    return {"stats": dict(counters.get("stats", {})), "recompiles": sum(counters.get("recompiles", {}).values()),
-            "recompile_limit": limit, "frames": dict(counters.get("frames", {}))}
+    graphs = dict(counters.get("stats", {})).get("unique_graphs", 0)
+    return {"unique_graphs": graphs, "recompile_limit": limit, "stats": dict(counters.get("stats", {})),
+            "frames": dict(counters.get("frames", {}))}
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
