@@ -15,7 +15,7 @@ What is measured (--repeats runs of each, the two sides interleaved, ratios in o
   side whose draw happened to run longer rows: generate's cost per call is about fixed (every row
   steps until the last stops), so its tokens/s rises with the tokens drawn.
 * step cost after churn: ms of a decoding step of B rows after many rows were forked and retired,
-  next to the same rows in a fresh batch (interleaved, so the lengths are equal): the ratio must
+  next to the same rows in a fresh batch (alternating, means over the repeats): the ratio must
   stay ~1 (no event copies every row, nothing accumulates). The step before the churn is shown
   too; it reads shorter rows.
 * fork: continue 8 rows from a 512-token history by forking vs by re-prefilling.
@@ -149,7 +149,8 @@ def bench_throughput(model, tokenizer, rows: int, new_tokens: int, eos_ids: list
 def bench_churn(model, tokenizer, rows: int, events: int, repeats: int) -> dict:
     """ms of one decoding step of `rows` rows after `events` forks + retirements, next to the same
     step of a fresh batch holding the same histories (the control: the rows' lengths grow with
-    every step, so the cost before the churn is not the reference)."""
+    every step, so the cost before the churn is not the reference). Mean over the repeats; the
+    two batches alternate, so their rows have equal lengths in each repeat."""
     generator = Generator(model, tokenizer, eos_token_ids=[])
     batch = generator.prefill(random_prompts(len(tokenizer), rows, seed=2))
     step = SamplingParams(max_new_tokens=4, seed=0, **SAMPLING)
@@ -160,9 +161,11 @@ def bench_churn(model, tokenizer, rows: int, events: int, repeats: int) -> dict:
         generator.fork(batch, parent, 1)
         generator.release(batch, [parent])
     fresh = generator.prefill([list(h) for h in batch.histories])  # same rows, no churn
-    timed = best_of(repeats, lambda: generator.decode(batch, step, rng=rng),
-                    lambda: generator.decode(fresh, step, rng=rng))  # interleaved: equal lengths
-    (after, _), (control, _) = timed
+    after = control = 0.0  # totals over the repeats, each repeat both batches at equal lengths
+    for _ in range(repeats):
+        (seconds, _), (fresh_seconds, _) = best_of(1, lambda: generator.decode(batch, step, rng=rng),
+                                                   lambda: generator.decode(fresh, step, rng=rng))
+        after, control = after + seconds / repeats, control + fresh_seconds / repeats
     return {"rows": len(batch), "events": events, "step_ms_before": before / 4 * 1e3,
             "step_ms_after": after / 4 * 1e3, "step_ms_fresh": control / 4 * 1e3,
             "after_over_fresh": after / control, "after_over_before": after / before,

@@ -122,10 +122,11 @@ def decode_step_figures(model, metrics: dict) -> dict:
 
 
 def compile_figures() -> dict:
-    """What torch.compile did during the step: graphs captured and recompilations. The decoding
-    step is compiled once per cache shape (slots x capacity, which grow by doubling); past
-    `recompile_limit` shapes torch falls back to running it eagerly, so a count near the limit
-    means the rollout was not decoded by CUDA graphs throughout."""
+    """What torch.compile did in this process during the step: graphs compiled (every compiled
+    function counts; with the default config that is the decoding step only). The decoding step
+    is compiled once per cache shape (slots x capacity, which grow by doubling); past
+    `recompile_limit` shapes torch runs it eagerly, so a count near the limit means the rollout
+    was not decoded by CUDA graphs throughout. The log of `TORCH_LOGS=recompiles` names each."""
     from torch._dynamo.utils import counters
 
     limit = getattr(torch._dynamo.config, "recompile_limit", None)

@@ -123,15 +123,20 @@ def test_compiled_decoding_step_gives_the_eager_tokens_and_logprobs():
 
     def run(compiled: bool):
         generator = Generator(model, tokenizer, eos_token_ids=[], compile=compiled, max_rows=6, max_length=64)
-        rows = generator.prefill(prompts)
+        shapes = []
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, a, o: shapes.append(tuple(a[0].shape)))
+        try:
+            rows = generator.prefill(prompts)
+        finally:
+            hook.remove()
+        assert shapes == [(1, sum(len(p) - 1 for p in prompts))]  # laid flat, compiled or not
         sampling = SamplingParams(temperature=1.0, max_new_tokens=6)
         rng = torch.Generator().manual_seed(0)
         first = generator.decode(rows, sampling, rng=rng)
         (child,) = generator.fork(rows, rows.row_ids[1])
         second = generator.decode(rows, sampling, rng=rng, row_ids=[rows.row_ids[0], child])  # row 2 waits
         generator.append(rows, {rows.row_ids[0]: encode(tokenizer, [" <result> 42 </result>"])[0]})
-        assert generator.mixes != compiled  # compiled: the result is read in its own pass first...
-        assert generator.reads_flat  # ...laid flat, like the prompts
+        assert generator.mixes != compiled  # compiled: the result is read in its own pass first
         third = generator.decode(rows, sampling, rng=rng)  # then all rows again
         return [(o.token_ids, o.logprobs, o.entropies) for o in [*first.values(), *second.values(), *third.values()]]
 

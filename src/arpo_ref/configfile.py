@@ -109,7 +109,8 @@ def _coerce(tp: Any, value: Any, where: str, owner: type):
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if origin is Literal:
-        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML 1.1 reads on / off as booleans
+        # YAML 1.1 reads on / off (and true / yes, false / no) as booleans: they mean 'on' / 'off'.
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
             value = "on" if value else "off"
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)

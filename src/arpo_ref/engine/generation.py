@@ -36,8 +36,8 @@ reads its result in the same pass as the others' one-token tails (`engine.mixed`
 flat, attention per group of rows, no padding of short rows to the longest tail). A fork copies
 the cached prefix and the history, so the copies hold the parent's tail unread; rows fed with
 the same history read it once and share the columns.
-Prompts are read at once (`prefill`), laid flat the same way (no padding of short prompts to
-the longest: `engine.mixed.read_flat`). So finishing, forking and forcing never waste a forward
+Prompts are read at once (`prefill`), laid flat the same way (`engine.mixed.read_flat`: the
+projections and the MLP see no padding of short prompts to the longest). So finishing, forking and forcing never waste a forward
 pass, a tool result costs no pass of its own, and no [B, V] logits are kept between calls. Only
 the rows being fed go through a forward (waiting rows do not), and attention reads only up to the
 longest of them, not the capacity.
@@ -94,10 +94,12 @@ class Generator:
             too); an unknown or unavailable one fails at construction, naming the valid ones.
         mixed_steps: True (default): `append` only extends the rows' histories, and the next
             decoding step that feeds a row reads its forced tokens in the same forward pass as
-            the other rows' sampled ones (`engine.mixed`; where the model cannot, SDPA missing
-            or compiled, they are read in a pass of their own just before). False: `append`
-            reads them at once in their own pass (the path before issue #16, kept as the
-            reference). Tokens and log-probs are the same either way (tested).
+            the other rows' sampled ones (`engine.mixed`; where the model cannot, they are read
+            in a pass of their own just before: laid flat under the compiled step, padded where
+            SDPA is missing). Prompts are laid flat too (`reads_flat`). False: `append` reads them
+            at once in their own pass, and prompts are padded to the longest (the paths before
+            issue #16 and #15's flat prefill, kept as the reference). Tokens and log-probs are the
+            same either way (tested).
     """
 
     def __init__(self, model, tokenizer, eos_token_ids: Sequence[int] | None = None,
@@ -166,9 +168,9 @@ class Generator:
         """Add one row per prompt to `rows` (a new batch by default) and read the prompts.
 
         The new rows take free slots and their prompts are read at once, in one forward pass, laid
-        flat when the model allows mixed passes (no padding; else padded to the longest); they are
-        usually forked right after, the copies then share the read prompt. The other rows are not
-        touched.
+        flat when `reads_flat` (the projections and the MLP see no padding; attention pads the
+        prompts among themselves), else padded to the longest; they are usually forked right
+        after, the copies then share the read prompt. The other rows are not touched.
         """
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -270,8 +272,8 @@ class Generator:
         for b in set(budget_left) - set(active):
             outputs[rows.row_ids[b]].finish_reason = "length"
         stop_chars = self.stops.char_mask(tuple(stop_strings))
-        # Eager: growth stops at what this call can need (every row at its limit). Compiled: plain
-        # doubling, so few distinct cache shapes (each is a new graph).
+        # Eager: growth doubles up to what this call can need (every row at its limit), by at
+        # least MIN_GROWTH. Compiled: plain doubling, so few distinct cache shapes (each a graph).
         if not self.compiled:
             rows.cache.length_limit = max((len(rows.histories[b]) - 1 + budget_left[b] for b in active), default=0)
         stopped = len(budget_left) - len(active)

@@ -143,7 +143,8 @@ class SlotCache(Cache):
         self.growths = 0
         """Re-allocations so far (each copies every slot once; geometric, so rare)."""
         self.length_limit = 0
-        """When > 0, the most columns the current work can need: doubling stops there."""
+        """When > 0, the most columns the current work can need: doubling stops there (a growth
+        still multiplies the capacity by at least `MIN_GROWTH`, so it may overshoot by up to 25%)."""
 
     # ---------------------------------------------------------------- slots
     def allocate(self, count: int) -> list[int]:

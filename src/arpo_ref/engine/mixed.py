@@ -166,6 +166,8 @@ def read_flat(forward: SlotForward, rows: RowBatch, fed: list[int], chunks: list
     in the order of `fed`, or with `all_logits=False` only the last row's [1, V] (a read that
     samples nothing)."""
     lengths = [len(chunk) for chunk in chunks]
+    if not fed or 0 in lengths:
+        raise ValueError(f"read_flat needs one non-empty chunk per row, got lengths {lengths}")
     positions = [rows.next_position[b] + j for b, n in zip(fed, lengths) for j in range(n)]
     token_slots = [rows.slots[b] for b, n in zip(fed, lengths) for _ in range(n)]
     read_length = max(positions) + 1
