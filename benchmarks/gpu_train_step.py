@@ -110,8 +110,9 @@ def copy_bandwidth(megabytes: int = 1024) -> float:
 
 
 def decode_step_figures(model, metrics: dict) -> dict:
-    """The rollout's time per decoding step (an upper bound: prefills, forced tokens and tool
-    calls are inside time/generation) next to the floor of reading the weights once."""
+    """The rollout's time per decoding step (an upper bound: prompt and result reads, forks and
+    sampling are inside time/generation; tool calls are not) next to the floor of reading the
+    weights once."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(1024 if torch.cuda.is_available() else 128)
     steps = max(metrics.get("rollout/decode_steps", 0.0), 1.0)

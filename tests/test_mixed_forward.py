@@ -6,6 +6,8 @@ their own (the path before issue #16); both must give the same tokens, log-probs
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from test_generation import ARCHS, PROMPTS, encode
@@ -179,3 +181,60 @@ def test_prompts_of_different_lengths_are_read_flat_without_padding(arch):
                 a = getattr(got, name)[flat.slots[b], :, :n]
                 r = getattr(want, name)[padded.slots[b], :, :n]
                 assert torch.allclose(a, r, atol=1e-5, rtol=0), (arch, b, name)
+
+
+@pytest.fixture
+def slow_passes(monkeypatch):
+    """Every forward pass of the generator takes >= 50 ms more; returns the list of passes."""
+    from arpo_ref.engine.forward import SlotForward
+
+    passes, original = [], SlotForward.__call__
+
+    def slow(self, *args, **kwargs):
+        passes.append(1)
+        time.sleep(0.05)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SlotForward, "__call__", slow)
+    return passes
+
+
+def test_the_generator_clock_counts_every_row_operation(slow_passes):
+    """`RowBatch.seconds` (the rollout's `time/generation`) grows by the time of each operation:
+    a prompt read, a forced read (`mixed_steps=False`: in `append`), decoding steps, a fork."""
+    tokenizer, model = load_tokenizer(), load_model("qwen2")
+    generator = Generator(model, tokenizer, eos_token_ids=[], mixed_steps=False)
+    rows = generator.prefill(encode(tokenizer, PROMPTS[:2]))
+    assert rows.seconds >= 0.05 and len(slow_passes) == 1
+    for operation, passes in ((lambda: generator.append(rows, {rows.row_ids[0]: [20, 21, 22]}), 1),
+                              (lambda: generator.decode(rows, SamplingParams(temperature=0, max_new_tokens=2)), 2),
+                              (lambda: generator.fork(rows, rows.row_ids[1], copies=2), 0)):
+        before, counted = rows.seconds, len(slow_passes)
+        operation()
+        assert len(slow_passes) - counted == passes
+        assert rows.seconds - before >= 0.05 * passes and rows.seconds > before
+
+
+@pytest.mark.parametrize("mixed_steps", [True, False])
+def test_time_generation_is_the_generators_clock_prompts_and_results_included(mixed_steps, slow_passes):
+    """Bug: `time/generation` timed the decode calls only, so the prompt prefills (and, without
+    mixed steps, every tool result read in `append`) were in no time metric. It is now the
+    batch's clock: every pass counted, and no more than the wall."""
+    batches = []
+
+    class Keeping(Generator):
+        def prefill(self, prompts, rows=None):
+            rows = super().prefill(prompts, rows)
+            batches.append(rows)
+            return rows
+
+    config = RolloutConfig(mode="grpo", rollout_budget=4, num_global=4, max_response_tokens=40, schedule="rounds")
+    engine = AdaptiveRollout(Keeping(tiny_agent(), TOK, mixed_steps=mixed_steps), ToolRegistry([EchoSearch()]),
+                             config, SamplingConfig(temperature=0.0), seed=3)
+    start = time.perf_counter()
+    metrics = engine(AGENT_PROMPTS).metrics
+    wall = time.perf_counter() - start
+    assert metrics["rollout/tool_calls_executed"] > 0 and len({id(b) for b in batches}) == 1
+    assert metrics["time/generation"] == batches[0].seconds
+    assert metrics["rollout/decode_steps"] == len(slow_passes)  # prefills and result reads included
+    assert 0.05 * len(slow_passes) <= metrics["time/generation"] <= wall

@@ -162,7 +162,7 @@ class AdaptiveRollout:
     def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None, environments: list | None = None) -> RolloutResult:
         cfg, gen = self.config, self.generator  # environments: one reset environment per prompt (tasks/environment.py)
         self.environments, self.stop_strings = environments, task_environment.environment_stop_strings(self.registry_stops, environments)
-        self.stats: dict[str, float] = {"rollout/prefill_tokens_saved": 0.0, "time/generation": 0.0, "time/tools": 0.0,
+        self.stats: dict[str, float] = {"rollout/prefill_tokens_saved": 0.0, "time/tools": 0.0,
                                         "rollout/fill_up_tokens_wasted": 0.0, "rollout/branch_tokens_wasted": 0.0}
         self.tool_results = []
         self.baselines = self.stale_baselines if cfg.official_stale_baseline else {}
@@ -220,11 +220,8 @@ class AdaptiveRollout:
         their open segments."""
         resume = {t.row_id: t.segment for t in self.trajectories
                   if t.row_id in limits and t.segment is not None and not t.done}
-        start = time.perf_counter()
-        outputs = self.generator.decode(rows, self.sampling, self.stop_strings, row_ids=list(limits), rng=self.token_rng,
-                                        max_new_tokens=limits, resume=resume, pause_after=pause_after)
-        self.stats["time/generation"] += time.perf_counter() - start
-        return outputs
+        return self.generator.decode(rows, self.sampling, self.stop_strings, row_ids=list(limits), rng=self.token_rng,
+                                     max_new_tokens=limits, resume=resume, pause_after=pause_after)
 
     def _record_segment(self, t: Trajectory, segment: GeneratedSequence) -> None:
         """Store a decode's output as t's segment: ENDED if it ended for real (EOS, a stop string,

@@ -21,6 +21,8 @@ def rollout_metrics(stats: dict[str, float], tool_results: list, trees, rows) ->
     metrics["rollout/tool_calls_executed"] = len(tool_results) / prompts
     metrics["rollout/tool_calls_in_leaves"] = sum(leaf.tool_calls for leaf in leaves) / prompts
     metrics["rollout/generated_tokens"] = float(rows.generated_tokens)
+    # Wall time inside the generator: prompt reads, forced reads, forks, decoding (RowBatch.seconds).
+    metrics["time/generation"] = float(rows.seconds)
     # The longest single path is the floor any schedule would need.
     # Every forward pass of the policy, sampling or reading forced tokens (prompt prefills, tool results).
     metrics["rollout/decode_steps"] = float(rows.decode_steps + rows.forced_passes)

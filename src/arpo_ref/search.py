@@ -61,7 +61,7 @@ class TreeSearchRollout(ChainRollout):
     def __call__(self, prompts: list[list[int]], metadata: list[dict] | None = None) -> RolloutResult:
         search = self.config.search
         self.stats = {"search/prefix_tokens_reread": 0.0}
-        self.tool_results, self.counts = [], SimpleNamespace(generated_tokens=0, decode_steps=0, forced_passes=0)
+        self.tool_results, self.counts = [], SimpleNamespace(generated_tokens=0, decode_steps=0, forced_passes=0, seconds=0.0)
         trees = [RolloutTree(i, metadata=dict(metadata[i]) if metadata else {}) for i in range(len(prompts))]
         for tree, prompt in zip(trees, prompts):
             tree.add_node(None, "prompt", prompt)

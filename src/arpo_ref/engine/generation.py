@@ -67,7 +67,7 @@ import torch
 from . import DecodeStep, ForwardPlan, SlotCache, SlotForward
 from .forward import choose_attention
 from .mixed import mixed_logits, read_flat, supports_flat_reads
-from .rows import FINISH_REASONS, GeneratedSequence, RowBatch
+from .rows import FINISH_REASONS, GeneratedSequence, RowBatch, timed
 from .sampling import SamplingParams, filter_top_k_top_p, make_rng, sample_next, sample_step
 from .stopping import StopRules, default_eos_ids
 
@@ -163,6 +163,7 @@ class Generator:
         cache = SlotCache(self.num_layers, max(self.max_rows, 1), max(self.max_length, 1))
         return RowBatch(cache=cache, histories=[], row_ids=[])
 
+    @timed
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], rows: RowBatch | None = None) -> RowBatch:
         """Add one row per prompt to `rows` (a new batch by default) and read the prompts.
@@ -180,6 +181,7 @@ class Generator:
         self._read_tails(rows, list(range(first, len(rows))))
         return rows
 
+    @timed
     @torch.inference_mode()
     def append(self, rows: RowBatch, forced: dict[int, list[int]]) -> None:
         """Append forced tokens (e.g. a tool result) to some rows.
@@ -213,6 +215,7 @@ class Generator:
         for b, source in same.items():
             rows.take_read_tail(b, source, len(rows.unread(b)) - 1)
 
+    @timed
     @torch.inference_mode()
     def fork(self, rows: RowBatch, row_id: int, copies: int = 1, keep: int | None = None) -> list[int]:
         """Add `copies` new rows whose history (and cache) is row `row_id`'s; return their ids.
@@ -230,6 +233,7 @@ class Generator:
         rows.cache.copy_prefix(rows.slots[b], slots, cached)
         return self._add_rows(rows, slots, [list(history[:keep]) for _ in slots], [cached] * copies)
 
+    @timed
     def release(self, rows: RowBatch, row_ids: Sequence[int]) -> None:
         """Drop finished rows from the batch: their slots are freed, nothing is copied."""
         drop = {rows.index(r) for r in row_ids}
@@ -239,6 +243,7 @@ class Generator:
             values = getattr(rows, name)
             setattr(rows, name, [values[b] for b in keep])
 
+    @timed
     @torch.inference_mode()
     def decode(
         self,

@@ -3,6 +3,8 @@ one call (`GeneratedSequence`). `arpo_ref.engine.generation.Generator` creates a
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass, field
 
 from .kv_cache import SlotCache
@@ -60,6 +62,10 @@ class RowBatch:
     """Decoding forward passes so far (one per sampled column, whatever the number of rows, also
     when the pass reads some rows' forced tokens too): on a GPU, where a step of a small batch
     costs about the same as a step of a large one, the time."""
+    seconds: float = 0.0
+    """Wall seconds spent in the generator's operations on this batch (`prefill`, `append`,
+    `fork`, `release`, `decode`: every forward pass, cache copy and sampling step): a rollout's
+    `time/generation`."""
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -96,3 +102,18 @@ class RowBatch:
     def num_cached(self):
         raise AttributeError("RowBatch.num_cached was renamed next_position (a list: the position of "
                              "each row's first unread token)")
+
+
+def timed(operation):
+    """Add the wall time of a generator's row operation to its batch's `seconds` (the batch is
+    the operation's first argument, or what it returns: `prefill`)."""
+
+    @functools.wraps(operation)
+    def run(generator, *args, **kwargs):
+        start = time.perf_counter()
+        result = operation(generator, *args, **kwargs)
+        rows = result if isinstance(result, RowBatch) else args[0] if args else kwargs["rows"]
+        rows.seconds += time.perf_counter() - start
+        return result
+
+    return run
