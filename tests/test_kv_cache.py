@@ -195,3 +195,23 @@ def test_growth_stays_geometric_when_the_limit_rises_a_little_call_after_call():
     cache.length_limit = 0  # ...no limit: doubling
     cache.ensure_capacity(131)
     assert cache.capacity == 260
+
+
+def test_compiled_growth_goes_to_powers_of_two_so_cache_shapes_recur():
+    """Under the compiled step each cache shape is a graph, and torch stops compiling after
+    `recompile_limit` of them: growth there goes to powers of two, so rollouts whose prompts
+    differ in length grow through the same few shapes. An explicit initial size is kept."""
+    tokenizer, model = load_tokenizer(), load_model("qwen2")
+    shapes = set()
+    for prompts in (PROMPTS[:3], PROMPTS[1:5], PROMPTS[2:3]):  # different counts and lengths
+        rows = Generator(model, tokenizer, eos_token_ids=[], compile=True).prefill(encode(tokenizer, prompts))
+        shapes.add((rows.cache.num_slots, rows.cache.capacity))
+        rows.cache.ensure_capacity(rows.cache.capacity + 3)
+        shapes.add((rows.cache.num_slots, rows.cache.capacity))
+    assert all(n & (n - 1) == 0 for shape in shapes for n in shape), shapes
+    eager = Generator(model, tokenizer, eos_token_ids=[]).prefill(encode(tokenizer, PROMPTS[:3]))
+    assert eager.cache.num_slots == 3  # eager: exact growth (not rounded)
+    sized = SlotCache(num_layers=1, num_slots=3, capacity=100, power_of_two=True)
+    assert (sized.num_slots, sized.capacity) == (3, 100)
+    sized.ensure_capacity(101)
+    assert sized.capacity == 256  # doubling to 200, then the next power of two

@@ -160,7 +160,7 @@ class Generator:
     # ------------------------------------------------------------------ row operations
     def new_batch(self) -> RowBatch:
         """An empty batch with an empty cache (sized by max_rows / max_length when given)."""
-        cache = SlotCache(self.num_layers, max(self.max_rows, 1), max(self.max_length, 1))
+        cache = SlotCache(self.num_layers, max(self.max_rows, 1), max(self.max_length, 1), power_of_two=self.compiled)
         return RowBatch(cache=cache, histories=[], row_ids=[])
 
     @timed

@@ -131,12 +131,17 @@ class SlotCache(Cache):
     Args:
         num_layers: attention layers of the model.
         num_slots, capacity: initial size (rows, columns); both grow on demand.
+        power_of_two: every growth (slots and columns) goes to a power of two; the initial size is
+            kept as given. For the compiled decoding step, where each size is a graph: the sizes
+            a run grows through then recur from one rollout to the next, whatever the lengths of
+            its prompts.
     """
 
-    def __init__(self, num_layers: int, num_slots: int = 1, capacity: int = 1) -> None:
+    def __init__(self, num_layers: int, num_slots: int = 1, capacity: int = 1, power_of_two: bool = False) -> None:
         if num_slots < 1 or capacity < 1:
             raise ValueError(f"a SlotCache needs >= 1 slot and >= 1 column, got {num_slots}, {capacity}")
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+        self.power_of_two = power_of_two
         self.num_slots, self.capacity = num_slots, capacity
         self._free = list(range(num_slots))  # a heap: the lowest free slot is taken first
         self.plan: ForwardPlan | None = None
@@ -211,6 +216,8 @@ class SlotCache(Cache):
     def reserve(self, num_slots: int = 0, capacity: int = 0) -> None:
         """Make room for at least `num_slots` slots of `capacity` columns (never shrinks)."""
         new_slots, new_capacity = max(num_slots, self.num_slots), max(capacity, self.capacity)
+        if self.power_of_two:
+            new_slots, new_capacity = _power_of_two(new_slots), _power_of_two(new_capacity)
         if (new_slots, new_capacity) == (self.num_slots, self.capacity):
             return
         for layer in self.layers:
@@ -251,3 +258,8 @@ class SlotCache(Cache):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
