@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +19,20 @@ def train_two_processes(out: Path, *args: str) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(HERE / "dist_train.py"), str(out), *map(str, args)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:  # every process's own error first (the others then fail in collectives)
-        errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line]
-        raise AssertionError("\n".join(errors[-20:]) + "\n--- stderr tail ---\n" + done.stderr[-3000:])
+    # A session of its own: torchrun and both workers are killed together afterwards, whatever
+    # happened. (subprocess.run's timeout kills torchrun only; a worker once outlived a failed
+    # run, waiting in a collective for its dead peer.)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    if process.returncode != 0:  # every process's own error first (the others then fail in collectives)
+        errors = [line for line in stderr.splitlines() if "Error" in line or "error:" in line]
+        raise AssertionError("\n".join(errors[-20:]) + "\n--- stderr tail ---\n" + stderr[-3000:])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
