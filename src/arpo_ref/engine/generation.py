@@ -37,10 +37,10 @@ flat, attention per group of rows, no padding of short rows to the longest tail)
 the cached prefix and the history, so the copies hold the parent's tail unread; rows fed with
 the same history read it once and share the columns.
 Prompts are read at once (`prefill`), laid flat the same way (`engine.mixed.read_flat`: the
-projections and the MLP see no padding of short prompts to the longest). So finishing, forking and forcing never waste a forward
-pass, a tool result costs no pass of its own, and no [B, V] logits are kept between calls. Only
-the rows being fed go through a forward (waiting rows do not), and attention reads only up to the
-longest of them, not the capacity.
+projections and the MLP see no padding of short prompts to the longest). So finishing, forking
+and forcing never waste a forward pass, a tool result costs no pass of its own, and no [B, V]
+logits are kept between calls. Only the rows being fed go through a forward (waiting rows do
+not), and attention reads only up to the longest of them, not the capacity.
 
 `compile` ('auto' = on for CUDA): decoding steps then feed all slots at once over the whole
 capacity (static shapes) through `torch.compile`, CUDA graphs on a GPU; tokens and log-probs are

@@ -147,15 +147,10 @@ def mixed_logits(forward: SlotForward, rows: RowBatch, fed: list[int], device: t
     same = rows.duplicates(fed)
     copies = {b: len(rows.unread(b)) for b in same}
     read = [b for b in fed if b not in same]
-    logits = _read(forward, rows, read, device)
+    logits = read_flat(forward, rows, read, [rows.unread(b) for b in read], device)
     for b, source in same.items():
         rows.take_read_tail(b, source, copies[b])
     return logits[torch.tensor([read.index(same.get(b, b)) for b in fed], device=logits.device)]
-
-
-def _read(forward: SlotForward, rows: RowBatch, fed: list[int], device: torch.device) -> torch.Tensor:
-    """The flat pass itself: the rows `fed` read their whole tails; logits [n, V] in their order."""
-    return read_flat(forward, rows, fed, [rows.unread(b) for b in fed], device)
 
 
 def read_flat(forward: SlotForward, rows: RowBatch, fed: list[int], chunks: list[list[int]],
