@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 15 in one run (about 8 minutes on one GPU), each step under a timeout,
-# every result as JSON under $OUT (default ./gpu_out):
+# The GPU checks in one run (about 8 minutes on one GPU), each step under a timeout, every result
+# as JSON or a log under $OUT (default ./gpu_out):
+#   0. tests/test_engine_fuzz.py on the GPU (ARPO_REF_TEST_DEVICE=cuda): every decoding path
+#      against fresh forwards, and random sequences through the compiled step (CUDA graphs);
 #   1. bench_generation.py --arch qwen2.5-0.5b: ms per decoding step, eager and compiled, next to
 #      the bandwidth floor (B = 8 and 64, 512-token history);
 #      then the same eager step with flex attention (B = 64): is it equal and faster than SDPA?
@@ -31,11 +33,15 @@ run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, exit status to $OU
 
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
 torch.cuda.get_device_name() if torch.cuda.is_available() else "")' | tee "$OUT/device.txt"
-run decode_step 180 "$PY" benchmarks/bench_generation.py --arch qwen2.5-0.5b --rows 8 64 --context 512 \
+FUZZ_DEVICE=cuda FUZZ_ARGS=()
+[ "${SMOKE:-0}" = 1 ] && FUZZ_DEVICE=cpu FUZZ_ARGS=(-k "qwen2 and eager")
+ARPO_REF_TEST_DEVICE=$FUZZ_DEVICE run engine_fuzz 150 "$PY" -m pytest tests/test_engine_fuzz.py -q -s \
+    -p no:cacheprovider "${FUZZ_ARGS[@]}"
+run decode_step 150 "$PY" benchmarks/bench_generation.py --arch qwen2.5-0.5b --rows 8 64 --context 512 \
     --steps 32 --repeats 3 --compile yes --out "$OUT/decode_step.json" "${SMOKE_ARGS[@]}"
-run decode_step_flex 60 "$PY" benchmarks/bench_generation.py --arch qwen2.5-0.5b --rows 64 --context 512 \
+run decode_step_flex 45 "$PY" benchmarks/bench_generation.py --arch qwen2.5-0.5b --rows 64 --context 512 \
     --steps 32 --repeats 2 --compile no --attention flex_attention --out "$OUT/decode_step_flex.json" "${SMOKE_ARGS[@]}"
 # TORCH_LOGS=recompiles: the log names every recompilation of the decoding step and its reason.
-TORCH_LOGS=recompiles run train_step 240 "$PY" benchmarks/gpu_train_step.py --config configs/small/qwen2.5-0.5b_reasoning_paper.yaml \
-    --dump-after 220 --json "$OUT/train_step.json" "${SMOKE_ARGS[@]}"
+TORCH_LOGS=recompiles run train_step 180 "$PY" benchmarks/gpu_train_step.py --config configs/small/qwen2.5-0.5b_reasoning_paper.yaml \
+    --dump-after 160 --json "$OUT/train_step.json" "${SMOKE_ARGS[@]}"
 echo "results in $OUT:"; ls -l "$OUT"

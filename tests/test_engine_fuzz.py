@@ -8,12 +8,14 @@ is the generator's float32 log-softmax (`engine.sampling.policy_log_probs`): a w
 position, window or slot shows up as an error orders of magnitude above the tolerance. The
 cache starts small and grows (no preset size), so growth, packing, holes and rows waiting at
 the capacity all occur; the Mistral and Gemma 2 tiny models slide an 8-token window over rows
-longer than that.
+longer than that. `ARPO_REF_TEST_DEVICE=cuda` runs every case on a GPU (benchmarks/gpu_check.sh),
+where one more test sends random sequences through the compiled step (CUDA graphs).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import random
 from dataclasses import dataclass, field
 
@@ -29,6 +31,7 @@ VARIANTS = {  # Generator options of each decoding path
     "mixed": dict(compile=False, mixed_steps=True),  # read in the decoding step (SDPA models)
     "static": dict(compile="static", mixed_steps=True),  # the compiled path's step, uncompiled
 }
+DEVICE = torch.device(os.environ.get("ARPO_REF_TEST_DEVICE", "cpu"))
 ABSOLUTE, PER_LOGIT = 1e-6, 2e-7
 """Tolerance of log-probs and entropies: 1e-6 + 2e-7 x the largest |logit| of the step, the
 float32 rounding (2^-24 relative) of the logits the generator's log-softmax reads, a few
@@ -38,7 +41,7 @@ times over; a misread cache gives errors of 1e-3 and more."""
 @functools.cache
 def model64(arch: str):
     """The tiny model of `arch` in float64, in eval mode (shared by the tests of one process)."""
-    return load_model(arch).to(torch.float64)
+    return load_model(arch).to(DEVICE, torch.float64)
 
 
 @dataclass
@@ -73,7 +76,7 @@ def run_sequence(
     history with the tokens sampled on it (released rows included)."""
     rng = random.Random(seed)  # an int, or a string (a seed per architecture)
     vocab = generator.vocab_size
-    torch_rng = torch.Generator().manual_seed(rng.randrange(2**31))
+    torch_rng = torch.Generator(generator.device).manual_seed(rng.randrange(2**31))
     rows = generator.prefill(
         [random_tokens(rng, vocab, rng.randint(1, 6)) for _ in range(rng.randint(1, 3))]
     )
@@ -176,7 +179,8 @@ def check_rows(
     worst = 0.0
     for history, tokens in rows:
         with torch.no_grad():
-            logits = model(torch.tensor([history])).logits[0, :, :vocab].double()
+            logits = model(torch.tensor([history], device=model.device)).logits[0, :, :vocab]
+            logits = logits.double().cpu()
         for s in tokens:
             assert history[s.position] == s.token
             log_probs = torch.log_softmax(logits[s.position - 1], -1)
@@ -235,6 +239,23 @@ def test_a_random_sequence_through_the_compiled_step():
         per_logit=0.0,
     )
     assert stats.tokens > 50 and stats.counts["decode"] >= 5 and stats.counts["fork"] >= 2
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="ARPO_REF_TEST_DEVICE=cuda: a GPU's compiled step")
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_random_sequences_through_the_compiled_step_on_cuda(arch):
+    """The generator's default on a GPU: the static step through torch.compile with CUDA graphs,
+    float32, the cache growing from small (each new shape compiles once). A write past the cache
+    is silent on a GPU (no bounds check), so only the comparison with a fresh forward shows it."""
+    model, tokenizer = load_model(arch).to(DEVICE), load_tokenizer()
+    stats, worst = Stats(), 0.0
+    for seed in range(3):
+        generator = Generator(model, tokenizer, eos_token_ids=[], compile=True)
+        assert generator.compiled and generator.decode_step.compiled
+        rows = run_sequence(generator, f"{arch}-cuda-{seed}", 24, stats)
+        worst = max(worst, check_rows(model, generator.vocab_size, rows, stats, 1e-4, 1e-5))
+    print(f"\n{arch} compiled on {torch.cuda.get_device_name()}: {stats}, largest error {worst:.1e}")
+    assert stats.tokens > 50 and stats.counts.get("decode", 0) >= 10
 
 
 @pytest.mark.benchmark
