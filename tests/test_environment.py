@@ -163,6 +163,23 @@ def test_environment_failures_are_results():
     assert broken.error_kind == "internal" and "KeyError" in broken.text
 
 
+def test_the_environment_steps_on_the_parsed_call_itself():
+    """The record the rollout parsed reaches the environment's `step` as is (one record per
+    call, not rebuilt from its tag and content); calls without a runner go to the registry."""
+    class Recording(OrderedQueries):
+        def step(self, call):
+            seen.append(call)
+            return super().step(call)
+
+    seen, environment = [], Recording()
+    environment.reset(RECORD)
+    calls = [ToolCall("first", "k"), ToolCall("calculator", "6*7")]
+    with ToolRegistry([Calculator()]) as registry:
+        results = registry.run_batch(calls, [EnvironmentTools(environment), None])
+    assert seen[0] is calls[0] and len(seen) == 1
+    assert results[1].text == "42" and results[0].ok
+
+
 def test_the_toy_world_as_an_environment_gives_the_registry_paths_trajectories():
     """Same scripted agent, greedy: the rollout through ToyWorldEnvironment and the plain registry
     rollout produce the same tokens, tool results and rewards."""

@@ -59,17 +59,18 @@ class EnvironmentTools:
     def __init__(self, environment: Environment) -> None:
         self.environment = environment
 
-    def run(self, tag: str, content: str, problem: str | None = None) -> ToolResult:
+    def run_call(self, call: ToolCall) -> ToolResult:
+        """The environment's answer to `call`, the record the rollout parsed (passed on as is)."""
         start = time.monotonic()
-        names = tuple(self.environment.tool_names)
+        tag, names = call.tag, tuple(self.environment.tool_names)
         if tag not in names:
             known = ", ".join(f"<{name}>" for name in names) or "none"
             return error_result(f"Error: unknown tool <{tag}>. Known tools: {known}.",
                                 UNKNOWN_TOOL, 0.0, tag)
-        if problem is not None:
-            return error_result(problem, BAD_INPUT, 0.0, tag)
+        if call.problem is not None:
+            return error_result(call.problem, BAD_INPUT, 0.0, tag)
         try:
-            observation = self.environment.step(ToolCall(tag, content))
+            observation = self.environment.step(call)
         except Exception as error:  # an environment bug must not stop a run; it is counted
             return error_result(f"Error: the {tag} step failed: {type(error).__name__}: {error}",
                                 INTERNAL, time.monotonic() - start, tag)
@@ -77,6 +78,10 @@ class EnvironmentTools:
             observation.tool_name = observation.tool_name or tag
             return observation
         return ToolResult(str(observation), seconds=time.monotonic() - start, tool_name=tag)
+
+    def run(self, tag: str, content: str, problem: str | None = None) -> ToolResult:
+        """`run_call` of a call given by its parts, as `ToolRegistry.run` takes it."""
+        return self.run_call(ToolCall(tag, content, problem))
 
 
 def environment_stop_strings(stop_strings: list[str], environments: list | None) -> list[str]:

@@ -95,17 +95,23 @@ class ToolRegistry:
         result.tool_name = result.tool_name or tag
         return result
 
+    def run_call(self, call: ToolCall) -> ToolResult:
+        """`run` of one parsed call (what `run_batch` gives each runner)."""
+        return self.run(*call)
+
     def run_batch(self, calls: Sequence[ToolCall | tuple[str, str]],
                   runners: Sequence[object | None] | None = None) -> list[ToolResult]:
         """Run calls (`ToolCall`s or `(tag, content)` pairs) in parallel; results in call order.
 
         `runners[i]`, when given and not None, answers call i instead of this registry: anything
-        with `run(tag, content, problem)`, e.g. a trajectory's `EnvironmentTools`."""
+        with `run_call(call: ToolCall)`, e.g. a trajectory's `EnvironmentTools`, which hands the
+        same record to the environment's `step`."""
+        calls = [call if isinstance(call, ToolCall) else ToolCall(*call) for call in calls]
         runners = list(runners) if runners is not None else [None] * len(calls)
         work = [(runner or self, call) for runner, call in zip(runners, calls)]
         if len(work) <= 1:
-            return [runner.run(*call) for runner, call in work]
-        return list(self._pool().map(lambda item: item[0].run(*item[1]), work))
+            return [runner.run_call(call) for runner, call in work]
+        return list(self._pool().map(lambda item: item[0].run_call(item[1]), work))
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._executor_lock:
