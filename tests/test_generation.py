@@ -242,6 +242,26 @@ def test_sampler_draws_from_exactly_the_filtered_distribution(top_k, top_p):
     assert torch.allclose(empirical, expected, atol=0.015)
 
 
+def test_two_level_draw_has_multinomials_distribution_and_never_draws_a_zero_weight():
+    """`draw_index` (block, then token inside it) against the exact probabilities: a vocabulary
+    that is not a multiple of the block size, zero weights at the start, the end, inside a block
+    and over a whole block, and one token far more likely than the rest."""
+    from arpo_ref.engine.sampling import BLOCK, draw_index
+
+    size = 2 * BLOCK + 77
+    weights = torch.rand(size, generator=torch.Generator().manual_seed(1)) ** 4
+    weights[:3] = weights[-5:] = weights[40:45] = weights[BLOCK:2 * BLOCK] = 0
+    weights[300 - BLOCK] = weights.sum()  # about half the mass on one token of block 0
+    rng, counts = torch.Generator().manual_seed(0), torch.zeros(size)
+    for _ in range(40):
+        counts += torch.bincount(draw_index(weights.repeat(2000, 1), rng), minlength=size)
+    expected = weights / weights.sum()
+    assert counts[weights == 0].sum() == 0
+    empirical = counts / counts.sum()
+    assert (empirical - expected).abs().max() < 0.006  # ~7 standard errors of the largest cell
+    assert 0.5 * (empirical - expected).abs().sum() < 0.03
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_paused_decoding_resumes_exactly_where_it_stopped(arch):
     """Rows stepped one `step` at a time until the first one stops; while the others wait, the

@@ -102,7 +102,9 @@ def test_gpu_step_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
         sys.path.remove(str(ROOT / "benchmarks"))
     out = tmp_path / "step.json"
     main(["--tiny", "--json", str(out), "rollout.max_response_tokens=24", "train.prompts_per_step=2",
-          "train.rollout_batch_prompts=2", "train.mini_batches=1", "rollout.rollout_budget=2", "rollout.num_global=1"])
+          "train.rollout_batch_prompts=2", "train.mini_batches=1", "rollout.rollout_budget=2", "rollout.num_global=1",
+          "seed=1"])  # seed 0's two groups each have equal rewards: a zero update, nothing to check
     result = json.loads(out.read_text())
     assert result["parameters"] > 0 and result["metrics"]["train/step"] == 1
+    assert result["metrics"]["reward/groups_all_equal"] < 1
     assert result["generated_tokens_per_second"] > 0 and 0 < result["fraction_of_weights_changed"] <= 1

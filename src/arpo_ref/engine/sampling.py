@@ -144,7 +144,7 @@ def _draw(scaled: torch.Tensor, probs: torch.Tensor | None, top_k: int, top_p: f
     Same distribution as `filter_top_k_top_p` + softmax (tested). (A, V) -> (A,)."""
     if top_p >= 1.0 and not 0 < top_k < scaled.shape[-1]:
         weights = probs if probs is not None else torch.softmax(scaled, dim=-1)
-        return torch.multinomial(weights, 1, generator=rng).squeeze(1)
+        return draw_index(weights, rng)
     if top_p >= 1.0:  # top-k only: draw among the k largest
         values, order = scaled.topk(top_k, dim=-1)
         weights = torch.softmax(values, dim=-1)
@@ -155,8 +155,35 @@ def _draw(scaled: torch.Tensor, probs: torch.Tensor | None, top_k: int, top_p: f
         weights = torch.softmax(values, dim=-1)
         mass_before = weights.cumsum(dim=-1) - weights  # probability of strictly better tokens
         weights = weights.masked_fill(mass_before >= top_p, 0.0)  # the token reaching p is kept
-    choice = torch.multinomial(weights, 1, generator=rng)  # (A, 1) position in sorted order
-    return order.gather(1, choice).squeeze(1)
+    choice = draw_index(weights, rng)  # (A,) position in sorted order
+    return order.gather(1, choice[:, None]).squeeze(1)
+
+
+BLOCK = 256
+"""Tokens per block of `draw_index`'s two-level search."""
+
+
+def draw_index(weights: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """One index per row with probability weights[a, i] / Σ_i weights[a, i]: `torch.multinomial(
+    weights, 1)`'s distribution, by inverse CDF in two levels. (A, V) non-negative -> (A,) long.
+
+    One uniform u per row picks the block of BLOCK tokens whose cumulative mass passes u, then the
+    token inside it; every sum is float64, so no token's probability is rounded away (a float32
+    prefix sum over a 49k vocabulary would move up to ~1e-3 of the mass). A token of weight 0 is
+    never drawn. On a CPU, 64 rows x 49,152 ids: about 9 ms, against 130 ms for torch.multinomial,
+    a large share of a small model's decoding step (docs/results.md)."""
+    rows, size = weights.shape
+    blocks = torch.nn.functional.pad(weights, (0, -size % BLOCK)).view(rows, -1, BLOCK)
+    mass = blocks.sum(-1, dtype=torch.float64)  # (A, blocks)
+    ends = mass.cumsum(-1)
+    below = lambda x: torch.nextafter(x, torch.zeros_like(x))  # noqa: E731 (largest value < x)
+    u = torch.rand(rows, 1, generator=rng, dtype=torch.float64, device=weights.device)
+    u = torch.minimum(u * ends[:, -1:], below(ends[:, -1:]))  # u < the total: a block of mass > 0
+    block = torch.searchsorted(ends, u, right=True)  # the first block ending past u
+    u = u - (ends.gather(1, block) - mass.gather(1, block))  # u's place inside that block
+    inner = blocks[torch.arange(rows, device=weights.device), block[:, 0]].double().cumsum(-1)
+    u = torch.minimum(u.clamp(min=0), below(inner[:, -1:]))  # rounding: stay on weights > 0
+    return (block * BLOCK + torch.searchsorted(inner, u, right=True))[:, 0]
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
