@@ -262,6 +262,52 @@ def test_two_level_draw_has_multinomials_distribution_and_never_draws_a_zero_wei
     assert 0.5 * (empirical - expected).abs().sum() < 0.03
 
 
+def nucleus_logits(rows: int, size: int = 700) -> torch.Tensor:
+    """Rows whose 32 largest tokens hold most of the mass, next to nearly flat rows whose nucleus
+    is far wider than 32 tokens (the candidates, then the full sort)."""
+    g = torch.Generator().manual_seed(3)
+    peaked = torch.randn(size, generator=g) * 0.3
+    peaked[torch.randperm(size, generator=g)[:20]] += 6.0
+    flat = torch.randn(size, generator=g) * 0.3
+    return torch.stack([peaked, flat]).repeat(rows // 2, 1)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("candidates", [(32,), (8, 64)])
+def test_nucleus_without_a_full_sort_draws_the_filtered_distribution(top_p, candidates):
+    """Top-p from the largest C tokens per row (the first C of `candidates` that covers the
+    nucleus; sorting only rows none covers) against the exact probabilities of
+    softmax(filter_top_k_top_p(logits)), on a peaked row (8 do not cover it, 32 and 64 do) and a
+    flat row (sorted)."""
+    from arpo_ref.engine.sampling import _draw
+
+    logits = nucleus_logits(20000)
+    rng = torch.Generator().manual_seed(0)
+    tokens = _draw(logits, None, 0, top_p, rng, candidates=candidates)
+    for row in (0, 1):
+        drawn = tokens[row::2]
+        empirical = torch.bincount(drawn, minlength=logits.shape[1]).double() / len(drawn)
+        expected = torch.softmax(filter_top_k_top_p(logits[row:row + 1], 0, top_p), -1)[0].double()
+        assert empirical[expected == 0].sum() == 0  # nothing outside the nucleus
+        kept = expected > 0  # Pearson's chi-square over the nucleus: ~df +- sqrt(2 df)
+        chi2 = float(len(drawn) * ((empirical - expected)[kept] ** 2 / expected[kept]).sum())
+        df = int(kept.sum()) - 1
+        assert chi2 < df + 6 * (2 * df) ** 0.5 + 10, (row, top_p, chi2, df)
+
+
+def test_nucleus_candidates_draw_what_the_full_sort_draws():
+    """The same seed gives the same tokens with C candidates as with the whole vocabulary
+    sorted (one uniform per row, the same sorted weights, the nucleus inside both), on rows the
+    candidates cover and rows they do not; only rounding at a block edge could tell them apart."""
+    from arpo_ref.engine.sampling import _draw
+
+    logits = nucleus_logits(2000)
+    for top_p, candidates in ((0.3, (32,)), (0.9, (32,)), (0.9, (8, 64))):
+        with_candidates = _draw(logits, None, 0, top_p, torch.Generator().manual_seed(1), candidates=candidates)
+        sorted_in_full = _draw(logits, None, 0, top_p, torch.Generator().manual_seed(1), candidates=())
+        assert (with_candidates != sorted_in_full).float().mean() < 1e-3
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_paused_decoding_resumes_exactly_where_it_stopped(arch):
     """Rows stepped one `step` at a time until the first one stops; while the others wait, the

@@ -138,46 +138,98 @@ def sample_step(
 
 
 def _draw(scaled: torch.Tensor, probs: torch.Tensor | None, top_k: int, top_p: float,
-          rng: torch.Generator) -> torch.Tensor:
+          rng: torch.Generator, candidates: tuple[int, ...] | None = None) -> torch.Tensor:
     """Sample from softmax(scaled) restricted to the top-k / top-p set, without building a
     filtered copy of the logits: the draw happens in sorted order and is mapped back.
-    Same distribution as `filter_top_k_top_p` + softmax (tested). (A, V) -> (A,)."""
+    Same distribution as `filter_top_k_top_p` + softmax (tested). (A, V) -> (A,).
+
+    Top-p alone does not sort the vocabulary (`_nucleus_order`): one uniform per row, drawn
+    before the order is known, then inverse CDF over the nucleus in descending order."""
     if top_p >= 1.0 and not 0 < top_k < scaled.shape[-1]:
         weights = probs if probs is not None else torch.softmax(scaled, dim=-1)
         return draw_index(weights, rng)
-    if top_p >= 1.0:  # top-k only: draw among the k largest
+    u = uniforms(scaled.shape[0], rng, scaled.device)
+    if 0 < top_k < scaled.shape[-1]:  # the k largest, renormalised among themselves
         values, order = scaled.topk(top_k, dim=-1)
         weights = torch.softmax(values, dim=-1)
     else:
-        values, order = scaled.sort(dim=-1, descending=True)
-        if 0 < top_k < scaled.shape[-1]:
-            values, order = values[:, :top_k], order[:, :top_k]
-        weights = torch.softmax(values, dim=-1)
+        weights, order = _nucleus_order(scaled, probs, top_p, candidates)
+    if top_p < 1.0:
         mass_before = weights.cumsum(dim=-1) - weights  # probability of strictly better tokens
         weights = weights.masked_fill(mass_before >= top_p, 0.0)  # the token reaching p is kept
-    choice = draw_index(weights, rng)  # (A,) position in sorted order
+    choice = draw_index(weights, u=u)  # (A,) position in sorted order
     return order.gather(1, choice[:, None]).squeeze(1)
+
+
+NUCLEUS_CANDIDATES = (256, 4096)
+"""How many of its largest tokens `_nucleus_order` tries per row, in turn, before sorting it."""
+
+
+def _nucleus_order(scaled: torch.Tensor, probs: torch.Tensor | None, top_p: float,
+                   candidates: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities in descending order, their token ids), (A, W) each, holding every row's
+    top-p nucleus; columns past a row's nucleus are dropped or zero.
+
+    Sorting a whole vocabulary costs far more than the rest of the sampling (64 rows x 49,152
+    ids: ~110 ms on a 2-core CPU, a third of a SmolLM2 decoding step; the 256 largest: ~6 ms,
+    docs/results.md). A row whose C largest tokens hold at least p of the mass has its nucleus
+    among them: the (C+1)-th token's mass before it is already >= p. So each row takes the C
+    largest for the first C of `candidates` that holds p (with a margin for rounding), and is
+    sorted in full only when none does."""
+    size = scaled.shape[-1]
+    if probs is None:
+        probs = torch.softmax(scaled, dim=-1)
+    widths = [c for c in (NUCLEUS_CANDIDATES if candidates is None else candidates) if 0 < c < size]
+    left = torch.arange(probs.shape[0], device=probs.device)  # rows whose nucleus is not found
+    found = []  # (rows, weights, order), each cut to its widest nucleus
+    for width in [*widths, size]:
+        weights, order = (probs[left].topk(width, dim=-1) if width < size
+                          else probs[left].sort(dim=-1, descending=True))
+        held = weights.sum(dim=-1) >= top_p + 1e-4 if width < size else torch.ones_like(left, dtype=torch.bool)
+        if held.any():
+            weights, order = weights[held], order[held]
+            needed = int(((weights.cumsum(dim=-1) - weights) < top_p).sum(dim=-1).max())
+            found.append((left[held], weights[:, :needed], order[:, :needed]))
+            left = left[~held]
+        if not len(left):
+            break
+    if len(found) == 1:
+        return found[0][1:]
+    width = max(w.shape[1] for _, w, _ in found)
+    weights = probs.new_zeros(probs.shape[0], width)
+    order = torch.zeros(probs.shape[0], width, dtype=torch.long, device=probs.device)
+    for rows, w, o in found:
+        weights[rows, : w.shape[1]], order[rows, : o.shape[1]] = w, o
+    return weights, order
 
 
 BLOCK = 256
 """Tokens per block of `draw_index`'s two-level search."""
 
 
-def draw_index(weights: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+def uniforms(rows: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(rows, 1) float64 U[0, 1): the one uniform per row an inverse-CDF draw consumes."""
+    return torch.rand(rows, 1, generator=rng, dtype=torch.float64, device=device)
+
+
+def draw_index(weights: torch.Tensor, rng: torch.Generator | None = None,
+               u: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row with probability weights[a, i] / Σ_i weights[a, i]: `torch.multinomial(
     weights, 1)`'s distribution, by inverse CDF in two levels. (A, V) non-negative -> (A,) long.
 
-    One uniform u per row picks the block of BLOCK tokens whose cumulative mass passes u, then the
-    token inside it; every sum is float64, so no token's probability is rounded away (float32
-    values near 1 are 6e-8 apart, more than many tokens' probabilities). A token of weight 0 is
-    never drawn. On a CPU, 64 rows x 49,152 ids: about 9 ms, against 130 ms for torch.multinomial,
-    a large share of a small model's decoding step (docs/results.md)."""
+    One uniform u per row (from `rng`, or given: `uniforms`) picks the block of BLOCK tokens
+    whose cumulative mass passes u, then the token inside it; every sum is float64, so no token's
+    probability is rounded away (float32 values near 1 are 6e-8 apart, more than many tokens'
+    probabilities). A token of weight 0 is never drawn. On a CPU, 64 rows x 49,152 ids: about
+    9 ms, against 130 ms for torch.multinomial, a large share of a small model's decoding step
+    (docs/results.md)."""
     rows, size = weights.shape
+    if u is None:
+        u = uniforms(rows, rng, weights.device)
     blocks = torch.nn.functional.pad(weights, (0, -size % BLOCK)).view(rows, -1, BLOCK)
     mass = blocks.sum(-1, dtype=torch.float64)  # (A, blocks)
     ends = mass.cumsum(-1)
     below = lambda x: torch.nextafter(x, torch.zeros_like(x))  # noqa: E731 (largest value < x)
-    u = torch.rand(rows, 1, generator=rng, dtype=torch.float64, device=weights.device)
     u = torch.minimum(u * ends[:, -1:], below(ends[:, -1:]))  # u < the total: a block of mass > 0
     block = torch.searchsorted(ends, u, right=True)  # the first block ending past u
     u = u - (ends.gather(1, block) - mass.gather(1, block))  # u's place inside that block
