@@ -7,8 +7,8 @@
     OMP_NUM_THREADS=2 python benchmarks/bench_generation.py --model smollm2-135m-instruct --data-root DIR
 
 What is measured (--repeats runs of each, the two sides interleaved, ratios in one process):
-* throughput: ours (sampling T = 1, top-p 0.95, log-prob and entropy recorded per token) vs
-  `model.generate` (same sampling, records nothing), B in --rows, hidden in --hiddens; 'eos':
+* throughput: ours (sampling T = 1, top-p --top-p (0.95), log-prob and entropy recorded per
+  token) vs `model.generate` (same sampling, records nothing), B in --rows, hidden in --hiddens; 'eos':
   rows stop at an end id at different steps (a set of --eos-ids ids, as a rollout's rows do);
   'no stop': every row runs --new-tokens. tokens/s counts real tokens (up to the EOS). Repeat i
   is a fresh draw with seed i on both sides; the headline 'pooled ratio' is (all our tokens / all
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-root", default="", help="--model: the official ARPO data (its layout)")
     parser.add_argument("--cache-dir", default=None, help="--model: where its HF folder is kept")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--top-p", type=float, default=SAMPLING["top_p"],
+                        help="nucleus of every sampling side (1 = off, the configs' default)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks the script "
                         "(with --arch: the decode-step path on a tiny model), measures nothing")
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.rows, args.hiddens, args.new_tokens, args.layers = [4], [32], 8, 1
         args.context, args.steps, args.repeats = 16, 4, 1
+    SAMPLING["top_p"] = args.top_p
     tokenizer = load_tokenizer()
     setup = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(DEVICE)} | vars(args)
     with torch.inference_mode():
