@@ -183,9 +183,12 @@ def _nucleus_order(scaled: torch.Tensor, probs: torch.Tensor | None, top_p: floa
     left = torch.arange(probs.shape[0], device=probs.device)  # rows whose nucleus is not found
     found = []  # (rows, weights, order), each cut to its widest nucleus
     for width in [*widths, size]:
-        weights, order = (probs[left].topk(width, dim=-1) if width < size
-                          else probs[left].sort(dim=-1, descending=True))
-        held = weights.sum(dim=-1) >= top_p + 1e-4 if width < size else torch.ones_like(left, dtype=torch.bool)
+        if width < size:  # the nucleus lies inside where these hold p (margin: rounding)
+            weights, order = probs[left].topk(width, dim=-1)
+            held = weights.sum(dim=-1) >= top_p + 1e-4
+        else:  # the last resort: sorted in full
+            weights, order = probs[left].sort(dim=-1, descending=True)
+            held = torch.ones_like(left, dtype=torch.bool)
         if held.any():
             weights, order = weights[held], order[held]
             needed = int(((weights.cumsum(dim=-1) - weights) < top_p).sum(dim=-1).max())
