@@ -175,11 +175,15 @@ def _nucleus_order(scaled: torch.Tensor, probs: torch.Tensor | None, top_p: floa
     docs/results.md). A row whose C largest tokens hold at least p of the mass has its nucleus
     among them: the (C+1)-th token's mass before it is already >= p. So each row takes the C
     largest for the first C of `candidates` that holds p (with a margin for rounding), and is
-    sorted in full only when none does."""
+    sorted in full only when none does. Default: `NUCLEUS_CANDIDATES` on a CPU; elsewhere none
+    (every row sorted, as a GPU does quickly; the checks would make it wait for the device: not
+    measured there)."""
     size = scaled.shape[-1]
     if probs is None:
         probs = torch.softmax(scaled, dim=-1)
-    widths = [c for c in (NUCLEUS_CANDIDATES if candidates is None else candidates) if 0 < c < size]
+    if candidates is None:  # a GPU sorts fast and would wait on the checks below: sort there
+        candidates = NUCLEUS_CANDIDATES if probs.device.type == "cpu" else ()
+    widths = [c for c in candidates if 0 < c < size]
     left = torch.arange(probs.shape[0], device=probs.device)  # rows whose nucleus is not found
     found = []  # (rows, weights, order), each cut to its widest nucleus
     for width in [*widths, size]:
